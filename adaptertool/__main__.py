@@ -1,0 +1,3 @@
+from adaptertool.cli import main
+
+main()

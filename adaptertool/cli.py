@@ -1,0 +1,217 @@
+"""The command line: parse, call one ops pipeline, render its report. Nothing else lives here.
+
+stdout carries only the result (a short summary, or one JSON object with --json); logs, warnings
+and progress bars go to stderr. A user-facing failure prints ``error: ...`` and exits 1; usage
+errors exit 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import torch
+
+from adaptertool import __version__
+from adaptertool.errors import AdapterToolError
+from adaptertool.io import parse_size
+from adaptertool.ops.demo import DemoConfig, demo
+from adaptertool.ops.info import InfoReport, info
+from adaptertool.ops.merge import MergeConfig, merge
+from adaptertool.ops.reshard import ReshardConfig, reshard
+from adaptertool.ops.verify import verify
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except AdapterToolError as err:
+            if ctx.params.get("debug"):
+                traceback.print_exc()
+            click.echo(f"error: {err}", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="adaptertool")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.option("-v", "--verbose", count=True, help="More log output on stderr (-v info, -vv debug).")
+def cli(debug: bool, verbose: int) -> None:
+    """Model surgery and adapter management over safetensors checkpoints, streamed shard by shard."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _json_option(f: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a summary.")(f)
+
+
+def _quiet_option(f: F) -> F:
+    return click.option("-q", "--quiet", is_flag=True, help="No progress bars.")(f)
+
+
+def _force_option(f: F) -> F:
+    return click.option("--force", is_flag=True, help="Replace OUT if it exists (only once the new one is complete).")(f)
+
+
+def _shard_option(f: F) -> F:
+    return click.option(
+        "--max-shard-size", default="5GB", show_default=True, metavar="SIZE",
+        help="Largest shard to write, e.g. 5GB, 500MB, 2GiB ('0' for a single file).",
+    )(f)
+
+
+def _progress(quiet: bool, as_json: bool = False) -> bool:
+    return not quiet and not as_json and sys.stderr.isatty()
+
+
+def _shard_bytes(text: str) -> int | None:
+    return None if text.strip() == "0" else parse_size(text)
+
+
+def _emit(report: Any, as_json: bool, summary: Callable[[Any], str]) -> None:
+    click.echo(json.dumps(dataclasses.asdict(report), indent=2) if as_json else summary(report))
+
+
+@cli.command("info")
+@click.argument("path", type=click.Path(path_type=Path))
+@_json_option
+def info_cmd(path: Path, as_json: bool) -> None:
+    """Show what a checkpoint or PEFT adapter holds.
+
+    Example: adaptertool info ./SmolLM2-135M --json
+    """
+    _emit(info(path), as_json, _info_text)
+
+
+def _info_text(r: InfoReport) -> str:
+    lines = [
+        f"{r.path}: {r.format}, {len(r.files)} file(s)",
+        f"  tensors {r.tensors}, parameters {_count(r.parameters)}, {_bytes(r.bytes)}",
+        "  dtypes " + ", ".join(f"{code} x{n}" for code, n in r.dtypes.items()),
+    ]
+    if r.architecture:
+        lines.append(f"  architecture {r.architecture}")
+    a = r.adapter
+    if a is not None:
+        ranks = "/".join(map(str, a.ranks)) or "?"
+        flags = "".join([" rslora" if a.rslora else "", " dora" if a.dora else ""])
+        lines.append(f"  adapter {a.peft_type} r={a.rank} (tensors: {ranks}) alpha={a.alpha}{flags}")
+        lines.append(f"  targets {', '.join(a.targets) or '-'} ({a.modules} modules)")
+        if a.modules_to_save:
+            lines.append(f"  modules_to_save {', '.join(a.modules_to_save)}")
+        lines.append(f"  base model {a.base_model or 'unknown'}")
+    return "\n".join(lines)
+
+
+@cli.command("verify")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--nan/--no-nan", default=False, show_default=True, help="Also scan every float tensor for NaN/Inf.")
+@_json_option
+@_quiet_option
+def verify_cmd(path: Path, nan: bool, as_json: bool, quiet: bool) -> None:
+    """Check a checkpoint's headers, index, sizes and (with --nan) values.
+
+    Example: adaptertool verify ./merged --nan
+    """
+    report = verify(path, nan=nan, progress=_progress(quiet, as_json))
+    for note in report.notes:
+        click.echo(f"note: {note}", err=True)
+    if as_json:
+        _emit(report, True, str)
+    elif report.ok:
+        scanned = ", no NaN/Inf" if report.scanned else ""
+        click.echo(f"ok: {report.path}: {report.tensors} tensors in {report.files} file(s), {_bytes(report.bytes)}{scanned}")
+    for problem in report.problems:
+        click.echo(f"error: {problem}", err=True)
+    for bad in report.nonfinite:
+        click.echo(f"error: {report.path}: tensor {bad.tensor} holds {bad.nan} NaN and {bad.inf} Inf values", err=True)
+    if not report.ok:
+        sys.exit(1)
+
+
+@cli.command("reshard")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@_shard_option
+@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default=None, help="Cast float tensors to this dtype [default: keep].")
+@_force_option
+@_json_option
+@_quiet_option
+def reshard_cmd(source: Path, out: Path, max_shard_size: str, dtype: str | None, force: bool, as_json: bool, quiet: bool) -> None:
+    """Rewrite a checkpoint with other shard sizes or float dtype.
+
+    Example: adaptertool reshard ./model ./model-2gb --max-shard-size 2GB
+    """
+    cfg = ReshardConfig(source=source, out=out, max_shard_bytes=_shard_bytes(max_shard_size),
+                        dtype=DTYPES[dtype] if dtype else None, force=force)
+    _emit(reshard(cfg, progress=_progress(quiet, as_json)), as_json, lambda r: (
+        f"wrote {r.out}: {len(r.files)} file(s), {r.tensors} tensors ({r.copied} copied, {r.cast} cast), "
+        f"{_bytes(r.bytes_written)} in {r.seconds:.1f} s, peak memory {_bytes(r.peak_rss_bytes)}"
+    ))
+
+
+@cli.command("merge")
+@click.argument("base", type=click.Path(path_type=Path))
+@click.argument("adapter", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--scale", type=float, default=1.0, show_default=True, help="Multiply the adapter's delta by this (-1 undoes a merge).")
+@_shard_option
+@_force_option
+@_json_option
+@_quiet_option
+def merge_cmd(base: Path, adapter: Path, out: Path, scale: float, max_shard_size: str, force: bool, as_json: bool,
+              quiet: bool) -> None:
+    """Merge a PEFT LoRA adapter into its base model, streamed.
+
+    Example: adaptertool merge ./SmolLM2-135M ./my-lora ./merged
+    """
+    cfg = MergeConfig(base=base, adapter=adapter, out=out, scale=scale, max_shard_bytes=_shard_bytes(max_shard_size), force=force)
+    _emit(merge(cfg, progress=_progress(quiet, as_json)), as_json, lambda r: (
+        f"wrote {r.out}: {r.merged} tensors merged, {r.replaced} replaced, {r.copied} copied, "
+        f"{len(r.files)} file(s) in {r.seconds:.1f} s, peak memory {_bytes(r.peak_rss_bytes)}"
+    ))
+
+
+@cli.command("demo")
+@click.argument("out", type=click.Path(path_type=Path), default=Path("adaptertool-demo"))
+@_force_option
+@_json_option
+def demo_cmd(out: Path, force: bool, as_json: bool) -> None:
+    """Make a tiny model and LoRA adapter, merge them, and check the result.
+
+    Example: adaptertool demo ./demo
+    """
+    _emit(demo(DemoConfig(out=out, force=force)), as_json, lambda r: "\n".join(r.steps))
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else str(n)
+
+
+def main() -> None:
+    """Console entry point."""
+    # SIGTERM becomes SystemExit so staged outputs are cleaned up as for Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    cli(prog_name="adaptertool")

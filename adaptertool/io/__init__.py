@@ -1,0 +1,29 @@
+"""Checkpoint I/O: the only code that touches disk (and, later, the network)."""
+
+from adaptertool.io.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, open_adapter
+from adaptertool.io.format import DTYPES, TensorSpec, dtype_code, torch_dtype
+from adaptertool.io.reader import Checkpoint, TensorInfo, open_checkpoint
+from adaptertool.io.sidefiles import SIDE_FILES, copy_side_files, read_json
+from adaptertool.io.staging import check_output, staged_output
+from adaptertool.io.writer import DEFAULT_MAX_SHARD_BYTES, CheckpointWriter, parse_size
+
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "DEFAULT_MAX_SHARD_BYTES",
+    "DTYPES",
+    "SIDE_FILES",
+    "Checkpoint",
+    "CheckpointWriter",
+    "TensorInfo",
+    "TensorSpec",
+    "check_output",
+    "copy_side_files",
+    "dtype_code",
+    "open_adapter",
+    "open_checkpoint",
+    "parse_size",
+    "read_json",
+    "staged_output",
+    "torch_dtype",
+]

@@ -1,0 +1,54 @@
+"""Files that travel with a model's weights: configs, tokenizer, chat template."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from adaptertool.errors import AdapterToolError
+
+__all__ = ["SIDE_FILES", "copy_side_files", "read_json"]
+
+# What a user expects carried over to an output model. A model card (README.md) is not: it
+# describes the input model, not what a command made of it.
+SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+)
+
+
+def copy_side_files(source: Path | None, dest: Path, *, skip: tuple[str, ...] = ()) -> list[str]:
+    """Copy the side files present in folder ``source`` into ``dest``; returns their names."""
+    if source is None:
+        return []
+    copied = []
+    for name in SIDE_FILES:
+        if name not in skip and (source / name).is_file():
+            shutil.copyfile(source / name, dest / name)
+            copied.append(name)
+    return copied
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """Read a JSON object from ``path`` with a one-line error naming the file."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise AdapterToolError(f"{path} does not exist; check the path") from err
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AdapterToolError(f"{path}: cannot be read as JSON ({err})") from err
+    if not isinstance(value, dict):
+        raise AdapterToolError(f"{path}: expected a JSON object")
+    return value

@@ -1,0 +1,26 @@
+"""Figures every command reports: elapsed time and the process's peak resident memory."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+
+__all__ = ["Stopwatch", "peak_rss_bytes"]
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far, in bytes."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
+
+
+class Stopwatch:
+    """Seconds since construction."""
+
+    def __init__(self) -> None:
+        self._start = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self._start

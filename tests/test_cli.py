@@ -1,0 +1,95 @@
+"""The command line: exit codes, stdout holding only the result, one-line errors, --json."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from adaptertool.cli import cli
+
+
+def _run(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(cli, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_info_json_is_one_object(tiny_sharded: Path) -> None:
+    code, out, err = _run("info", str(tiny_sharded), "--json")
+    assert code == 0 and err == ""
+    report = json.loads(out)
+    assert report["format"] == "sharded safetensors"
+    assert report["tensors"] == 21 and report["parameters"] == 26784
+    assert report["dtypes"] == {"BF16": 21} and report["architecture"] == "LlamaForCausalLM"
+    assert report["adapter"] is None
+
+
+def test_info_adapter(tiny_adapter: Path) -> None:
+    code, out, _ = _run("info", str(tiny_adapter), "--json")
+    adapter = json.loads(out)["adapter"]
+    assert code == 0
+    assert adapter["peft_type"] == "LORA" and adapter["rank"] == 4 and adapter["ranks"] == [4]
+    assert adapter["targets"] == ["q_proj", "v_proj"] and adapter["modules"] == 4
+    code, out, _ = _run("info", str(tiny_adapter))
+    assert "adapter LORA r=4" in out and "targets q_proj, v_proj (4 modules)" in out
+
+
+def test_verify_ok_and_nan_scan(tiny_sharded: Path, tmp_path: Path) -> None:
+    code, out, _ = _run("verify", str(tiny_sharded), "--nan")
+    assert code == 0 and out.startswith("ok: ") and "no NaN/Inf" in out
+    from safetensors.torch import save_file
+    import torch
+    save_file({"w": torch.tensor([1.0, float("nan"), float("inf"), float("-inf")])}, tmp_path / "bad.safetensors")
+    code, out, err = _run("verify", str(tmp_path / "bad.safetensors"), "--nan")
+    assert code == 1 and out == ""
+    assert err.strip() == f"error: {tmp_path / 'bad.safetensors'}: tensor w holds 1 NaN and 2 Inf values"
+
+
+def test_verify_total_size_mismatch(tiny_sharded: Path, tmp_path: Path) -> None:
+    import shutil
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_sharded, folder)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["metadata"]["total_size"] += 2
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    code, _, err = _run("verify", str(folder))
+    assert code == 1 and "metadata.total_size is" in err and len(err.strip().splitlines()) == 1
+
+
+def test_error_is_one_line_exit_1_without_traceback(tmp_path: Path) -> None:
+    code, out, err = _run("info", str(tmp_path / "missing"))
+    assert code == 1 and out == ""
+    assert err == f"error: {tmp_path / 'missing'} does not exist; check the path\n"
+
+
+def test_debug_shows_traceback(tmp_path: Path) -> None:
+    code, _, err = _run("--debug", "info", str(tmp_path / "missing"))
+    assert code == 1 and "Traceback" in err and err.rstrip().endswith("does not exist; check the path")
+
+
+def test_usage_error_exits_2() -> None:
+    code, _, err = _run("reshard", "only-one-arg")
+    assert code == 2 and "Missing argument" in err
+    code, _, _ = _run("reshard", "a", "b", "--dtype", "int4")
+    assert code == 2
+
+
+def test_reshard_cli(tiny_sharded: Path, tmp_path: Path) -> None:
+    code, out, _ = _run("reshard", str(tiny_sharded), str(tmp_path / "o"), "--max-shard-size", "0", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["files"] == ["model.safetensors"] and report["copied"] == 21
+    code, _, err = _run("reshard", str(tiny_sharded), str(tmp_path / "o"))
+    assert code == 1 and "already exists; pass --force" in err
+
+
+def test_demo_runs_and_module_entry_point(tmp_path: Path) -> None:
+    # python -m adaptertool is the same CLI as the console script.
+    done = subprocess.run([sys.executable, "-m", "adaptertool", "demo", str(tmp_path / "demo")],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "merged it: 4 weights changed, 17 copied byte for byte" in done.stdout
+    assert "max abs error" in done.stdout
+    assert (tmp_path / "demo" / "merged" / "model.safetensors").is_file()
