@@ -15,30 +15,30 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-import torch
 
 from adaptertool import __version__
 from adaptertool.errors import AdapterToolError
-from adaptertool.io import parse_size
-from adaptertool.ops.demo import DemoConfig, demo
-from adaptertool.ops.info import InfoReport, info
-from adaptertool.ops.merge import MergeConfig, merge
-from adaptertool.ops.reshard import ReshardConfig, reshard
-from adaptertool.ops.verify import verify
+from adaptertool.io import parse_size, torch_dtype
+
+# Pipelines are imported inside their commands: most pull in torch, whose import costs seconds
+# that `info` and `verify` (headers only) should not pay.
+if TYPE_CHECKING:
+    from adaptertool.ops.info import InfoReport
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_CODES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 
 
 class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except AdapterToolError as err:
+        # OSError here is the environment (disk full, permission denied), not a bug.
+        except (AdapterToolError, OSError) as err:
             if ctx.params.get("debug"):
                 traceback.print_exc()
             click.echo(f"error: {err}", err=True)
@@ -94,6 +94,8 @@ def info_cmd(path: Path, as_json: bool) -> None:
 
     Example: adaptertool info ./SmolLM2-135M --json
     """
+    from adaptertool.ops.info import info
+
     _emit(info(path), as_json, _info_text)
 
 
@@ -127,6 +129,8 @@ def verify_cmd(path: Path, nan: bool, as_json: bool, quiet: bool) -> None:
 
     Example: adaptertool verify ./merged --nan
     """
+    from adaptertool.ops.verify import verify
+
     report = verify(path, nan=nan, progress=_progress(quiet, as_json))
     for note in report.notes:
         click.echo(f"note: {note}", err=True)
@@ -147,7 +151,7 @@ def verify_cmd(path: Path, nan: bool, as_json: bool, quiet: bool) -> None:
 @click.argument("source", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
 @_shard_option
-@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default=None, help="Cast float tensors to this dtype [default: keep].")
+@click.option("--dtype", type=click.Choice(sorted(DTYPE_CODES)), default=None, help="Cast float tensors to this dtype [default: keep].")
 @_force_option
 @_json_option
 @_quiet_option
@@ -156,8 +160,10 @@ def reshard_cmd(source: Path, out: Path, max_shard_size: str, dtype: str | None,
 
     Example: adaptertool reshard ./model ./model-2gb --max-shard-size 2GB
     """
+    from adaptertool.ops.reshard import ReshardConfig, reshard
+
     cfg = ReshardConfig(source=source, out=out, max_shard_bytes=_shard_bytes(max_shard_size),
-                        dtype=DTYPES[dtype] if dtype else None, force=force)
+                        dtype=torch_dtype(DTYPE_CODES[dtype]) if dtype else None, force=force)
     _emit(reshard(cfg, progress=_progress(quiet, as_json)), as_json, lambda r: (
         f"wrote {r.out}: {len(r.files)} file(s), {r.tensors} tensors ({r.copied} copied, {r.cast} cast), "
         f"{_bytes(r.bytes_written)} in {r.seconds:.1f} s, peak memory {_bytes(r.peak_rss_bytes)}"
@@ -179,6 +185,8 @@ def merge_cmd(base: Path, adapter: Path, out: Path, scale: float, max_shard_size
 
     Example: adaptertool merge ./SmolLM2-135M ./my-lora ./merged
     """
+    from adaptertool.ops.merge import MergeConfig, merge
+
     cfg = MergeConfig(base=base, adapter=adapter, out=out, scale=scale, max_shard_bytes=_shard_bytes(max_shard_size), force=force)
     _emit(merge(cfg, progress=_progress(quiet, as_json)), as_json, lambda r: (
         f"wrote {r.out}: {r.merged} tensors merged, {r.replaced} replaced, {r.copied} copied, "
@@ -195,6 +203,8 @@ def demo_cmd(out: Path, force: bool, as_json: bool) -> None:
 
     Example: adaptertool demo ./demo
     """
+    from adaptertool.ops.demo import DemoConfig, demo
+
     _emit(demo(DemoConfig(out=out, force=force)), as_json, lambda r: "\n".join(r.steps))
 
 
@@ -214,4 +224,8 @@ def main() -> None:
     """Console entry point."""
     # SIGTERM becomes SystemExit so staged outputs are cleaned up as for Ctrl-C.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    cli(prog_name="adaptertool")
+    args = sys.argv[1:]
+    if "--debug" in args:  # accepted anywhere, though click wants group options first
+        args.remove("--debug")
+        args.insert(0, "--debug")
+    cli(args, prog_name="adaptertool")

@@ -93,3 +93,15 @@ def test_demo_runs_and_module_entry_point(tmp_path: Path) -> None:
     assert "merged it: 4 weights changed, 17 copied byte for byte" in done.stdout
     assert "max abs error" in done.stdout
     assert (tmp_path / "demo" / "merged" / "model.safetensors").is_file()
+
+
+def test_header_only_commands_do_not_import_torch(tiny_sharded: Path) -> None:
+    # info/verify read headers only; importing torch would add seconds of start-up to every call.
+    code = (
+        "import sys; from adaptertool.cli import cli; "
+        f"cli(['info', {str(tiny_sharded)!r}], standalone_mode=False); "
+        f"cli(['verify', {str(tiny_sharded)!r}], standalone_mode=False); "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr

@@ -10,11 +10,14 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from adaptertool.errors import AdapterToolError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "DTYPES",
@@ -29,39 +32,48 @@ __all__ = [
 # The safetensors library refuses headers above 100 MB; so do we, before allocating anything.
 HEADER_LIMIT = 100_000_000
 
-# code -> (bytes per element, torch dtype or None where this torch build has none)
-DTYPES: dict[str, tuple[int, torch.dtype | None]] = {
-    "F64": (8, torch.float64),
-    "F32": (4, torch.float32),
-    "F16": (2, torch.float16),
-    "BF16": (2, torch.bfloat16),
-    "I64": (8, torch.int64),
-    "I32": (4, torch.int32),
-    "I16": (2, torch.int16),
-    "I8": (1, torch.int8),
-    "U64": (8, getattr(torch, "uint64", None)),
-    "U32": (4, getattr(torch, "uint32", None)),
-    "U16": (2, getattr(torch, "uint16", None)),
-    "U8": (1, torch.uint8),
-    "BOOL": (1, torch.bool),
-    "F8_E4M3": (1, getattr(torch, "float8_e4m3fn", None)),
-    "F8_E5M2": (1, getattr(torch, "float8_e5m2", None)),
-    "C64": (8, torch.complex64),
+# code -> (bytes per element, name of the torch dtype). Names, not dtypes: importing torch costs
+# seconds of start-up that header-only commands (info, verify, byte copies) never need.
+DTYPES: dict[str, tuple[int, str]] = {
+    "F64": (8, "float64"),
+    "F32": (4, "float32"),
+    "F16": (2, "float16"),
+    "BF16": (2, "bfloat16"),
+    "I64": (8, "int64"),
+    "I32": (4, "int32"),
+    "I16": (2, "int16"),
+    "I8": (1, "int8"),
+    "U64": (8, "uint64"),
+    "U32": (4, "uint32"),
+    "U16": (2, "uint16"),
+    "U8": (1, "uint8"),
+    "BOOL": (1, "bool"),
+    "F8_E4M3": (1, "float8_e4m3fn"),
+    "F8_E5M2": (1, "float8_e5m2"),
+    "C64": (8, "complex64"),
 }
-_CODE_OF = {dt: code for code, (_, dt) in DTYPES.items() if dt is not None}
+
+
+@cache
+def _codes() -> dict[torch.dtype, str]:
+    import torch
+
+    return {getattr(torch, name): code for code, (_, name) in DTYPES.items() if hasattr(torch, name)}
 
 
 def dtype_code(dtype: torch.dtype) -> str:
     """The safetensors code of a torch dtype (``torch.bfloat16`` -> ``"BF16"``)."""
     try:
-        return _CODE_OF[dtype]
+        return _codes()[dtype]
     except KeyError:
         raise AdapterToolError(f"dtype {dtype} has no safetensors code; cast the tensor first") from None
 
 
 def torch_dtype(code: str) -> torch.dtype:
     """The torch dtype of a safetensors code; an error where this torch build has none."""
-    dtype = DTYPES[code][1]
+    import torch
+
+    dtype = getattr(torch, DTYPES[code][1], None)
     if dtype is None:
         raise AdapterToolError(f"dtype {code} is not supported by torch {torch.__version__}; upgrade torch")
     return dtype

@@ -14,13 +14,15 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
-import torch
 
 from adaptertool.errors import AdapterToolError
 from adaptertool.io.sidefiles import read_json
 from adaptertool.io.format import HEADER_LIMIT, ParsedHeader, TensorSpec, parse_header, torch_dtype
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["Checkpoint", "TensorInfo", "open_checkpoint", "read_header", "write_all"]
 
@@ -95,6 +97,8 @@ class Checkpoint:
 
     def read(self, name: str) -> torch.Tensor:
         """Read one tensor into a new CPU tensor (one allocation, one positioned read)."""
+        import torch
+
         info = self.tensors[name]
         dtype = torch_dtype(info.dtype)
         buf = torch.empty(info.nbytes, dtype=torch.uint8)
@@ -226,7 +230,9 @@ def _open_sharded(path: Path, index_file: Path) -> Checkpoint:
     if extra is not None:
         raise AdapterToolError(f"{folder / owner[extra]}: tensor {extra} is not listed in {index_file.name}; the checkpoint is corrupt")
     # Storage order (shard, then offset): streaming in this order reads every file front to back.
-    return Checkpoint(path, [folder / s for s in headers], tensors, index=index_file, metadata={})
+    # Shards written together carry the same __metadata__; the first one speaks for all.
+    metadata = next(iter(headers.values())).metadata if headers else {}
+    return Checkpoint(path, [folder / s for s in headers], tensors, index=index_file, metadata=metadata)
 
 
 def _read_weight_map(index_file: Path) -> dict[str, str]:

@@ -43,6 +43,7 @@ def staged_output(out: Path, *, force: bool, inputs: Sequence[Path] = ()) -> Ite
     _remove_stale(parent, out.name)
     tmp = Path(tempfile.mkdtemp(prefix=f"{_prefix(out.name)}{os.getpid()}-", dir=parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; OUT gets a normal folder's mode
         yield tmp
         _replace(tmp, out.resolve())
     except BaseException:
@@ -63,6 +64,12 @@ def _replace(tmp: Path, out: Path) -> None:
     os.rename(out, old / out.name)
     os.rename(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _remove_stale(parent: Path, name: str) -> None:

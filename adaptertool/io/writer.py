@@ -11,13 +11,15 @@ import json
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
-import torch
 
 from adaptertool.errors import AdapterToolError
 from adaptertool.io.format import DTYPES, TensorSpec, build_header, dtype_code
 from adaptertool.io.reader import Checkpoint, write_all
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["DEFAULT_MAX_SHARD_BYTES", "CheckpointWriter", "parse_size"]
 
@@ -79,6 +81,8 @@ class CheckpointWriter:
             raise ValueError(f"{name}: got {tensor.dtype}{list(tensor.shape)}, planned {spec.dtype}{list(spec.shape)}")
         out = self._out()
         if spec.nbytes:
+            import torch
+
             data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
             write_all(out, memoryview(data.numpy()))
 

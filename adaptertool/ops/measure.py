@@ -10,7 +10,11 @@ __all__ = ["Stopwatch", "peak_rss_bytes"]
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far, in bytes."""
+    """Peak resident set size of this process so far, in bytes.
+
+    A command's own figure when it runs as the CLI; in a long-lived Python process it is the
+    process's high-water mark, which may predate the command.
+    """
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from tqdm import tqdm
 
 from adaptertool.errors import AdapterToolError
@@ -23,6 +23,9 @@ from adaptertool.io import (
     torch_dtype,
 )
 from adaptertool.ops.measure import Stopwatch, peak_rss_bytes
+
+if TYPE_CHECKING:  # torch is only needed (and imported by the reader) when a tensor is cast
+    import torch
 
 __all__ = ["ReshardConfig", "ReshardReport", "reshard"]
 
@@ -64,7 +67,8 @@ def reshard(cfg: ReshardConfig, *, progress: bool = False) -> ReshardReport:
             TensorSpec(s.name, target, s.shape) if target and s.dtype in _FLOAT_CODES else s for s in source.specs()
         ]
         with staged_output(cfg.out, force=cfg.force, inputs=[cfg.source]) as tmp:
-            writer = CheckpointWriter(tmp, specs, max_shard_bytes=cfg.max_shard_bytes)
+            metadata = {**source.metadata, "format": "pt"}  # keep the user's metadata; loaders need format=pt
+            writer = CheckpointWriter(tmp, specs, max_shard_bytes=cfg.max_shard_bytes, metadata=metadata)
             copied = 0
             with writer, tqdm(total=writer.total_bytes, unit="B", unit_scale=True, desc="reshard", disable=not progress) as bar:
                 for spec in writer.order:

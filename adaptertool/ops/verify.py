@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from adaptertool.io import Checkpoint, open_checkpoint, read_json
@@ -79,6 +78,8 @@ def _index_checks(ckpt: Checkpoint) -> tuple[list[str], list[str]]:
 
 
 def _scan(ckpt: Checkpoint, *, progress: bool) -> list[NonFinite]:
+    import torch  # only the scan needs it; see adaptertool.io.format
+
     found = []
     total = sum(s.nbytes for s in ckpt.specs() if s.dtype in _FLOAT_CODES)
     with tqdm(total=total, unit="B", unit_scale=True, desc="scan", disable=not progress) as bar:

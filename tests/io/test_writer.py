@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from adaptertool.io import DTYPES as FORMAT_DTYPES
-from adaptertool.io import CheckpointWriter, TensorSpec, dtype_code, open_checkpoint, parse_size
+from adaptertool.io import CheckpointWriter, TensorSpec, dtype_code, open_checkpoint, parse_size, torch_dtype
 from adaptertool.ops.reshard import ReshardConfig, reshard
 from tests.conftest import DTYPES
 
@@ -123,7 +123,17 @@ def test_parse_size() -> None:
 
 
 def test_dtype_codes_round_trip() -> None:
-    for code, (itemsize, dtype) in FORMAT_DTYPES.items():
+    for code, (itemsize, name) in FORMAT_DTYPES.items():
+        dtype = getattr(torch, name, None)
         if dtype is not None:
-            assert dtype_code(dtype) == code
+            assert dtype_code(dtype) == code and torch_dtype(code) == dtype
             assert torch.empty(0, dtype=dtype).element_size() == itemsize
+
+
+def test_reshard_keeps_user_metadata(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(3)}, tmp_path / "m.safetensors", metadata={"format": "pt", "note": "keep me"})
+    reshard(ReshardConfig(source=tmp_path / "m.safetensors", out=tmp_path / "out"))
+    with safe_open(tmp_path / "out" / "model.safetensors", framework="pt") as f:
+        assert f.metadata() == {"format": "pt", "note": "keep me"}

@@ -1,0 +1,81 @@
+"""Run a command and its peer on the same input; report median wall time and peak RSS.
+
+Each run is a fresh process under GNU time (`/usr/bin/time -f %M`; Debian package `time`), which
+reports the peak RSS of the command itself. Taking ru_maxrss from a child forked by this Python
+process would not do: Linux counts the parent's pages at fork time into the child's peak.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+GNU_TIME = "/usr/bin/time"
+
+
+@dataclass(frozen=True)
+class Measurement:
+    label: str
+    command: str
+    median_s: float
+    runs_s: list[float]
+    peak_rss_mb: float
+
+
+def measure(label: str, argv: Sequence[str], *, runs: int = 3, before: Callable[[], None] | None = None) -> Measurement:
+    """Run ``argv`` ``runs`` times (calling ``before`` first each time); median seconds and max peak RSS."""
+    if not Path(GNU_TIME).is_file():
+        raise SystemExit(f"{GNU_TIME} is missing: apt-get install time")
+    times, peaks = [], []
+    with tempfile.TemporaryDirectory() as scratch:
+        report = Path(scratch) / "rss"
+        for _ in range(runs):
+            if before is not None:
+                before()
+            start = time.perf_counter()
+            done = subprocess.run([GNU_TIME, "-f", "%M", "-o", str(report), *argv], stdout=subprocess.DEVNULL, check=False)
+            times.append(time.perf_counter() - start)
+            if done.returncode != 0:
+                raise SystemExit(f"benchmark command failed: {' '.join(argv)}")
+            peaks.append(int(report.read_text().split()[-1]) / 1024)  # KiB -> MiB
+    return Measurement(label, " ".join(argv), round(statistics.median(times), 3), [round(t, 3) for t in times],
+                       round(max(peaks), 1))
+
+
+def remover(path: Path) -> Callable[[], None]:
+    """A ``before`` hook that deletes ``path`` so each run writes a fresh output."""
+    return lambda: shutil.rmtree(path, ignore_errors=True)
+
+
+def drop_page_cache() -> bool:
+    """Try to empty the page cache (root on bare metal); False where the sandbox forbids it."""
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def machine() -> dict[str, object]:
+    return {"python": platform.python_version(), "torch": version("torch"), "cpus": os.cpu_count(),
+            "machine": platform.machine(), "platform": platform.platform()}
+
+
+def emit(name: str, results: list[Measurement], extra: dict[str, object]) -> None:
+    """Print one JSON line with every figure, and a Markdown table for docs/benchmarks.md to stderr."""
+    print(json.dumps({"benchmark": name, "machine": machine(), **extra, "results": [asdict(r) for r in results]}))
+    print(f"\n| {name} | median s | peak RSS MB |\n|---|---|---|", file=sys.stderr)
+    for r in results:
+        print(f"| {r.label} | {r.median_s:.2f} | {r.peak_rss_mb:.0f} |", file=sys.stderr)
