@@ -170,28 +170,84 @@ def reshard_cmd(source: Path, out: Path, max_shard_size: str, dtype: str | None,
     ))
 
 
-@cli.command("merge")
-@click.argument("base", type=click.Path(path_type=Path))
-@click.argument("adapter", type=click.Path(path_type=Path))
-@click.argument("out", type=click.Path(path_type=Path))
-@click.option("--scale", type=float, default=1.0, show_default=True, help="Multiply the adapter's delta by this (-1 undoes a merge).")
-@_shard_option
-@_force_option
-@_json_option
-@_quiet_option
-def merge_cmd(base: Path, adapter: Path, out: Path, scale: float, max_shard_size: str, force: bool, as_json: bool,
-              quiet: bool) -> None:
-    """Merge a PEFT LoRA adapter into its base model, streamed.
+def _adapter_and_weight(text: str) -> tuple[Path, float]:
+    # ADAPTER[:WEIGHT]; a colon followed by something that is not a number belongs to the path.
+    path, sep, weight = text.rpartition(":")
+    if sep:
+        try:
+            return Path(path), float(weight)
+        except ValueError:
+            pass
+    return Path(text), 1.0
 
-    Example: adaptertool merge ./SmolLM2-135M ./my-lora ./merged
-    """
+
+def _merge_options(f: F) -> F:
+    for option in reversed([
+        click.option("--scale", type=float, default=1.0, show_default=True, help="Multiply every adapter's weight by this."),
+        click.option("--dtype", type=click.Choice(["auto", *sorted(DTYPE_CODES)]), default="auto", show_default=True,
+                     help="Output float dtype; auto keeps the base's."),
+        _shard_option,
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True,
+                     help="Where deltas are computed (the output is the same; cuda is faster on big ranks)."),
+        _force_option, _json_option, _quiet_option,
+    ]):
+        f = option(f)
+    return f
+
+
+def _merge_summary(verb: str) -> Callable[[Any], str]:
+    return lambda r: "\n".join([
+        *(f"note: {note}" for note in r.notes),
+        f"{verb} {len(r.adapters)} adapter(s) into {r.out}: {r.merged} tensors changed, {r.replaced} replaced, "
+        f"{r.copied} copied, {r.cast} cast to {r.dtype}; {len(r.files)} file(s) in {r.seconds:.1f} s, "
+        f"peak memory {_bytes(r.peak_rss_bytes)}",
+    ])
+
+
+def _run_merge(base: Path, adapters: list[tuple[Path, float]], out: Path, *, subtract: bool, scale: float, dtype: str,
+               max_shard_size: str, device: str, force: bool, as_json: bool, quiet: bool) -> None:
     from adaptertool.ops.merge import MergeConfig, merge
 
-    cfg = MergeConfig(base=base, adapter=adapter, out=out, scale=scale, max_shard_bytes=_shard_bytes(max_shard_size), force=force)
-    _emit(merge(cfg, progress=_progress(quiet, as_json)), as_json, lambda r: (
-        f"wrote {r.out}: {r.merged} tensors merged, {r.replaced} replaced, {r.copied} copied, "
-        f"{len(r.files)} file(s) in {r.seconds:.1f} s, peak memory {_bytes(r.peak_rss_bytes)}"
-    ))
+    cfg = MergeConfig(
+        base=base, adapters=tuple(adapters), out=out, scale=scale, subtract=subtract,
+        dtype=None if dtype == "auto" else torch_dtype(DTYPE_CODES[dtype]),
+        max_shard_bytes=_shard_bytes(max_shard_size), device=device, force=force,
+    )
+    _emit(merge(cfg, progress=_progress(quiet, as_json)), as_json, _merge_summary("subtracted" if subtract else "merged"))
+
+
+@cli.command("merge")
+@click.argument("base", type=click.Path(path_type=Path))
+@click.argument("adapter", type=str)
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--add", "extra", multiple=True, metavar="ADAPTER[:WEIGHT]", help="Another adapter to merge in the same pass (repeatable).")
+@_merge_options
+def merge_cmd(base: Path, adapter: str, out: Path, extra: tuple[str, ...], **options: Any) -> None:
+    """Merge PEFT adapters into their base model, streamed tensor by tensor.
+
+    ADAPTER may carry a weight as ADAPTER:WEIGHT. Supports LoRA (incl. rsLoRA, DoRA, embedding and
+    Conv1D LoRA, lora_bias, rank/alpha patterns, modules_to_save), LoHa, LoKr, AdaLoRA and IA3.
+
+    Example: adaptertool merge ./SmolLM2-135M ./my-lora ./merged --add ./style-lora:0.5
+    """
+    adapters = [_adapter_and_weight(a) for a in (adapter, *extra)]
+    _run_merge(base, adapters, out, subtract=False, **options)
+
+
+@cli.command("subtract")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("adapter", type=str)
+@click.argument("out", type=click.Path(path_type=Path))
+@_merge_options
+def subtract_cmd(model: Path, adapter: str, out: Path, **options: Any) -> None:
+    """Take a merged adapter back out of a model: W - scale * delta.
+
+    Works for additive adapters (LoRA, rsLoRA, LoHa, LoKr, AdaLoRA); DoRA, IA3 and modules_to_save
+    cannot be undone without the original base and are refused.
+
+    Example: adaptertool subtract ./merged ./my-lora ./base-again
+    """
+    _run_merge(model, [_adapter_and_weight(adapter)], out, subtract=True, **options)
 
 
 @cli.command("demo")

@@ -105,3 +105,24 @@ def test_header_only_commands_do_not_import_torch(tiny_sharded: Path) -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
+
+
+def test_merge_and_subtract_cli(tmp_path: Path) -> None:
+    from adaptertool.ops.examples import TINY, write_llama, write_lora_adapter
+    import torch
+
+    base = tmp_path / "base"
+    write_llama(base, TINY, dtype=torch.float32)
+    write_lora_adapter(tmp_path / "lora", TINY)
+    code, out, err = _run("merge", str(base), str(tmp_path / "lora"), str(tmp_path / "m"), "--add", f"{tmp_path / 'lora'}:-1", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["adapters"] == [str(tmp_path / "lora")] * 2 and report["merged"] == 4
+    # +1 and -1 of the same adapter cancel to within float32 rounding
+    from adaptertool.io import open_checkpoint
+    with open_checkpoint(base) as a, open_checkpoint(tmp_path / "m") as b:
+        assert max((a.read(n) - b.read(n)).abs().max().item() for n in a) < 1e-6
+    code, out, _ = _run("subtract", str(tmp_path / "m"), str(tmp_path / "lora"), str(tmp_path / "s"), "--dtype", "bf16")
+    assert code == 0 and out.startswith("subtracted 1 adapter(s) into") and "cast to bfloat16" in out
+    code, _, err = _run("merge", str(base), str(tmp_path / "nothing"), str(tmp_path / "x"))
+    assert code == 1 and err == f"error: {tmp_path / 'nothing'} does not exist; check the adapter path\n"

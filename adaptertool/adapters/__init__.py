@@ -1,5 +1,9 @@
-"""Adapter formats and their pure tensor maths (no file access)."""
+"""Adapter formats and their pure tensor maths (no file access). Names load on first use."""
 
-from adaptertool.adapters.peft_keys import ADAPTER_PARTS, PEFT_PREFIX, split_adapter_key
+from adaptertool._lazy import lazy_exports
 
-__all__ = ["ADAPTER_PARTS", "PEFT_PREFIX", "split_adapter_key"]
+__all__, __getattr__ = lazy_exports(__name__, {
+    "modules": ("ADDITIVE_KINDS", "ModuleUpdate", "ia3_fits", "plan_module"),
+    "peft_config": ("SUPPORTED_PEFT_TYPES", "AdapterSettings", "match_pattern"),
+    "peft_keys": ("ADAPTER_PARTS", "PEFT_PREFIX", "full_tensor_name", "split_adapter_key"),
+})

@@ -1,9 +1,10 @@
-"""LoRA merge arithmetic (Hu et al. 2021, https://arxiv.org/abs/2106.09685) and rsLoRA scaling
-(Kalajdzievski 2023, https://arxiv.org/abs/2312.03732).
+"""LoRA-family update maths: LoRA (Hu et al. 2021, https://arxiv.org/abs/2106.09685), rsLoRA
+(Kalajdzievski 2023, https://arxiv.org/abs/2312.03732), DoRA (Liu et al. 2024,
+https://arxiv.org/abs/2402.09353) and AdaLoRA (Zhang et al. 2023, https://arxiv.org/abs/2303.10512).
 
 A LoRA module adds ``delta = scaling * B @ A`` to a frozen weight, with ``A: (r, in)``,
-``B: (out, r)`` and ``scaling = alpha / r`` (rsLoRA: ``alpha / sqrt(r)``). Everything here computes
-in float32 and rounds once, at the end, to the output dtype.
+``B: (out, r)`` and ``scaling = alpha / r`` (rsLoRA: ``alpha / sqrt(r)``). Deltas are computed in
+float32, in the same operation order as PEFT, so that a float32 merge matches PEFT bit for bit.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 
 import torch
 
-__all__ = ["add_delta", "embedding_delta", "linear_delta", "lora_scaling"]
+__all__ = ["adalora_delta", "dora_rescale_", "embedding_delta", "linear_delta", "lora_scaling"]
 
 
 def lora_scaling(alpha: float, rank: int, *, rslora: bool) -> float:
@@ -21,7 +22,7 @@ def lora_scaling(alpha: float, rank: int, *, rslora: bool) -> float:
 
 
 def linear_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, *, fan_in_fan_out: bool = False) -> torch.Tensor:
-    """``scaling * B @ A`` in float32: ``(out, r) @ (r, in) -> (out, in)``.
+    """``(B @ A) * scaling`` in float32: ``(out, r) @ (r, in) -> (out, in)``.
 
     With ``fan_in_fan_out`` (GPT-2's Conv1D stores weights as ``(in, out)``) the result is transposed.
     """
@@ -34,7 +35,25 @@ def embedding_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) 
     return (lora_b.float() @ lora_a.float()).T * scaling
 
 
-def add_delta(weight: torch.Tensor, delta: torch.Tensor, *, scale: float = 1.0, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``float32(weight) + scale * delta``, rounded once to ``dtype`` (default: the weight's dtype)."""
-    # Multiplying by +-1 is exact, so merge and unmerge round exactly as a plain add/subtract.
-    return (weight.float() + scale * delta).to(dtype or weight.dtype)
+def adalora_delta(lora_a: torch.Tensor, lora_e: torch.Tensor, lora_b: torch.Tensor, scaling: float, *,
+                  fan_in_fan_out: bool = False) -> torch.Tensor:
+    """AdaLoRA's SVD-form update in float32: ``B @ (A * E) * scaling / (r + 1e-5)``.
+
+    ``A: (r, in)``, ``E: (r, 1)`` (the singular values), ``B: (out, r)``. PEFT divides by its
+    ``ranknum`` buffer, a float32 holding the loaded rank, which is not saved: it is ``A.shape[0]``.
+    """
+    ranknum = torch.tensor([float(lora_a.shape[0])]) + 1e-5
+    delta = lora_b.float() @ (lora_a.float() * lora_e.float())
+    return (delta.T if fan_in_fan_out else delta) * scaling / ranknum
+
+
+def dora_rescale_(weight: torch.Tensor, magnitude: torch.Tensor, *, dim: int) -> torch.Tensor:
+    """DoRA's merge, in place on ``weight`` (float32, already ``W + delta``): ``m / ||W + delta|| * (W + delta)``.
+
+    ``dim`` is the axis the norm runs over: 1 (over inputs, one norm per output row) for a Linear
+    stored ``(out, in)``; 0 for a ``(in, out)`` Conv1D weight or an embedding table ``(V, D)``,
+    whose magnitude has one entry per column.
+    """
+    norm = torch.linalg.norm(weight.T if dim == 0 else weight, dim=1)
+    factor = magnitude.float() / norm
+    return weight.mul_(factor.view(1, -1) if dim == 0 else factor.view(-1, 1))

@@ -9,7 +9,9 @@ from typing import Any
 from adaptertool.adapters.lora import lora_scaling
 from adaptertool.errors import AdapterToolError
 
-__all__ = ["LoraSettings", "match_pattern"]
+__all__ = ["SUPPORTED_PEFT_TYPES", "AdapterSettings", "match_pattern"]
+
+SUPPORTED_PEFT_TYPES = ("LORA", "LOHA", "LOKR", "ADALORA", "IA3")
 
 
 def match_pattern(patterns: dict[str, Any], module: str) -> Any | None:
@@ -22,42 +24,51 @@ def match_pattern(patterns: dict[str, Any], module: str) -> Any | None:
 
 
 @dataclass(frozen=True, kw_only=True)
-class LoraSettings:
-    """The parts of a LoRA adapter_config.json that decide each module's scaling."""
+class AdapterSettings:
+    """The parts of an adapter_config.json that decide how each module merges."""
 
-    rank: int
-    alpha: float
+    peft_type: str
+    rank: int = 0  # 0 for IA3, which has none
+    alpha: float = 0.0
     rslora: bool = False
     dora: bool = False
     fan_in_fan_out: bool = False
-    lora_bias: bool = False
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     modules_to_save: tuple[str, ...] = ()
     base_model: str | None = None
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], *, source: str) -> LoraSettings:
+    def from_config(cls, config: dict[str, Any], *, source: str) -> AdapterSettings:
         """Read a PEFT config dict; ``source`` names the file in errors."""
         peft_type = str(config.get("peft_type", "")).upper()
-        if peft_type != "LORA":
-            raise AdapterToolError(f"{source}: peft_type {peft_type or 'missing'} is not supported yet; only LORA adapters merge")
+        if peft_type not in SUPPORTED_PEFT_TYPES:
+            raise AdapterToolError(
+                f"{source}: peft_type {peft_type or '(missing)'} is not supported; adaptertool merges "
+                + ", ".join(SUPPORTED_PEFT_TYPES)
+            )
+        # LoHa/LoKr call their alpha "alpha"; LoRA and AdaLoRA "lora_alpha". PEFT's defaults apply when absent.
+        alpha_key = "alpha" if peft_type in ("LOHA", "LOKR") else "lora_alpha"
         try:
+            rank = 0 if peft_type == "IA3" else int(config["r"])
             settings = cls(
-                rank=int(config["r"]),
-                alpha=float(config.get("lora_alpha", 8)),
+                peft_type=peft_type,
+                rank=rank,
+                alpha=float(config.get(alpha_key, 8)),
                 rslora=bool(config.get("use_rslora", False)),
                 dora=bool(config.get("use_dora", False)),
                 fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
-                lora_bias=bool(config.get("lora_bias", False)),
-                rank_pattern={str(k): int(v) for k, v in (config.get("rank_pattern") or {}).items()},
+                rank_pattern={str(k): int(v) for k, v in (config.get("rank_pattern") or {}).items()}
+                if peft_type != "ADALORA" else {},  # AdaLoRA's rank_pattern holds masks; shapes tell its ranks
                 alpha_pattern={str(k): float(v) for k, v in (config.get("alpha_pattern") or {}).items()},
                 modules_to_save=tuple(config.get("modules_to_save") or ()),
                 base_model=config.get("base_model_name_or_path"),
             )
-        except (KeyError, TypeError, ValueError) as err:
-            raise AdapterToolError(f"{source}: invalid LoRA config ({err!r}); is it a PEFT adapter_config.json?") from err
-        if settings.rank <= 0:
+        except KeyError as err:
+            raise AdapterToolError(f"{source}: {peft_type} config lacks {err.args[0]!r}; is the file complete?") from err
+        except (TypeError, ValueError) as err:
+            raise AdapterToolError(f"{source}: invalid {peft_type} config ({err}); is it a PEFT adapter_config.json?") from err
+        if peft_type != "IA3" and settings.rank <= 0:
             raise AdapterToolError(f"{source}: r must be positive, got {settings.rank}")
         return settings
 
@@ -65,7 +76,14 @@ class LoraSettings:
         value = match_pattern(self.rank_pattern, module)
         return self.rank if value is None else value
 
-    def module_scaling(self, module: str) -> float:
-        """PEFT's scaling for ``module``: its alpha over its rank (or sqrt of it with rsLoRA)."""
-        alpha = match_pattern(self.alpha_pattern, module)
-        return lora_scaling(self.alpha if alpha is None else alpha, self.module_rank(module), rslora=self.rslora)
+    def module_alpha(self, module: str) -> float:
+        value = match_pattern(self.alpha_pattern, module)
+        return self.alpha if value is None else value
+
+    def module_scaling(self, module: str, rank: int) -> float:
+        """PEFT's scaling for ``module`` whose tensors have rank ``rank``."""
+        if self.peft_type == "IA3":
+            return 1.0
+        if self.peft_type == "ADALORA":  # PEFT: lora_alpha if positive, else r
+            return self.alpha if self.alpha > 0 else float(rank)
+        return lora_scaling(self.module_alpha(module), rank, rslora=self.rslora and self.peft_type == "LORA")

@@ -3,12 +3,12 @@
 PEFT saves ``base_model.model.<module>.<part>[.<adapter name>][.weight|.bias]``, e.g.
 ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``; hub adapters sometimes keep the
 adapter name (``lora_A.default.weight``). Internally the maths sees ``("model.layers.0.self_attn.q_proj",
-"lora_A.weight")``.
+"lora_A")``: the part without ``.weight``, but with ``.bias`` where it is one (``lora_B.bias``).
 """
 
 from __future__ import annotations
 
-__all__ = ["PEFT_PREFIX", "ADAPTER_PARTS", "split_adapter_key"]
+__all__ = ["ADAPTER_PARTS", "PEFT_PREFIX", "full_tensor_name", "split_adapter_key"]
 
 PEFT_PREFIX = "base_model.model."
 
@@ -22,14 +22,21 @@ ADAPTER_PARTS = frozenset({
 
 
 def split_adapter_key(key: str) -> tuple[str, str] | None:
-    """``(module path, part)`` of an adapter tensor key, or None for a full tensor (modules_to_save).
-
-    The part keeps a trailing ``.weight``/``.bias`` and drops any adapter name between them.
-    """
+    """``(module path, part)`` of an adapter tensor key, or None for a full tensor (modules_to_save)."""
     tokens = key.removeprefix(PEFT_PREFIX).split(".")
     for i, token in enumerate(tokens):
         if token in ADAPTER_PARTS:
-            tail = tokens[-1] if len(tokens) > i + 1 and tokens[-1] in ("weight", "bias") else None
-            part = token if tail is None else f"{token}.{tail}"
-            return ".".join(tokens[:i]), part
+            is_bias = len(tokens) > i + 1 and tokens[-1] == "bias"
+            return ".".join(tokens[:i]), f"{token}.bias" if is_bias else token
     return None
+
+
+def full_tensor_name(key: str) -> str:
+    """The model tensor a full copy in an adapter stands for.
+
+    PEFT saves modules_to_save copies as ``base_model.model.lm_head.weight`` and, when it trains
+    embeddings, the LoRA layer's own ``...embed_tokens.base_layer.weight``; hub files sometimes keep
+    ``modules_to_save.default``. All name the plain model tensor.
+    """
+    tokens = key.removeprefix(PEFT_PREFIX).split(".")
+    return ".".join(t for t in tokens if t not in ("base_layer", "modules_to_save", "default"))

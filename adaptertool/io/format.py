@@ -21,9 +21,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DTYPES",
+    "FLOAT_CODES",
     "HEADER_LIMIT",
     "TensorSpec",
     "build_header",
+    "cast_specs",
     "dtype_code",
     "parse_header",
     "torch_dtype",
@@ -93,6 +95,17 @@ class TensorSpec:
         for dim in self.shape:
             numel *= dim
         return numel * DTYPES[self.dtype][0]
+
+
+# The dtypes a checkpoint's weights come in, and that --dtype may convert between.
+FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})
+
+
+def cast_specs(specs: list[TensorSpec], code: str | None) -> list[TensorSpec]:
+    """``specs`` with every float tensor's dtype set to ``code`` (None: unchanged)."""
+    if code is None:
+        return list(specs)
+    return [TensorSpec(s.name, code, s.shape) if s.dtype in FLOAT_CODES else s for s in specs]
 
 
 @dataclass(frozen=True)

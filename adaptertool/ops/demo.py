@@ -42,7 +42,7 @@ def demo(cfg: DemoConfig) -> DemoReport:
         steps.append(f"made a tiny Llama checkpoint in {len(files)} shards: {base.name}/")
         write_lora_adapter(adapter, TINY, rank=4, alpha=8.0)
         steps.append(f"made a rank-4 LoRA adapter (q_proj, v_proj): {adapter.name}/")
-        report = merge(MergeConfig(base=base, adapter=adapter, out=merged))
+        report = merge(MergeConfig(base=base, adapters=((adapter, 1.0),), out=merged))
         steps.append(f"merged it: {report.merged} weights changed, {report.copied} copied byte for byte: {merged.name}/")
         error = _check(base, adapter, merged)
         steps.append(f"checked against a float64 reference: max abs error {error:.2e}")

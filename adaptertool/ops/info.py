@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adaptertool.adapters import split_adapter_key
+from adaptertool.adapters.peft_keys import split_adapter_key
 from adaptertool.io import Checkpoint, open_checkpoint, read_json
 
 __all__ = ["AdapterSummary", "InfoReport", "info"]
@@ -78,7 +78,7 @@ def _adapter_summary(config: dict[str, Any], ckpt: Checkpoint) -> AdapterSummary
             continue
         module, part = split
         modules.add(module)
-        if part in ("lora_A.weight", "lora_embedding_A", "lora_A"):
+        if part in ("lora_A", "lora_embedding_A"):
             ranks.add(ckpt[name].shape[0])
     return AdapterSummary(
         peft_type=str(config.get("peft_type", "unknown")),

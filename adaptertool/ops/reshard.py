@@ -14,23 +14,21 @@ from tqdm import tqdm
 from adaptertool.errors import AdapterToolError
 from adaptertool.io import (
     DEFAULT_MAX_SHARD_BYTES,
+    FLOAT_CODES,
     CheckpointWriter,
-    TensorSpec,
-    copy_side_files,
+    cast_specs,
     dtype_code,
     open_checkpoint,
     staged_output,
     torch_dtype,
 )
 from adaptertool.ops.measure import Stopwatch, peak_rss_bytes
+from adaptertool.ops.model_files import write_model_files
 
 if TYPE_CHECKING:  # torch is only needed (and imported by the reader) when a tensor is cast
     import torch
 
 __all__ = ["ReshardConfig", "ReshardReport", "reshard"]
-
-_FLOAT_CODES = {"F64", "F32", "F16", "BF16"}
-
 
 @dataclass(frozen=True, kw_only=True)
 class ReshardConfig:
@@ -41,7 +39,7 @@ class ReshardConfig:
     force: bool = False
 
     def __post_init__(self) -> None:
-        if self.dtype is not None and dtype_code(self.dtype) not in _FLOAT_CODES:
+        if self.dtype is not None and dtype_code(self.dtype) not in FLOAT_CODES:
             raise AdapterToolError(f"--dtype must be a float type, not {self.dtype}")
 
 
@@ -62,10 +60,7 @@ def reshard(cfg: ReshardConfig, *, progress: bool = False) -> ReshardReport:
     """Rewrite ``cfg.source`` into ``cfg.out``; see the module docstring."""
     clock = Stopwatch()
     with open_checkpoint(cfg.source) as source:
-        target = dtype_code(cfg.dtype) if cfg.dtype is not None else None
-        specs = [
-            TensorSpec(s.name, target, s.shape) if target and s.dtype in _FLOAT_CODES else s for s in source.specs()
-        ]
+        specs = cast_specs(source.specs(), dtype_code(cfg.dtype) if cfg.dtype is not None else None)
         with staged_output(cfg.out, force=cfg.force, inputs=[cfg.source]) as tmp:
             metadata = {**source.metadata, "format": "pt"}  # keep the user's metadata; loaders need format=pt
             writer = CheckpointWriter(tmp, specs, max_shard_bytes=cfg.max_shard_bytes, metadata=metadata)
@@ -78,7 +73,7 @@ def reshard(cfg: ReshardConfig, *, progress: bool = False) -> ReshardReport:
                     else:
                         writer.write(spec.name, source.read(spec.name).to(torch_dtype(spec.dtype)))
                     bar.update(spec.nbytes)
-            side = copy_side_files(source.root, tmp)
+            side = write_model_files(source.root, tmp, dtype=cfg.dtype)
     return ReshardReport(
         out=str(cfg.out), files=[f.name for f in writer.files], tensors=len(specs), copied=copied,
         cast=len(specs) - copied, bytes_written=writer.total_bytes, side_files=side,

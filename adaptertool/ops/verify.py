@@ -18,7 +18,7 @@ from adaptertool.ops.measure import Stopwatch
 
 __all__ = ["NonFinite", "VerifyReport", "verify"]
 
-_FLOAT_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+_SCANNED_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 _SCAN_CHUNK = 1 << 24  # elements per NaN/Inf check, to bound the float32 temporaries
 
 
@@ -81,11 +81,11 @@ def _scan(ckpt: Checkpoint, *, progress: bool) -> list[NonFinite]:
     import torch  # only the scan needs it; see adaptertool.io.format
 
     found = []
-    total = sum(s.nbytes for s in ckpt.specs() if s.dtype in _FLOAT_CODES)
+    total = sum(s.nbytes for s in ckpt.specs() if s.dtype in _SCANNED_CODES)
     with tqdm(total=total, unit="B", unit_scale=True, desc="scan", disable=not progress) as bar:
         for name in ckpt:
             info = ckpt[name]
-            if info.dtype not in _FLOAT_CODES:
+            if info.dtype not in _SCANNED_CODES:
                 continue
             flat = ckpt.read(name).reshape(-1)
             nans = infs = 0

@@ -1,0 +1,187 @@
+"""The merge plan: which base tensor each adapter tensor changes, checked from headers alone."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from adaptertool.adapters.modules import ModuleUpdate, ia3_fits, plan_module
+from adaptertool.adapters.peft_config import AdapterSettings
+from adaptertool.adapters.peft_keys import full_tensor_name, split_adapter_key
+from adaptertool.errors import AdapterToolError
+from adaptertool.io import FLOAT_CODES, Checkpoint, open_adapter, read_json
+
+__all__ = ["LoadedAdapter", "MergePlan", "Step", "load_adapter", "plan_targets"]
+
+_NAN_CHUNK = 1 << 24
+
+
+@dataclass
+class LoadedAdapter:
+    path: Path
+    weight: float
+    settings: AdapterSettings
+    weights: Checkpoint
+
+
+@dataclass(frozen=True)
+class Step:
+    """One change to one output tensor: an adapter's ``update`` (weight or bias) or a full replacement."""
+
+    adapter: int  # index into the adapter list
+    kind: str  # "weight", "bias" or "replace"
+    update: ModuleUpdate | None = None
+    key: str = ""  # the replacing adapter tensor, for "replace"
+    scale: float = 1.0
+
+
+@dataclass
+class MergePlan:
+    targets: dict[str, tuple[str, list[Step]]] = field(default_factory=dict)  # output name -> (base source, steps)
+    extra: dict[str, str] = field(default_factory=dict)  # tensors the output gains -> base source
+    notes: list[str] = field(default_factory=list)
+
+
+def load_adapter(path: Path, weight: float) -> LoadedAdapter:
+    """Open a PEFT adapter folder and read its config."""
+    config, weights, config_path = open_adapter(path)
+    try:
+        settings = AdapterSettings.from_config(config, source=str(config_path))
+    except AdapterToolError:
+        weights.close()
+        raise
+    return LoadedAdapter(path, weight, settings, weights)
+
+
+def plan_targets(base: Checkpoint, adapters: list[LoadedAdapter], *, subtract: bool) -> MergePlan:
+    """Map every adapter tensor onto the output tensor it changes, in adapter order.
+
+    Raises:
+        AdapterToolError: a module the base lacks, shapes that do not fit, NaN/Inf in an adapter,
+            a weight on an update that is not additive, or (with ``subtract``) one that cannot be undone.
+    """
+    plan = MergePlan()
+    tied = _tied_embedding(base)
+    for index, adapter in enumerate(adapters):
+        _check_finite(adapter)
+        modules: dict[str, dict[str, str]] = {}
+        for key in adapter.weights:
+            split = split_adapter_key(key)
+            if split is None:
+                _add_replacement(plan, base, tied, index, adapter, key, subtract)
+            else:
+                modules.setdefault(split[0], {})[split[1]] = key
+        for module, keys in modules.items():
+            _add_module(plan, base, tied, index, adapter, module, keys, subtract)
+    return plan
+
+
+def _add_module(plan: MergePlan, base: Checkpoint, tied: str | None, index: int, adapter: LoadedAdapter,
+                module: str, keys: dict[str, str], subtract: bool) -> None:
+    shapes = {part: adapter.weights[key].shape for part, key in keys.items()}
+    try:
+        update, shape = plan_module(module, keys, shapes, adapter.settings)
+    except AdapterToolError as err:
+        raise AdapterToolError(f"{adapter.path}: {err}") from None
+    target = _target(plan, base, tied, f"{module}.weight", adapter)
+    base_shape = base[_source(plan, target)].shape
+    fits = ia3_fits(shapes["ia3_l"], base_shape, fan_in_fan_out=update.fan_in_fan_out) if shape is None else shape == base_shape
+    if not fits:
+        implied = list(shape) if shape is not None else f"a vector {list(shapes['ia3_l'])}"
+        raise AdapterToolError(
+            f"{adapter.path}: module {module} implies shape {implied} for {target}, but the base has {list(base_shape)}; "
+            "was the adapter made for another model?"
+        )
+    if not update.additive and (subtract or adapter.weight != 1.0):
+        what = "DoRA" if update.dora else "IA3"
+        if subtract:
+            raise AdapterToolError(
+                f"{adapter.path}: {what} rescales weights by norms or vectors of the original base, which a merged "
+                f"model no longer holds; subtract cannot undo it: merge the adapter into the original base instead"
+            )
+        raise AdapterToolError(f"{adapter.path}: {what} updates are not additive; a weight other than 1 is not defined for them")
+    scale = -adapter.weight if subtract else adapter.weight
+    _steps(plan, target, base).append(Step(index, "weight", update, scale=scale))
+    if update.changes_bias or (update.kind == "ia3" and tuple(shapes["ia3_l"])[1:] == (1,)):
+        bias = _base_name(f"{module}.bias", base)
+        if bias is None:
+            if update.changes_bias:
+                raise AdapterToolError(f"{adapter.path}: {module} has a lora_B.bias but the base has no {module}.bias")
+            return  # IA3 on a bias-free layer rescales the weight only
+        _steps(plan, bias, base).append(Step(index, "bias", update, scale=scale))
+
+
+def _add_replacement(plan: MergePlan, base: Checkpoint, tied: str | None, index: int, adapter: LoadedAdapter,
+                     key: str, subtract: bool) -> None:
+    name = full_tensor_name(key)
+    target = _target(plan, base, tied, name, adapter)
+    if subtract:
+        raise AdapterToolError(
+            f"{adapter.path}: {key} replaces {target} outright (modules_to_save); subtract cannot restore the original"
+        )
+    base_shape = base[_source(plan, target)].shape
+    if adapter.weights[key].shape != base_shape:
+        raise AdapterToolError(
+            f"{adapter.path}: saved tensor {key} has shape {list(adapter.weights[key].shape)} but {target} in the base "
+            f"has {list(base_shape)}; was the adapter made for another model?"
+        )
+    steps = _steps(plan, target, base)
+    if steps:
+        raise AdapterToolError(f"{adapter.path}: {key} would replace {target}, which an earlier adapter already changes")
+    steps.append(Step(index, "replace", key=key))
+
+
+def _target(plan: MergePlan, base: Checkpoint, tied: str | None, name: str, adapter: LoadedAdapter) -> str:
+    target = _base_name(name, base)
+    if target is not None:
+        return target
+    if tied is not None and name.rsplit(".", 2)[-2] == "lm_head":
+        # A tied output head is not stored; the merged model gets its own, starting from the embedding.
+        head = "lm_head.weight"
+        if head not in plan.extra:
+            plan.extra[head] = tied
+            plan.notes.append(f"lm_head was tied to {tied}; the output has its own lm_head and tie_word_embeddings false")
+        return head
+    module = name.removesuffix(".weight")
+    raise AdapterToolError(f"{adapter.path}: adapter targets {module} but the base has no {name}; is it the right base?")
+
+
+def _source(plan: MergePlan, target: str) -> str:
+    return plan.extra.get(target, target)
+
+
+def _steps(plan: MergePlan, target: str, base: Checkpoint) -> list[Step]:
+    return plan.targets.setdefault(target, (_source(plan, target), []))[1]
+
+
+def _base_name(name: str, base: Checkpoint) -> str | None:
+    # PEFT keys carry the module path inside the task model (model.layers...); a checkpoint saved
+    # from the bare backbone lacks the leading "model.", and the reverse also happens.
+    rest = name.partition(".")[2]
+    for candidate in (name, rest, f"model.{name}"):
+        if candidate in base:
+            return candidate
+    return None
+
+
+def _tied_embedding(base: Checkpoint) -> str | None:
+    """The input embedding a tied (unstored) lm_head shares, when config.json says they are tied."""
+    if base.root is None or "lm_head.weight" in base or not (base.root / "config.json").is_file():
+        return None
+    config = read_json(base.root / "config.json")
+    tied = config.get("tie_word_embeddings", (config.get("text_config") or {}).get("tie_word_embeddings", True))
+    if not tied:
+        return None
+    return next((n for n in ("model.embed_tokens.weight", "embed_tokens.weight", "transformer.wte.weight") if n in base), None)
+
+
+def _check_finite(adapter: LoadedAdapter) -> None:
+    import torch
+
+    for key in adapter.weights:
+        if adapter.weights[key].dtype not in FLOAT_CODES:
+            continue
+        flat = adapter.weights.read(key).reshape(-1)
+        for start in range(0, flat.numel(), _NAN_CHUNK):
+            if not torch.isfinite(flat[start : start + _NAN_CHUNK]).all():
+                raise AdapterToolError(f"{adapter.path}: tensor {key} holds NaN or Inf values; the adapter is broken")
