@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -33,3 +35,27 @@ def tiny_sharded(tiny_models: dict[tuple[str, bool], Path]) -> Path:
 @pytest.fixture(scope="session")
 def tiny_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_lora_adapter(tmp_path_factory.mktemp("adapter") / "lora", TINY, rank=4, alpha=8.0)
+
+
+def _builder() -> ModuleType:
+    # fixtures/ is a folder of scripts, not a package: load the real-model builder from its path.
+    path = Path(__file__).resolve().parents[1] / "fixtures" / "build_real_models.py"
+    spec = importlib.util.spec_from_file_location("build_real_models", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The real SmolLM2-135M-Instruct: bf16, 3 shards + index + tokenizer (built once, cached)."""
+    builder = _builder()
+    return builder.build("smollm2", builder.default_cache_dir())
+
+
+@pytest.fixture(scope="session")
+def minilm() -> Path:
+    """The real all-MiniLM-L6-v2: one float32 BERT file with config and tokenizer (cached)."""
+    builder = _builder()
+    return builder.build("minilm", builder.default_cache_dir())

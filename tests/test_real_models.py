@@ -13,10 +13,8 @@ torch 2.13 (CPU).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
@@ -26,8 +24,6 @@ from adaptertool.io import open_checkpoint
 from adaptertool.ops.reshard import ReshardConfig, ReshardReport, reshard
 
 pytestmark = pytest.mark.slow
-
-_BUILDER_PATH = Path(__file__).resolve().parents[1] / "fixtures" / "build_real_models.py"
 
 # Side files each fixture ships; all must reach a rewritten checkpoint unchanged.
 SMOLLM2_SIDE_FILES = ["chat_template.jinja", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
@@ -44,15 +40,6 @@ MINILM_SHARD_BYTES = 45_000_000
 PROMPT = "The capital of France is"  # SmolLM2 answers " Paris." (shared/reference/real-models.md)
 NEW_TOKENS = 20
 SENTENCE = "Streaming checkpoints shard by shard keeps memory flat."
-
-
-def _load_builder() -> ModuleType:
-    # fixtures/ is a folder of scripts, not a package: load the builder from its path.
-    spec = importlib.util.spec_from_file_location("build_real_models", _BUILDER_PATH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # --- helpers --------------------------------------------------------------------------------------
@@ -109,21 +96,6 @@ def _shard_data_bytes(file: Path) -> tuple[int, int]:
 
 
 # --- fixtures -------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def builder() -> ModuleType:
-    return _load_builder()
-
-
-@pytest.fixture(scope="module")
-def smollm2(builder: ModuleType) -> Path:
-    return builder.build("smollm2", builder.default_cache_dir())
-
-
-@pytest.fixture(scope="module")
-def minilm(builder: ModuleType) -> Path:
-    return builder.build("minilm", builder.default_cache_dir())
 
 
 @pytest.fixture(scope="module")

@@ -62,6 +62,7 @@ class CheckpointWriter:
         self._shard = -1
         self._file: BinaryIO | None = None
         self._expected_size = 0
+        self._open = False  # set by __enter__: without the with-block nothing would write the index
 
     @property
     def files(self) -> list[Path]:
@@ -116,6 +117,7 @@ class CheckpointWriter:
             self._file = None
 
     def __enter__(self) -> CheckpointWriter:
+        self._open = True
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
@@ -125,6 +127,8 @@ class CheckpointWriter:
             self.abort()
 
     def _advance(self, name: str) -> TensorSpec:
+        if not self._open:
+            raise ValueError("use CheckpointWriter as a context manager: closing it finishes the shards and index")
         if self._next >= len(self.order) or self.order[self._next].name != name:
             expected = self.order[self._next].name if self._next < len(self.order) else "nothing"
             raise ValueError(f"tensor {name} written out of order; the writer expects {expected}")

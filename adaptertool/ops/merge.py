@@ -102,7 +102,8 @@ def merge(cfg: MergeConfig, *, progress: bool = False) -> MergeReport:
             with staged_output(cfg.out, force=cfg.force, inputs=inputs) as tmp:
                 writer = CheckpointWriter(tmp, specs, max_shard_bytes=cfg.max_shard_bytes,
                                           metadata={**base.metadata, "format": "pt"})
-                counts = _stream(base, writer, plan.targets, adapters, device=device, progress=progress)
+                with writer:
+                    counts = _stream(base, writer, plan.targets, adapters, device=device, progress=progress)
                 side = write_model_files(base.root, tmp, dtype=cfg.dtype, untie=bool(plan.extra))
     finally:
         for adapter in adapters:

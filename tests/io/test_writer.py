@@ -105,6 +105,9 @@ def test_dtype_cast_rounds_once(tiny_models: dict, tmp_path: Path) -> None:
 def test_writer_refuses_out_of_order_and_wrong_shape(tmp_path: Path) -> None:
     specs = [TensorSpec("a", "F32", (2,)), TensorSpec("b", "F32", (2,))]
     writer = CheckpointWriter(tmp_path, specs, max_shard_bytes=None)
+    with pytest.raises(ValueError, match="use CheckpointWriter as a context manager"):
+        writer.write("a", torch.ones(2))
+    writer.__enter__()
     with pytest.raises(ValueError, match="out of order"):
         writer.write("b", torch.ones(2))
     with pytest.raises(ValueError, match="planned F32"):

@@ -170,7 +170,9 @@ def test_subtract_refuses_what_cannot_be_undone(tmp_path: Path, case: str) -> No
 def test_several_adapters_in_one_pass_with_weights(tmp_path: Path) -> None:
     base, first = _make(tmp_path / "a", "lora", torch.float32)
     _, second = _make(tmp_path / "b", "loha", torch.float32)
-    merge(MergeConfig(base=base, adapters=((first, 0.5), (second, 2.0)), out=tmp_path / "both", scale=0.5))
+    merge(MergeConfig(base=base, adapters=((first, 0.5), (second, 2.0)), out=tmp_path / "both", scale=0.5,
+                      max_shard_bytes=20_000))
+    assert len(list((tmp_path / "both").glob("model-0000*-of-*.safetensors"))) > 2
     # The reference: each adapter merged alone at its weight, the deltas summed in float64.
     merge(MergeConfig(base=base, adapters=((first, 0.25),), out=tmp_path / "one"))
     merge(MergeConfig(base=base, adapters=((second, 1.0),), out=tmp_path / "two"))

@@ -1,0 +1,160 @@
+"""Blockwise 4-bit quantisation (first level): absmax per block, a 4-bit code per element, two per byte.
+
+For block b of ``blocksize`` consecutive elements of ``W.flatten()`` (the last block may be partial):
+
+    absmax[b] = max |W[i]|                          (float32, exact)
+    x[i]      = float32(W[i]) * float32(1 / absmax[b])
+    code[i]   = the codebook's code for x[i]        (see :mod:`adaptertool.quant.codebook`)
+    byte[k]   = code[2k] << 4 | code[2k+1]          (first element in the high nibble)
+
+and back: ``W'[i] = float32(values[code[i]] * absmax[b])``, rounded once to the output dtype.
+
+Three details follow bitsandbytes 0.50 on the CPU bit for bit: the reciprocal is taken of
+``max(absmax, 1e-38)`` (so an all-zero block codes 0.0 and stores absmax 0); the last, partial block
+divides by its absmax instead of multiplying by the reciprocal, and stores that absmax clamped to
+1e-38; an odd element count pads the last low nibble with the code of 0.0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from adaptertool.quant.codebook import Codebook
+
+__all__ = ["BLOCKSIZES", "block_count", "dequantize_4bit", "packed_size", "quantize_4bit"]
+
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+_TINY = 1e-38  # bitsandbytes' floor under absmax before taking its reciprocal
+_CHUNK_ELEMENTS = 1 << 17  # work in slices of this many elements: temporaries stay in the L2 cache
+# integer view and sign-clearing mask per float dtype: |x| as bits orders like |x| as a value
+_MAGNITUDE_BITS = {
+    torch.float32: (torch.int32, 0x7FFFFFFF),
+    torch.float16: (torch.int16, 0x7FFF),
+    torch.bfloat16: (torch.int16, 0x7FFF),
+}
+
+
+def block_count(numel: int, blocksize: int) -> int:
+    """Number of absmax blocks for ``numel`` elements: ``ceil(numel / blocksize)``."""
+    return -(-numel // blocksize)
+
+
+def packed_size(numel: int) -> int:
+    """Bytes of packed codes for ``numel`` elements: ``ceil(numel / 2)``."""
+    return (numel + 1) // 2
+
+
+def quantize_4bit(weight: torch.Tensor, book: Codebook, *, blocksize: int = 64,
+                  chunk_elements: int = _CHUNK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise ``weight`` blockwise to 4-bit codes; computed in float32, ``weight`` is not modified.
+
+    Args:
+        weight: float32, float16 or bfloat16, any shape (flattened row-major).
+        book: the code table, e.g. ``codebook("nf4")``.
+        blocksize: elements per absmax block, a power of two in 32..4096.
+        chunk_elements: elements processed at a time (bounds the temporaries; no effect on the result).
+
+    Returns:
+        ``(packed, absmax)``: uint8 ``(ceil(n/2), 1)`` and float32 ``(ceil(n/blocksize),)``. NaN or
+        Inf in a block make its absmax non-finite; callers that must reject them check ``absmax``.
+    """
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize}")
+    if weight.dtype not in _MAGNITUDE_BITS:
+        raise ValueError(f"4-bit quantisation takes float32/float16/bfloat16, got {weight.dtype}")
+    flat = weight.detach().reshape(-1)
+    numel = flat.numel()
+    full_blocks, tail = divmod(numel, blocksize)
+    packed = torch.empty(packed_size(numel), dtype=torch.uint8)
+    absmax = torch.empty(block_count(numel, blocksize), dtype=torch.float32)
+    step = max(1, chunk_elements // blocksize)  # blocks per chunk
+    for first in range(0, full_blocks, step):
+        last = min(full_blocks, first + step)
+        blocks = flat[first * blocksize : last * blocksize].view(last - first, blocksize)  # (chunk blocks, blocksize)
+        scale = _block_absmax(blocks)
+        absmax[first:last] = scale
+        x = blocks * (1.0 / scale.clamp(min=_TINY)).unsqueeze(1)  # float32 (promotion from 16-bit is exact)
+        # blocksize is even, so every chunk starts on a byte boundary
+        _pack(_codes(x.view(-1), book), packed[first * blocksize // 2 : last * blocksize // 2])
+    if tail:
+        rest = flat[full_blocks * blocksize :].float()
+        scale = rest.abs().max().clamp(min=_TINY)
+        absmax[-1] = scale
+        codes = book.exact_codes(rest / scale)
+        if tail % 2:
+            codes = torch.cat([codes, torch.tensor([book.zero_code], dtype=torch.uint8)])
+        _pack(codes, packed[full_blocks * blocksize // 2 :])
+    return packed.unsqueeze(1), absmax
+
+
+def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, values: torch.Tensor, *, shape: tuple[int, ...],
+                    blocksize: int = 64, dtype: torch.dtype = torch.float32,
+                    chunk_elements: int = _CHUNK_ELEMENTS) -> torch.Tensor:
+    """Expand packed 4-bit codes: ``W'[i] = float32(values[code[i]] * absmax[i // blocksize])``, cast once to ``dtype``.
+
+    Args:
+        packed: uint8 codes, two per byte (any shape holding ``ceil(n/2)`` bytes).
+        absmax: float32 ``(ceil(n/blocksize),)``.
+        values: the 16 code values to use, i.e. the checkpoint's stored ``quant_map``.
+        shape: the weight's shape (n = its element count).
+        blocksize: elements per absmax block.
+        dtype: output dtype.
+
+    Returns:
+        A new tensor of ``shape`` and ``dtype``.
+    """
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    codes = packed.reshape(-1)
+    if codes.dtype != torch.uint8 or codes.numel() != packed_size(numel):
+        raise ValueError(f"packed codes must be {packed_size(numel)} uint8 for shape {list(shape)}, got {codes.numel()} {codes.dtype}")
+    if absmax.numel() != block_count(numel, blocksize):
+        raise ValueError(f"absmax must hold {block_count(numel, blocksize)} values for shape {list(shape)}, got {absmax.numel()}")
+    pairs = _pair_table(values)
+    absmax = absmax.reshape(-1).to(torch.float32)
+    out = torch.empty(numel, dtype=dtype)
+    full_blocks, tail = divmod(numel, blocksize)
+    step = max(1, chunk_elements // blocksize)
+    for first in range(0, full_blocks, step):
+        last = min(full_blocks, first + step)
+        chunk = codes[first * blocksize // 2 : last * blocksize // 2]
+        expanded = torch.index_select(pairs, 0, chunk.to(torch.int32)).view(last - first, blocksize)
+        out[first * blocksize : last * blocksize].view(last - first, blocksize).copy_(expanded * absmax[first:last].unsqueeze(1))
+    if tail:
+        chunk = codes[full_blocks * blocksize // 2 :]
+        expanded = torch.index_select(pairs, 0, chunk.to(torch.int32)).view(-1)[:tail]
+        out[full_blocks * blocksize :].copy_(expanded * absmax[-1])
+    return out.view(shape)
+
+
+def _block_absmax(blocks: torch.Tensor) -> torch.Tensor:
+    # max |x| per row as float32. Clearing the sign bit and taking the integer max is exact, and is
+    # several times faster than abs().amax() on 16-bit floats; NaN bit patterns exceed Inf's, so a
+    # NaN still wins, as it does in abs().amax().
+    int_dtype, mask = _MAGNITUDE_BITS[blocks.dtype]
+    bits = (blocks.view(int_dtype) & mask).amax(dim=1)
+    return bits.view(blocks.dtype).to(torch.float32)
+
+
+def _codes(x: torch.Tensor, book: Codebook) -> torch.Tensor:
+    """uint8 code per float32 element: a table lookup on the top 16 bits, exact search where ambiguous."""
+    key = (x.view(torch.int32) >> 16) & 0xFFFF  # int32: index_select gathers faster than with int64
+    codes = torch.index_select(book.lookup, 0, key)
+    if int(codes.max()) > 15:  # some keys straddle a threshold (about 1 % of elements for N(0, s) weights)
+        where = torch.nonzero(codes > 15).squeeze(1)
+        codes[where] = book.exact_codes(x[where])
+    return codes
+
+
+def _pack(codes: torch.Tensor, out: torch.Tensor) -> None:
+    # out[k] = codes[2k] << 4 | codes[2k+1]; codes < 16, so the uint8 sum cannot carry
+    torch.add(codes[1::2], codes[0::2], alpha=16, out=out)
+
+
+def _pair_table(values: torch.Tensor) -> torch.Tensor:
+    """(256, 2) float32: the two code values a packed byte stands for, high nibble first."""
+    byte = torch.arange(256)
+    values = values.reshape(-1).to(torch.float32)
+    return torch.stack([values[byte >> 4], values[byte & 15]], dim=1)
