@@ -79,7 +79,8 @@ def _progress(quiet: bool, as_json: bool = False) -> bool:
 
 
 def _shard_bytes(text: str) -> int | None:
-    return None if text.strip() == "0" else parse_size(text)
+    size = parse_size(text)
+    return None if size == 0 else size  # 0 (in any unit): one file
 
 
 def _emit(report: Any, as_json: bool, summary: Callable[[Any], str]) -> None:
@@ -111,7 +112,7 @@ def _info_text(r: InfoReport) -> str:
     if a is not None:
         ranks = "/".join(map(str, a.ranks)) or "?"
         flags = "".join([" rslora" if a.rslora else "", " dora" if a.dora else ""])
-        lines.append(f"  adapter {a.peft_type} r={a.rank} (tensors: {ranks}) alpha={a.alpha}{flags}")
+        lines.append(f"  adapter {a.peft_type} r={a.rank} (ranks in tensors: {ranks}) alpha={a.alpha}{flags}")
         lines.append(f"  targets {', '.join(a.targets) or '-'} ({a.modules} modules)")
         if a.modules_to_save:
             lines.append(f"  modules_to_save {', '.join(a.modules_to_save)}")
@@ -196,12 +197,16 @@ def _merge_options(f: F) -> F:
 
 
 def _merge_summary(verb: str) -> Callable[[Any], str]:
-    return lambda r: "\n".join([
-        *(f"note: {note}" for note in r.notes),
-        f"{verb} {len(r.adapters)} adapter(s) into {r.out}: {r.merged} tensors changed, {r.replaced} replaced, "
-        f"{r.copied} copied, {r.cast} cast to {r.dtype}; {len(r.files)} file(s) in {r.seconds:.1f} s, "
-        f"peak memory {_bytes(r.peak_rss_bytes)}",
-    ])
+    def render(r: Any) -> str:
+        counts = [f"{r.merged} tensors changed", f"{r.replaced} replaced" if r.replaced else "",
+                  f"{r.copied} copied" if r.copied else "", f"{r.cast} cast to {r.dtype}" if r.cast else ""]
+        return "\n".join([
+            *(f"note: {note}" for note in r.notes),
+            f"{verb} {len(r.adapters)} adapter(s) into {r.out}: {', '.join(c for c in counts if c)}; "
+            f"{len(r.files)} file(s) in {r.seconds:.1f} s, peak memory {_bytes(r.peak_rss_bytes)}",
+        ])
+
+    return render
 
 
 def _run_merge(base: Path, adapters: list[tuple[Path, float]], out: Path, *, subtract: bool, scale: float, dtype: str,
@@ -257,7 +262,7 @@ def subtract_cmd(model: Path, adapter: str, out: Path, **options: Any) -> None:
 def demo_cmd(out: Path, force: bool, as_json: bool) -> None:
     """Make a tiny model and LoRA adapter, merge them, and check the result.
 
-    Example: adaptertool demo ./demo
+    OUT defaults to ./adaptertool-demo. Example: adaptertool demo ./demo
     """
     from adaptertool.ops.demo import DemoConfig, demo
 

@@ -13,7 +13,10 @@ import math
 
 import torch
 
-__all__ = ["adalora_delta", "dora_rescale_", "embedding_delta", "linear_delta", "lora_scaling"]
+__all__ = ["adalora_delta", "dora_rescale_", "embedding_delta", "linear_delta", "lora_scaling", "merge_linear_into"]
+
+# Elements per row block in merge_linear_into: 1 MiB of float32, so each block stays in cache.
+_BLOCK_ELEMS = 1 << 18
 
 
 def lora_scaling(alpha: float, rank: int, *, rslora: bool) -> float:
@@ -26,13 +29,38 @@ def linear_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, *, 
 
     With ``fan_in_fan_out`` (GPT-2's Conv1D stores weights as ``(in, out)``) the result is transposed.
     """
-    delta = lora_b.float() @ lora_a.float()
-    return (delta.T if fan_in_fan_out else delta) * scaling
+    delta = (lora_b.float() @ lora_a.float()).mul_(scaling)  # in place: one (out, in) buffer, not two
+    return delta.T if fan_in_fan_out else delta
+
+
+def merge_linear_into(out: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                      scaling: float, *, scale: float = 1.0, product: torch.Tensor | None = None) -> torch.Tensor:
+    """``out = round(float32(W) + scale * ((B @ A) * scaling))`` for a Linear stored ``(out, in)``.
+
+    The same float32 operations as :func:`linear_delta` plus an add, so the result is identical;
+    but only the matrix product runs on the whole matrix (into ``product``, a reusable float32
+    buffer of at least ``W.numel()`` elements, if given). The scaling, the add and the final
+    rounding run in row blocks that stay in cache, instead of four passes over memory.
+
+    Args:
+        out: the result, shaped like ``weight``, in the output dtype; written in place.
+    """
+    rows, cols = weight.shape
+    target = None if product is None else product[: rows * cols].view(rows, cols)
+    delta = torch.mm(lora_b.float(), lora_a.float(), out=target)  # (out, r) @ (r, in)
+    step = max(1, _BLOCK_ELEMS // cols)
+    block = torch.empty(min(step, rows), cols)
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        work = block[: stop - start].copy_(weight[start:stop])
+        work.add_(delta[start:stop].mul_(scaling), alpha=scale)
+        out[start:stop].copy_(work)
+    return out
 
 
 def embedding_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
     """Embedding LoRA in float32: ``A: (r, V)``, ``B: (D, r)``; ``(B @ A).T -> (V, D)``, as the table."""
-    return (lora_b.float() @ lora_a.float()).T * scaling
+    return (lora_b.float() @ lora_a.float()).mul_(scaling).T
 
 
 def adalora_delta(lora_a: torch.Tensor, lora_e: torch.Tensor, lora_b: torch.Tensor, scaling: float, *,

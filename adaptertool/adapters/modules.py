@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from adaptertool.adapters.ia3 import ia3_scale_
-from adaptertool.adapters.lora import adalora_delta, dora_rescale_, embedding_delta, linear_delta
+from adaptertool.adapters.lora import adalora_delta, dora_rescale_, embedding_delta, linear_delta, merge_linear_into
 from adaptertool.adapters.lycoris import loha_delta, lokr_delta
 from adaptertool.adapters.peft_config import AdapterSettings
 from adaptertool.errors import AdapterToolError
@@ -45,6 +45,17 @@ class ModuleUpdate:
     scaling: float
     fan_in_fan_out: bool = False
     dora: bool = False
+
+    @property
+    def blockwise(self) -> bool:
+        """True for plain Linear LoRA, which :meth:`merge_into` handles without full-size temporaries."""
+        return self.kind == "lora" and not self.dora and not self.fan_in_fan_out
+
+    def merge_into(self, out: torch.Tensor, weight: torch.Tensor, tensors: Mapping[str, torch.Tensor], *,
+                   scale: float = 1.0, product: torch.Tensor | None = None) -> torch.Tensor:
+        """``out = round(float32(weight) + scale * delta)`` for a :attr:`blockwise` update; identical
+        to :meth:`apply_` followed by a cast, with ``product`` as reusable float32 scratch."""
+        return merge_linear_into(out, weight, tensors["lora_A"], tensors["lora_B"], self.scaling, scale=scale, product=product)
 
     @property
     def additive(self) -> bool:
@@ -105,7 +116,7 @@ def plan_module(module: str, keys: Mapping[str, str], shapes: Mapping[str, Shape
         AdapterToolError: unknown or missing parts, or ranks that disagree.
     """
     kind = _kind(settings.peft_type, set(keys), module)
-    rank = _rank(kind, shapes)
+    rank = _rank(kind, shapes, module)
     if kind in ("lora", "lora_embedding", "loha") and settings.module_rank(module) != rank:
         raise AdapterToolError(
             f"module {module} has rank {rank} in its tensors but the config says r={settings.module_rank(module)}; "
@@ -160,18 +171,18 @@ def _kind(peft_type: str, parts: set[str], module: str) -> str:
     return kind
 
 
-def _rank(kind: str, shapes: Mapping[str, Shape]) -> int:
-    if kind in ("lora", "adalora"):
-        a, b = shapes["lora_A"], shapes["lora_B"]
-        if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
-            raise AdapterToolError(f"lora_A {list(a)} and lora_B {list(b)} do not chain (A must be (r, in), B (out, r))")
-        return a[0]
-    if kind == "lora_embedding":
-        a, b = shapes["lora_embedding_A"], shapes["lora_embedding_B"]
+def _rank(kind: str, shapes: Mapping[str, Shape], module: str) -> int:
+    if kind in ("lora", "adalora", "lora_embedding"):
+        a_part, b_part = ("lora_embedding_A", "lora_embedding_B") if kind == "lora_embedding" else ("lora_A", "lora_B")
+        a, b = shapes[a_part], shapes[b_part]
+        if len(a) != 2 or len(b) != 2:
+            raise AdapterToolError(f"module {module}: {a_part} has shape {list(a)}; LoRA on convolution layers is not supported")
         if a[0] != b[1]:
-            raise AdapterToolError(f"lora_embedding_A {list(a)} and lora_embedding_B {list(b)} do not chain")
+            raise AdapterToolError(f"module {module}: {a_part} {list(a)} and {b_part} {list(b)} do not chain (A is (r, in), B (out, r))")
         return a[0]
     if kind == "loha":
+        if any(len(shape) != 2 for shape in shapes.values()):
+            raise AdapterToolError(f"module {module}: LoHa on convolution layers is not supported")
         return shapes["hada_w1_b"][0]
     return 0  # LoKr's factors need not show r; IA3 has none
 

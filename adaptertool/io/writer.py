@@ -30,9 +30,9 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 
 
 def parse_size(text: str) -> int:
-    """Parse a byte size such as ``"5GB"`` (10**9 units, as huggingface_hub) or ``"500MiB"``."""
+    """Parse a byte size such as ``"5GB"`` (10**9 units, as huggingface_hub) or ``"500MiB"``; 0 is allowed."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", text, flags=re.IGNORECASE)
-    if not match or float(match[1]) <= 0:
+    if not match:
         raise AdapterToolError(f"size {text!r} is not understood; write it like 5GB, 500MB or 2GiB")
     return int(float(match[1]) * _UNITS[(match[2] or "").upper()])
 

@@ -122,30 +122,65 @@ def _output_specs(base: Checkpoint, extra: dict[str, str], dtype: torch.dtype | 
     return cast_specs(specs, dtype_code(dtype) if dtype is not None else None)
 
 
+class _Workspace:
+    """Grow-only scratch buffers reused for every tensor: fresh multi-MB allocations each cost page
+    faults that take longer than the arithmetic, and fragment the heap."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def get(self, role: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        import torch
+
+        buffer = self._buffers.get((role, dtype))
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._buffers[(role, dtype)] = torch.empty(numel, dtype=dtype)
+        return buffer[:numel]
+
+
 def _stream(base: Checkpoint, writer: CheckpointWriter, targets: dict[str, tuple[str, list[Step]]],
             adapters: list[LoadedAdapter], *, device: str, progress: bool) -> dict[str, int]:
+    import torch
+
     counts = {"merged": 0, "replaced": 0, "copied": 0, "cast": 0}
+    space = _Workspace()
     with tqdm(total=writer.total_bytes, unit="B", unit_scale=True, desc="merge", disable=not progress) as bar:
         for spec in writer.order:
             bar.set_postfix_str(f"{counts['merged']} merged", refresh=False)
+            out_dtype = torch_dtype(spec.dtype)
             if spec.name in targets:
                 source, steps = targets[spec.name]
-                tensor = _apply(base.read(source), steps, adapters, device)
+                weight = base.read(source, buffer=space.get("read", base[source].nbytes, torch.uint8))
+                if device == "cpu" and len(steps) == 1 and steps[0].kind == "weight" and steps[0].update.blockwise:
+                    tensor = _merge_blockwise(weight, steps[0], adapters, space, out_dtype)
+                else:
+                    tensor = _apply(weight, steps, adapters, device).to(out_dtype)
                 counts["replaced" if steps[-1].kind == "replace" else "merged"] += 1
-                writer.write(spec.name, tensor.to(torch_dtype(spec.dtype)))
+                writer.write(spec.name, tensor)
             elif base[spec.name].dtype == spec.dtype:
                 writer.copy(spec.name, base)
                 counts["copied"] += 1
             else:
-                writer.write(spec.name, base.read(spec.name).to(torch_dtype(spec.dtype)))
+                writer.write(spec.name, base.read(spec.name).to(out_dtype))
                 counts["cast"] += 1
             bar.update(spec.nbytes)
     return counts
 
 
+def _merge_blockwise(weight: torch.Tensor, step: Step, adapters: list[LoadedAdapter], space: _Workspace,
+                     out_dtype: torch.dtype) -> torch.Tensor:
+    import torch
+
+    adapter = adapters[step.adapter]
+    tensors = {part: adapter.weights.read(key) for part, key in step.update.keys.items()}
+    out = space.get("out", weight.numel(), out_dtype).view(weight.shape)
+    product = space.get("product", weight.numel(), torch.float32)
+    return step.update.merge_into(out, weight, tensors, scale=step.scale, product=product)
+
+
 def _apply(weight: torch.Tensor, steps: list[Step], adapters: list[LoadedAdapter], device: str) -> torch.Tensor:
     # One float32 working copy on the compute device; each step updates it in place.
-    work = weight.to(device=device).float()
+    work = weight.to(device=device, dtype=torch_dtype("F32"), copy=True)
     for step in steps:
         adapter = adapters[step.adapter]
         if step.kind == "replace":

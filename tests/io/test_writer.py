@@ -120,7 +120,8 @@ def test_parse_size() -> None:
     assert parse_size("500MiB") == 500 * 2**20
     assert parse_size("1.5 gb") == 1_500_000_000
     assert parse_size("123") == 123
-    for bad in ("", "-1GB", "5 parsecs", "0"):
+    assert parse_size("0GB") == 0
+    for bad in ("", "-1GB", "5 parsecs", "GB"):
         with pytest.raises(Exception, match="not understood"):
             parse_size(bad)
 

@@ -265,7 +265,7 @@ def test_adapter_for_another_model(tmp_path: Path) -> None:
 
 def test_wrong_rank_shapes(tmp_path: Path) -> None:
     base, adapter = _edited_adapter(tmp_path, tensors=lambda w: {k: v[:, :3].contiguous() if "lora_B" in k else v for k, v in w.items()})
-    _refused(base, adapter, r"lora_A \[4, \d+\] and lora_B \[\d+, 3\] do not chain", tmp_path)
+    _refused(base, adapter, r"module model\.layers\.0\.\S+: lora_A \[4, \d+\] and lora_B \[\d+, 3\] do not chain", tmp_path)
 
 
 def test_rank_disagrees_with_config(tmp_path: Path) -> None:
