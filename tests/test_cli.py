@@ -40,8 +40,8 @@ def test_info_adapter(tiny_adapter: Path) -> None:
 def test_verify_ok_and_nan_scan(tiny_sharded: Path, tmp_path: Path) -> None:
     code, out, _ = _run("verify", str(tiny_sharded), "--nan")
     assert code == 0 and out.startswith("ok: ") and "no NaN/Inf" in out
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
     save_file({"w": torch.tensor([1.0, float("nan"), float("inf"), float("-inf")])}, tmp_path / "bad.safetensors")
     code, out, err = _run("verify", str(tmp_path / "bad.safetensors"), "--nan")
     assert code == 1 and out == ""
@@ -108,8 +108,9 @@ def test_header_only_commands_do_not_import_torch(tiny_sharded: Path) -> None:
 
 
 def test_merge_and_subtract_cli(tmp_path: Path) -> None:
-    from adaptertool.ops.examples import TINY, write_llama, write_lora_adapter
     import torch
+
+    from adaptertool.ops.examples import TINY, write_llama, write_lora_adapter
 
     base = tmp_path / "base"
     write_llama(base, TINY, dtype=torch.float32)

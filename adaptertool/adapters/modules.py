@@ -13,7 +13,13 @@ from dataclasses import dataclass
 import torch
 
 from adaptertool.adapters.ia3 import ia3_scale_
-from adaptertool.adapters.lora import adalora_delta, dora_rescale_, embedding_delta, linear_delta, merge_linear_into
+from adaptertool.adapters.lora import (
+    adalora_delta,
+    dora_rescale_,
+    embedding_delta,
+    linear_delta,
+    merge_linear_into,
+)
 from adaptertool.adapters.lycoris import loha_delta, lokr_delta
 from adaptertool.adapters.peft_config import AdapterSettings
 from adaptertool.errors import AdapterToolError

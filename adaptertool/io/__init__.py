@@ -1,7 +1,14 @@
 """Checkpoint I/O: the only code that touches disk (and, later, the network)."""
 
 from adaptertool.io.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, open_adapter
-from adaptertool.io.format import DTYPES, FLOAT_CODES, TensorSpec, cast_specs, dtype_code, torch_dtype
+from adaptertool.io.format import (
+    DTYPES,
+    FLOAT_CODES,
+    TensorSpec,
+    cast_specs,
+    dtype_code,
+    torch_dtype,
+)
 from adaptertool.io.reader import Checkpoint, TensorInfo, open_checkpoint
 from adaptertool.io.sidefiles import SIDE_FILES, copy_side_files, read_json
 from adaptertool.io.staging import check_output, staged_output

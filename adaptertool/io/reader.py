@@ -16,10 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-
 from adaptertool.errors import AdapterToolError
+from adaptertool.io.format import (
+    HEADER_LIMIT,
+    ParsedHeader,
+    TensorSpec,
+    parse_header,
+    torch_dtype,
+)
 from adaptertool.io.sidefiles import read_json
-from adaptertool.io.format import HEADER_LIMIT, ParsedHeader, TensorSpec, parse_header, torch_dtype
 
 if TYPE_CHECKING:
     import torch

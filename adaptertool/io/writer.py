@@ -13,7 +13,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-
 from adaptertool.errors import AdapterToolError
 from adaptertool.io.format import DTYPES, TensorSpec, build_header, dtype_code
 from adaptertool.io.reader import Checkpoint, write_all
@@ -104,7 +103,7 @@ class CheckpointWriter:
         if not self.order:
             self.files[0].write_bytes(build_header([], self.metadata))
         if len(self.shards) > 1:
-            weight_map = {spec.name: file.name for file, shard in zip(self.files, self.shards) for spec in shard}
+            weight_map = {spec.name: file.name for file, shard in zip(self.files, self.shards, strict=True) for spec in shard}
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
             text = json.dumps(index, indent=2, sort_keys=True) + "\n"
             (self.directory / f"{self.stem}.safetensors.index.json").write_text(text, encoding="utf-8")

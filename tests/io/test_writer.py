@@ -12,7 +12,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from adaptertool.io import DTYPES as FORMAT_DTYPES
-from adaptertool.io import CheckpointWriter, TensorSpec, dtype_code, open_checkpoint, parse_size, torch_dtype
+from adaptertool.io import (
+    CheckpointWriter,
+    TensorSpec,
+    dtype_code,
+    open_checkpoint,
+    parse_size,
+    torch_dtype,
+)
 from adaptertool.ops.reshard import ReshardConfig, reshard
 from tests.conftest import DTYPES
 

@@ -1,0 +1,111 @@
+"""The adaptertool command group, its shared options and output helpers, and the entry point.
+
+stdout carries only the result (a short summary, or one JSON object with --json); logs, warnings
+and progress bars go to stderr. A user-facing failure prints ``error: ...`` and exits 1; usage
+errors exit 2; anything else is a bug and keeps its traceback. Commands live in the sibling
+modules and import their pipelines inside the command: most pull in torch, whose import costs
+seconds that ``info`` and ``verify`` (headers only) should not pay.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from adaptertool import __version__
+from adaptertool.errors import AdapterToolError
+from adaptertool.io import parse_size
+
+__all__ = [
+    "DTYPE_CODES", "cli", "emit", "force_option", "human_bytes", "human_count", "json_option", "main",
+    "progress_enabled", "quiet_option", "shard_bytes", "shard_option",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+DTYPE_CODES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        # OSError here is the environment (disk full, permission denied), not a bug.
+        except (AdapterToolError, OSError) as err:
+            if ctx.params.get("debug"):
+                traceback.print_exc()
+            click.echo(f"error: {err}", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="adaptertool")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.option("-v", "--verbose", count=True, help="More log output on stderr (-v info, -vv debug).")
+def cli(debug: bool, verbose: int) -> None:
+    """Model surgery and adapter management over safetensors checkpoints, streamed shard by shard."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def json_option(f: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a summary.")(f)
+
+
+def quiet_option(f: F) -> F:
+    return click.option("-q", "--quiet", is_flag=True, help="No progress bars.")(f)
+
+
+def force_option(f: F) -> F:
+    return click.option("--force", is_flag=True, help="Replace OUT if it exists (only once the new one is complete).")(f)
+
+
+def shard_option(f: F) -> F:
+    return click.option(
+        "--max-shard-size", default="5GB", show_default=True, metavar="SIZE",
+        help="Largest shard to write, e.g. 5GB, 500MB, 2GiB ('0' for a single file).",
+    )(f)
+
+
+def progress_enabled(quiet: bool, as_json: bool = False) -> bool:
+    return not quiet and not as_json and sys.stderr.isatty()
+
+
+def shard_bytes(text: str) -> int | None:
+    size = parse_size(text)
+    return None if size == 0 else size  # 0 (in any unit): one file
+
+
+def emit(report: Any, as_json: bool, summary: Callable[[Any], str]) -> None:
+    click.echo(json.dumps(dataclasses.asdict(report), indent=2) if as_json else summary(report))
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def human_count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else str(n)
+
+
+def main() -> None:
+    """Console entry point."""
+    # SIGTERM becomes SystemExit so staged outputs are cleaned up as for Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    args = sys.argv[1:]
+    if "--debug" in args:  # accepted anywhere, though click wants group options first
+        args.remove("--debug")
+        args.insert(0, "--debug")
+    cli(args, prog_name="adaptertool")

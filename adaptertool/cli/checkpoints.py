@@ -1,0 +1,127 @@
+"""Commands over whole checkpoints: info, verify, reshard, and the demo."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from adaptertool.cli.app import (
+    DTYPE_CODES,
+    cli,
+    emit,
+    force_option,
+    human_bytes,
+    human_count,
+    json_option,
+    progress_enabled,
+    quiet_option,
+    shard_bytes,
+    shard_option,
+)
+from adaptertool.io import torch_dtype
+
+if TYPE_CHECKING:
+    from adaptertool.ops.info import InfoReport
+
+
+@cli.command("info")
+@click.argument("path", type=click.Path(path_type=Path))
+@json_option
+def info_cmd(path: Path, as_json: bool) -> None:
+    """Show what a checkpoint or PEFT adapter holds.
+
+    Example: adaptertool info ./SmolLM2-135M --json
+    """
+    from adaptertool.ops.info import info
+
+    emit(info(path), as_json, _info_text)
+
+
+def _info_text(r: InfoReport) -> str:
+    lines = [
+        f"{r.path}: {r.format}, {len(r.files)} file(s)",
+        f"  tensors {r.tensors}, parameters {human_count(r.parameters)}, {human_bytes(r.bytes)}",
+        "  dtypes " + ", ".join(f"{code} x{n}" for code, n in r.dtypes.items()),
+    ]
+    if r.architecture:
+        lines.append(f"  architecture {r.architecture}")
+    a = r.adapter
+    if a is not None:
+        ranks = "/".join(map(str, a.ranks)) or "?"
+        flags = "".join([" rslora" if a.rslora else "", " dora" if a.dora else ""])
+        lines.append(f"  adapter {a.peft_type} r={a.rank} (ranks in tensors: {ranks}) alpha={a.alpha}{flags}")
+        lines.append(f"  targets {', '.join(a.targets) or '-'} ({a.modules} modules)")
+        if a.modules_to_save:
+            lines.append(f"  modules_to_save {', '.join(a.modules_to_save)}")
+        lines.append(f"  base model {a.base_model or 'unknown'}")
+    return "\n".join(lines)
+
+
+@cli.command("verify")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--nan/--no-nan", default=False, show_default=True, help="Also scan every float tensor for NaN/Inf.")
+@json_option
+@quiet_option
+def verify_cmd(path: Path, nan: bool, as_json: bool, quiet: bool) -> None:
+    """Check a checkpoint's headers, index, sizes and (with --nan) values.
+
+    Example: adaptertool verify ./merged --nan
+    """
+    from adaptertool.ops.verify import verify
+
+    report = verify(path, nan=nan, progress=progress_enabled(quiet, as_json))
+    for note in report.notes:
+        click.echo(f"note: {note}", err=True)
+    if as_json:
+        emit(report, True, str)
+    elif report.ok:
+        scanned = ", no NaN/Inf" if report.scanned else ""
+        click.echo(f"ok: {report.path}: {report.tensors} tensors in {report.files} file(s), {human_bytes(report.bytes)}{scanned}")
+    for problem in report.problems:
+        click.echo(f"error: {problem}", err=True)
+    for bad in report.nonfinite:
+        click.echo(f"error: {report.path}: tensor {bad.tensor} holds {bad.nan} NaN and {bad.inf} Inf values", err=True)
+    if not report.ok:
+        sys.exit(1)
+
+
+@cli.command("reshard")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@shard_option
+@click.option("--dtype", type=click.Choice(sorted(DTYPE_CODES)), default=None, help="Cast float tensors to this dtype [default: keep].")
+@force_option
+@json_option
+@quiet_option
+def reshard_cmd(source: Path, out: Path, max_shard_size: str, dtype: str | None, force: bool, as_json: bool, quiet: bool) -> None:
+    """Rewrite a checkpoint with other shard sizes or float dtype.
+
+    Example: adaptertool reshard ./model ./model-2gb --max-shard-size 2GB
+    """
+    from adaptertool.ops.reshard import ReshardConfig, reshard
+
+    cfg = ReshardConfig(source=source, out=out, max_shard_bytes=shard_bytes(max_shard_size),
+                        dtype=torch_dtype(DTYPE_CODES[dtype]) if dtype else None, force=force)
+    emit(reshard(cfg, progress=progress_enabled(quiet, as_json)), as_json, lambda r: (
+        f"wrote {r.out}: {len(r.files)} file(s), {r.tensors} tensors ({r.copied} copied, {r.cast} cast), "
+        f"{human_bytes(r.bytes_written)} in {r.seconds:.1f} s, peak memory {human_bytes(r.peak_rss_bytes)}"
+    ))
+
+
+@cli.command("demo")
+@click.argument("out", type=click.Path(path_type=Path), default=Path("adaptertool-demo"))
+@force_option
+@json_option
+def demo_cmd(out: Path, force: bool, as_json: bool) -> None:
+    """Make a tiny model and LoRA adapter, merge them, and check the result.
+
+    OUT defaults to ./adaptertool-demo. Example: adaptertool demo ./demo
+    """
+    from adaptertool.ops.demo import DemoConfig, demo
+
+    emit(demo(DemoConfig(out=out, force=force)), as_json, lambda r: "\n".join(r.steps))
+
+

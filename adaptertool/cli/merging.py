@@ -1,0 +1,111 @@
+"""Commands that fold adapters into models and back out: merge, subtract."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from adaptertool.cli.app import (
+    DTYPE_CODES,
+    cli,
+    emit,
+    force_option,
+    human_bytes,
+    json_option,
+    progress_enabled,
+    quiet_option,
+    shard_bytes,
+    shard_option,
+)
+from adaptertool.io import torch_dtype
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _adapter_and_weight(text: str) -> tuple[Path, float]:
+    # ADAPTER[:WEIGHT]; a colon followed by something that is not a number belongs to the path.
+    path, sep, weight = text.rpartition(":")
+    if sep:
+        try:
+            return Path(path), float(weight)
+        except ValueError:
+            pass
+    return Path(text), 1.0
+
+
+def _merge_options(f: F) -> F:
+    for option in reversed([
+        click.option("--scale", type=float, default=1.0, show_default=True, help="Multiply every adapter's weight by this."),
+        click.option("--dtype", type=click.Choice(["auto", *sorted(DTYPE_CODES)]), default="auto", show_default=True,
+                     help="Output float dtype; auto keeps the base's."),
+        shard_option,
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True,
+                     help="Where deltas are computed (the output is the same; cuda is faster on big ranks)."),
+        force_option, json_option, quiet_option,
+    ]):
+        f = option(f)
+    return f
+
+
+def _merge_summary(verb: str) -> Callable[[Any], str]:
+    def render(r: Any) -> str:
+        counts = [f"{r.merged} tensors changed", f"{r.replaced} replaced" if r.replaced else "",
+                  f"{r.copied} copied" if r.copied else "", f"{r.cast} cast to {r.dtype}" if r.cast else ""]
+        return "\n".join([
+            *(f"note: {note}" for note in r.notes),
+            f"{verb} {len(r.adapters)} adapter(s) into {r.out}: {', '.join(c for c in counts if c)}; "
+            f"{len(r.files)} file(s) in {r.seconds:.1f} s, peak memory {human_bytes(r.peak_rss_bytes)}",
+        ])
+
+    return render
+
+
+def _run_merge(base: Path, adapters: list[tuple[Path, float]], out: Path, *, subtract: bool, scale: float, dtype: str,
+               max_shard_size: str, device: str, force: bool, as_json: bool, quiet: bool) -> None:
+    from adaptertool.ops.merge import MergeConfig, merge
+
+    cfg = MergeConfig(
+        base=base, adapters=tuple(adapters), out=out, scale=scale, subtract=subtract,
+        dtype=None if dtype == "auto" else torch_dtype(DTYPE_CODES[dtype]),
+        max_shard_bytes=shard_bytes(max_shard_size), device=device, force=force,
+    )
+    emit(merge(cfg, progress=progress_enabled(quiet, as_json)), as_json, _merge_summary("subtracted" if subtract else "merged"))
+
+
+@cli.command("merge")
+@click.argument("base", type=click.Path(path_type=Path))
+@click.argument("adapter", type=str)
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--add", "extra", multiple=True, metavar="ADAPTER[:WEIGHT]", help="Another adapter to merge in the same pass (repeatable).")
+@_merge_options
+def merge_cmd(base: Path, adapter: str, out: Path, extra: tuple[str, ...], **options: Any) -> None:
+    """Merge PEFT adapters into their base model, streamed tensor by tensor.
+
+    ADAPTER may carry a weight as ADAPTER:WEIGHT. Supports LoRA (incl. rsLoRA, DoRA, embedding and
+    Conv1D LoRA, lora_bias, rank/alpha patterns, modules_to_save), LoHa, LoKr, AdaLoRA and IA3.
+
+    Example: adaptertool merge ./SmolLM2-135M ./my-lora ./merged --add ./style-lora:0.5
+    """
+    adapters = [_adapter_and_weight(a) for a in (adapter, *extra)]
+    _run_merge(base, adapters, out, subtract=False, **options)
+
+
+@cli.command("subtract")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("adapter", type=str)
+@click.argument("out", type=click.Path(path_type=Path))
+@_merge_options
+def subtract_cmd(model: Path, adapter: str, out: Path, **options: Any) -> None:
+    """Take a merged adapter back out of a model: W - scale * delta.
+
+    Works for additive adapters (LoRA, rsLoRA, LoHa, LoKr, AdaLoRA); DoRA, IA3 and modules_to_save
+    cannot be undone without the original base and are refused.
+
+    Example: adaptertool subtract ./merged ./my-lora ./base-again
+    """
+    _run_merge(model, [_adapter_and_weight(adapter)], out, subtract=True, **options)
+
+
