@@ -28,6 +28,7 @@ from adaptertool.io import (
     staged_output,
     torch_dtype,
 )
+from adaptertool.ops.fourbit_view import FourBitView, open_fourbit_view
 from adaptertool.ops.measure import Stopwatch, peak_rss_bytes
 from adaptertool.ops.merge_plan import LoadedAdapter, Step, load_adapter, plan_targets
 from adaptertool.ops.model_files import write_model_files
@@ -67,7 +68,7 @@ class MergeReport:
     merged: int  # tensors updated by an adapter
     replaced: int  # tensors replaced outright (modules_to_save)
     copied: int  # tensors copied byte for byte
-    cast: int  # untouched tensors converted to the output dtype
+    cast: int  # untouched tensors converted: to the output dtype, or dequantised from 4-bit
     dtype: str  # output float dtype, or "as base"
     device: str
     side_files: list[str]
@@ -95,8 +96,15 @@ def merge(cfg: MergeConfig, *, progress: bool = False) -> MergeReport:
         raise AdapterToolError("--device cuda, but torch sees no CUDA device; use --device cpu or auto")
     adapters = [load_adapter(path, weight * cfg.scale) for path, weight in cfg.adapters]
     try:
-        with open_checkpoint(cfg.base) as base:
+        with open_checkpoint(cfg.base) as stored:
+            fourbit = open_fourbit_view(stored)
+            base = stored if fourbit is None else fourbit
             plan = plan_targets(base, adapters, subtract=cfg.subtract)
+            if fourbit is not None:
+                plan.notes.append(
+                    f"the base holds {len(fourbit.quantized)} bitsandbytes 4-bit weights: they are dequantised with their "
+                    "stored tables and written in 16-bit, and config.json loses its quantization_config"
+                )
             specs = _output_specs(base, plan.extra, cfg.dtype)
             inputs = [cfg.base, *(a.path for a in adapters)]
             with staged_output(cfg.out, force=cfg.force, inputs=inputs) as tmp:
@@ -104,7 +112,8 @@ def merge(cfg: MergeConfig, *, progress: bool = False) -> MergeReport:
                                           metadata={**base.metadata, "format": "pt"})
                 with writer:
                     counts = _stream(base, writer, plan.targets, adapters, device=device, progress=progress)
-                side = write_model_files(base.root, tmp, dtype=cfg.dtype, untie=bool(plan.extra))
+                side = write_model_files(base.root, tmp, dtype=cfg.dtype, untie=bool(plan.extra),
+                                         drop_quantization=fourbit is not None)
     finally:
         for adapter in adapters:
             adapter.weights.close()
@@ -116,7 +125,7 @@ def merge(cfg: MergeConfig, *, progress: bool = False) -> MergeReport:
     )
 
 
-def _output_specs(base: Checkpoint, extra: dict[str, str], dtype: torch.dtype | None) -> list[TensorSpec]:
+def _output_specs(base: Checkpoint | FourBitView, extra: dict[str, str], dtype: torch.dtype | None) -> list[TensorSpec]:
     """The base's specs (float ones cast to ``dtype``), plus tensors the merge adds (a tied head made real)."""
     specs = [*base.specs(), *(TensorSpec(name, base[source].dtype, base[source].shape) for name, source in extra.items())]
     return cast_specs(specs, dtype_code(dtype) if dtype is not None else None)
@@ -138,7 +147,7 @@ class _Workspace:
         return buffer[:numel]
 
 
-def _stream(base: Checkpoint, writer: CheckpointWriter, targets: dict[str, tuple[str, list[Step]]],
+def _stream(base: Checkpoint | FourBitView, writer: CheckpointWriter, targets: dict[str, tuple[str, list[Step]]],
             adapters: list[LoadedAdapter], *, device: str, progress: bool) -> dict[str, int]:
     import torch
 
@@ -157,7 +166,7 @@ def _stream(base: Checkpoint, writer: CheckpointWriter, targets: dict[str, tuple
                     tensor = _apply(weight, steps, adapters, device).to(out_dtype)
                 counts["replaced" if steps[-1].kind == "replace" else "merged"] += 1
                 writer.write(spec.name, tensor)
-            elif base[spec.name].dtype == spec.dtype:
+            elif base[spec.name].dtype == spec.dtype and not _quantized(base, spec.name):
                 writer.copy(spec.name, base)
                 counts["copied"] += 1
             else:
@@ -165,6 +174,10 @@ def _stream(base: Checkpoint, writer: CheckpointWriter, targets: dict[str, tuple
                 counts["cast"] += 1
             bar.update(spec.nbytes)
     return counts
+
+
+def _quantized(base: Checkpoint | FourBitView, name: str) -> bool:
+    return isinstance(base, FourBitView) and name in base.quantized
 
 
 def _merge_blockwise(weight: torch.Tensor, step: Step, adapters: list[LoadedAdapter], space: _Workspace,

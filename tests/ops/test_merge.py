@@ -309,3 +309,32 @@ def test_weight_on_dora_is_refused(tmp_path: Path) -> None:
     base, adapter = _make(tmp_path, "dora", torch.float32)
     with pytest.raises(AdapterToolError, match=r"DoRA updates are not additive"):
         merge(MergeConfig(base=base, adapters=((adapter, 0.5),), out=tmp_path / "out"))
+
+
+def test_nf4_base_merges_into_16_bit(tmp_path: Path) -> None:
+    # The base is a transformers-saved bitsandbytes NF4 checkpoint (double quant); the oracle is
+    # bitsandbytes' own dequantisation of each weight plus the LoRA delta, in float64.
+    bnb_functional = pytest.importorskip("bitsandbytes.functional")
+    base16, adapter = _make(tmp_path, "lora", torch.bfloat16)
+    quantization = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                                   bnb_4bit_compute_dtype=torch.bfloat16)
+    model = transformers.LlamaForCausalLM.from_pretrained(base16, quantization_config=quantization, device_map="cpu")
+    model.save_pretrained(tmp_path / "nf4")
+    report = merge(MergeConfig(base=tmp_path / "nf4", adapters=((adapter, 1.0),), out=tmp_path / "out"))
+    assert any("4-bit weights" in note for note in report.notes)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "quantization_config" not in config
+    lora = load_file(adapter / "adapter_model.safetensors")
+    settings = json.loads((adapter / "adapter_config.json").read_text())
+    ours = _ours(tmp_path / "out")
+    assert set(ours) == set(load_file(base16 / "model.safetensors"))  # the plain layout, no quant entries
+    for name, module in model.named_modules():
+        if not hasattr(module, "weight") or not hasattr(module.weight, "quant_state"):
+            continue
+        weight = bnb_functional.dequantize_4bit(module.weight.data, module.weight.quant_state).double()
+        key = f"base_model.model.{name}"
+        if f"{key}.lora_A.weight" in lora:
+            delta = lora[f"{key}.lora_B.weight"].double() @ lora[f"{key}.lora_A.weight"].double()
+            weight = weight + delta * settings["lora_alpha"] / settings["r"]
+        assert ours[f"{name}.weight"].dtype == torch.bfloat16
+        assert _ulps(ours[f"{name}.weight"], weight) <= 1.0, name
