@@ -50,10 +50,17 @@ class _Group(click.Group):
 @click.version_option(__version__, prog_name="adaptertool")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (-v info, -vv debug).")
-def cli(debug: bool, verbose: int) -> None:
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads for tensor maths [default: torch's, one per core]. 1 is far faster on a machine "
+                   "whose cores are busy with other work: torch's threads then wait on each other.")
+def cli(debug: bool, verbose: int, threads: int | None) -> None:
     """Model surgery and adapter management over safetensors checkpoints, streamed shard by shard."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if threads is not None:
+        import torch  # only when asked: header-only commands never load torch
+
+        torch.set_num_threads(threads)
 
 
 def json_option(f: F) -> F:

@@ -56,8 +56,8 @@ def _merge_summary(verb: str) -> Callable[[Any], str]:
                   f"{r.copied} copied" if r.copied else "", f"{r.cast} cast to {r.dtype}" if r.cast else ""]
         return "\n".join([
             *(f"note: {note}" for note in r.notes),
-            f"{verb} {len(r.adapters)} adapter(s) into {r.out}: {', '.join(c for c in counts if c)}; "
-            f"{len(r.files)} file(s) in {r.seconds:.1f} s, peak memory {human_bytes(r.peak_rss_bytes)}",
+            (f"{verb} {len(r.adapters)} adapter(s) into {r.out}: {', '.join(c for c in counts if c)}; "
+             f"{len(r.files)} file(s) in {r.seconds:.1f} s, peak memory {human_bytes(r.peak_rss_bytes)}"),
         ])
 
     return render

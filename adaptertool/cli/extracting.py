@@ -1,0 +1,85 @@
+"""The extract command: a LoRA adapter from a full fine-tune."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from adaptertool.cli.app import (
+    DTYPE_CODES,
+    cli,
+    emit,
+    force_option,
+    human_bytes,
+    json_option,
+    progress_enabled,
+    quiet_option,
+)
+from adaptertool.io import torch_dtype
+
+
+@cli.command("extract")
+@click.argument("base", type=click.Path(path_type=Path))
+@click.argument("tuned", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--rank", type=int, default=16, show_default=True, help="Rank of every module (the fixed rule).")
+@click.option("--energy", type=float, default=None,
+              help="Per-module rule instead: smallest rank keeping this fraction of ||delta||_F^2, in (0, 1].")
+@click.option("--auto-rank", is_flag=True,
+              help="Per-module rule instead: keep singular values above the bf16/fp16 rounding-noise edge.")
+@click.option("--max-rank", type=int, default=None,
+              help="Cap on every module's rank [default: --rank, or 128 with --energy/--auto-rank].")
+@click.option("--targets", multiple=True, default=("all-linear",), show_default=True, metavar="NAME",
+              help="Modules to extract: all-linear, or names matched as PEFT target_modules (repeatable).")
+@click.option("--svd", type=click.Choice(["randomized", "exact"]), default="randomized", show_default=True,
+              help="Randomized SVD (fast, seeded) or the exact full SVD (the optimum, slow).")
+@click.option("--niter", type=int, default=6, show_default=True, help="Power iterations of the randomized SVD.")
+@click.option("--oversample", type=int, default=16, show_default=True, help="Extra sketch columns of the randomized SVD.")
+@click.option("--embeddings", type=click.Choice(["auto", "skip", "save", "lora"]), default="auto", show_default=True,
+              help="Changed embeddings/lm_head: auto/save them as modules_to_save (only when changed), or skip.")
+@click.option("--report", "report_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the full report (every module) as JSON to this file.")
+@click.option("--dtype", type=click.Choice(sorted(DTYPE_CODES)), default="fp32", show_default=True,
+              help="dtype of the LoRA factors.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where the SVDs run.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD.")
+@force_option
+@json_option
+@quiet_option
+def extract_cmd(base: Path, tuned: Path, out: Path, rank: int, energy: float | None, auto_rank: bool,
+                max_rank: int | None, targets: tuple[str, ...], svd: str, niter: int, oversample: int,
+                embeddings: str, report_file: Path | None, dtype: str, device: str, seed: int, force: bool,
+                as_json: bool, quiet: bool) -> None:
+    """Extract a LoRA adapter approximating a full fine-tune (truncated SVD of TUNED - BASE).
+
+    Example: adaptertool extract ./SmolLM2-135M ./SmolLM2-135M-tuned ./extracted --rank 16 --report r.json
+    """
+    from adaptertool.ops.extract import ExtractConfig, extract
+
+    cfg = ExtractConfig(
+        base=base, tuned=tuned, out=out, rank=rank, energy=energy, auto_rank=auto_rank, max_rank=max_rank,
+        targets=tuple(targets), svd=svd, niter=niter, oversample=oversample, embeddings=embeddings,
+        report=report_file, dtype=torch_dtype(DTYPE_CODES[dtype]), device=device, seed=seed, force=force,
+    )
+    emit(extract(cfg, progress=progress_enabled(quiet, as_json)), as_json, _extract_text)
+
+
+def _extract_text(r: Any) -> str:
+    width = max((len(m.module) for m in r.modules), default=6)
+    lines = [f"{'module':<{width}}  rank  retained  rel.error"]
+    for m in r.modules:
+        flags = (" capped" if m.capped else "") + (" +bias" if m.bias else "")
+        lines.append(f"{m.module:<{width}}  {m.rank:>4}  {m.retained:>8.4f}  {m.rel_error:>9.4f}{flags}")
+    saved = f"; modules_to_save: {', '.join(r.modules_to_save)}" if r.modules_to_save else ""
+    lines += [
+        f"total: {len(r.modules)} modules (r={r.rank}), {len(r.unchanged)} unchanged skipped{saved}",
+        (f"  retained energy {r.retained:.4f}, relative Frobenius error {r.rel_error:.4f} "
+         "(1 - retained is the share of the fine-tune's change the adapter leaves out)"),
+        f"  adapter {human_bytes(r.adapter_bytes)} vs full delta {human_bytes(r.delta_bytes)}",
+        *(f"note: {note}" for note in r.notes),
+        f"wrote {r.out} ({r.svd} SVD on {r.device}) in {r.seconds:.1f} s, peak memory {human_bytes(r.peak_rss_bytes)}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,147 @@
+"""extract (randomized SVD) vs an exact full-SVD extraction (mergekit's method), same inputs, same run.
+
+    python benchmarks/bench_extract.py [--model smollm2|synthetic|both] [--rank 16] [--runs 1]
+
+synthetic: one Llama-7B-shaped layer pair, a 4096x4096 (q_proj-like) and a 14336x4096 (up_proj-like)
+Linear, bf16; smollm2: the real SmolLM2-135M-Instruct (210 linear modules). TUNED is BASE plus a
+realistic full fine-tune delta (a decaying rank-32 part plus a full-rank part, ~1 % of the weights'
+scale: flat spectra, as real fine-tunes have), generated once into .cache/bench.
+The peer is the exact method: read both tensors, torch.linalg.svd(delta) in float32, keep rank r
+(what mergekit-extract-lora does per module), streamed one module at a time like ours. Both write
+each module's relative Frobenius error; "excess" is ours / exact - 1 (exact is the optimum).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from bench_io import CACHE, smollm2
+from harness import emit, measure, remover
+
+MAKE_TUNED = """
+import json, shutil, sys, torch
+from pathlib import Path
+from adaptertool.io import CheckpointWriter, TensorSpec, open_checkpoint, staged_output
+src, out = sys.argv[1], Path(sys.argv[2])
+def fine_tune(name, w):
+    g = torch.Generator().manual_seed(sum(map(ord, name)))
+    scale, rank = float(w.std()) * 0.01, 32
+    low = (torch.randn(w.shape[0], rank, generator=g) * torch.logspace(0, -1, rank)) @ torch.randn(rank, w.shape[1], generator=g)
+    return w + scale * (low / rank**0.5 * 2 + torch.randn(w.shape, generator=g))
+with open_checkpoint(src) as base, staged_output(out, force=True) as tmp:
+    with CheckpointWriter(tmp, base.specs(), max_shard_bytes=None) as writer:
+        for spec in writer.order:
+            t = base.read(spec.name)
+            writer.write(spec.name, fine_tune(spec.name, t.float()).to(t.dtype) if spec.name.endswith("proj.weight") else t)
+"""
+
+MAKE_SYNTHETIC_BASE = """
+import sys, torch
+from pathlib import Path
+from adaptertool.io import CheckpointWriter, TensorSpec, staged_output
+shapes = {"model.layers.0.self_attn.q_proj.weight": (4096, 4096), "model.layers.0.mlp.up_proj.weight": (14336, 4096)}
+with staged_output(Path(sys.argv[1]), force=True) as tmp:
+    with CheckpointWriter(tmp, [TensorSpec(n, "BF16", s) for n, s in shapes.items()], max_shard_bytes=None) as writer:
+        for spec in writer.order:
+            g = torch.Generator().manual_seed(len(spec.name))
+            writer.write(spec.name, (torch.randn(spec.shape, generator=g) * 0.02).bfloat16())
+"""
+
+OURS = """
+import sys
+from pathlib import Path
+from adaptertool.ops.extract import ExtractConfig, extract
+extract(ExtractConfig(base=Path(sys.argv[1]), tuned=Path(sys.argv[2]), out=Path(sys.argv[3]), rank=int(sys.argv[4]),
+                      svd=sys.argv[6], report=Path(sys.argv[5]), force=True))
+"""
+
+# The peer, written here from its description (full SVD per delta, keep the top r); not mergekit's code.
+EXACT_PEER = """
+import json, sys, torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from pathlib import Path
+base, tuned, out, rank, report = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5])
+def files(p):
+    return sorted(p.glob("*.safetensors"))
+where = {}
+for f in files(tuned):
+    with safe_open(f, "pt") as h:
+        where.update({k: f for k in h.keys()})
+errors, tensors = {}, {}
+for f in files(base):
+    with safe_open(f, "pt") as hb:
+        for name in hb.keys():
+            if not name.endswith("proj.weight"):
+                continue
+            with safe_open(where[name], "pt") as ht:
+                delta = ht.get_tensor(name).float() - hb.get_tensor(name).float()
+            u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+            module = "base_model.model." + name.removesuffix(".weight")
+            tensors[module + ".lora_B.weight"] = (u[:, :rank] * s[:rank]).contiguous()
+            tensors[module + ".lora_A.weight"] = vh[:rank].contiguous()
+            errors[name.removesuffix(".weight")] = float((s[rank:].double().square().sum() / s.double().square().sum()) ** 0.5)
+out.mkdir(parents=True, exist_ok=True)
+save_file(tensors, out / "adapter_model.safetensors")
+report.write_text(json.dumps(errors))
+"""
+
+
+def tuned_for(name: str, base: Path) -> Path:
+    path = CACHE / f"extract-tuned-{name}"
+    if not path.exists():
+        subprocess.run([sys.executable, "-c", MAKE_TUNED, str(base), str(path)], check=True)
+    return path
+
+
+def synthetic_base() -> Path:
+    path = CACHE / "extract-base-7b-layers"
+    if not path.exists():
+        subprocess.run([sys.executable, "-c", MAKE_SYNTHETIC_BASE, str(path)], check=True)
+    return path
+
+
+def bench(name: str, base: Path, rank: int, runs: int) -> None:
+    tuned = tuned_for(name, base)
+    out, ours_json, exact_json, exact_ours_json = (CACHE / f"extract-{name}-{x}" for x in ("out", "ours.json", "exact.json", "exact-ours.json"))
+    ours_cmd = [sys.executable, "-c", OURS, str(base), str(tuned), str(out), str(rank), str(ours_json), "randomized"]
+    results = [
+        measure(f"adaptertool extract --rank {rank} (randomized)", ours_cmd, runs=runs, before=remover(out)),
+        measure(f"exact: torch.linalg.svd per delta, keep {rank}", [sys.executable, "-c", EXACT_PEER, str(base), str(tuned),
+                str(out), str(rank), str(exact_json)], runs=runs, before=remover(out)),
+        measure(f"adaptertool extract --rank {rank} --svd exact",
+                [*ours_cmd[:-2], str(exact_ours_json), "exact"], runs=runs, before=remover(out)),
+        measure("floor: import torch", [sys.executable, "-c", "import torch"], runs=runs),
+    ]
+    remover(out)()
+    ours = {m["module"]: m["rel_error"] for m in json.loads(ours_json.read_text())["modules"]}
+    exact = json.loads(exact_json.read_text())
+    excess = {module: ours[module] / exact[module] - 1 for module in exact}
+    fast, slow = results[0], results[1]
+    emit(f"extract-{name}", results, {
+        "rank": rank, "modules": len(exact), "speedup_vs_exact": round(slow.median_s / fast.median_s, 2),
+        "rss_ratio_vs_exact": round(fast.peak_rss_mb / slow.peak_rss_mb, 3),
+        "max_excess_error_vs_exact": round(max(excess.values()), 5),
+        "mean_rel_error_exact": round(sum(exact.values()) / len(exact), 4),
+    })
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["smollm2", "synthetic", "both"], default="both")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--runs", type=int, default=1)
+    args = parser.parse_args()
+    CACHE.mkdir(parents=True, exist_ok=True)
+    if args.model in ("synthetic", "both"):
+        bench("llama7b-layers", synthetic_base(), args.rank, args.runs)
+    if args.model in ("smollm2", "both"):
+        bench("smollm2", smollm2(), args.rank, args.runs)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,313 @@
+"""extract: planted low-rank fine-tunes of tiny Llamas (quick) and of the real SmolLM2-135M (slow).
+
+Oracles: the planted delta itself, the exact SVD (float64 singular values), our own merge of the
+extracted adapter, and PEFT loading it (no missing-key warning, same logits as our merge).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from adaptertool.adapters.svd import RankPolicy, factor_delta
+from adaptertool.errors import AdapterToolError
+from adaptertool.io import (
+    CheckpointWriter,
+    TensorSpec,
+    dtype_code,
+    open_checkpoint,
+    staged_output,
+)
+from adaptertool.ops.examples import LlamaShape, write_llama
+from adaptertool.ops.extract import ExtractConfig, extract
+from adaptertool.ops.merge import MergeConfig, merge
+
+# Big enough for the bf16 noise edge to be sharp (a 32-wide TINY matrix has only 32 singular values).
+SMALL = LlamaShape(hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2, vocab=96, tied=True)
+LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _write_like(src: Path, out: Path, change: Callable[[str, torch.Tensor], torch.Tensor], *,
+                dtype: torch.dtype | None = None, config: dict | None = None) -> Path:
+    """Write ``src``'s tensors through ``change(name, float32 tensor)`` to ``out`` (same dtypes unless ``dtype``)."""
+    with open_checkpoint(src) as base, staged_output(out, force=True) as tmp:
+        specs = [TensorSpec(s.name, dtype_code(dtype) if dtype else s.dtype, s.shape) for s in base.specs()]
+        with CheckpointWriter(tmp, specs, max_shard_bytes=None) as writer:
+            for spec in writer.order:
+                writer.write(spec.name, change(spec.name, base.read(spec.name).float()).to(dtype or base.read(spec.name).dtype))
+        shutil.copy(src / "config.json", tmp / "config.json")
+        if config is not None:
+            (tmp / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    return out
+
+
+def _low_rank(name: str, shape: tuple[int, ...], rank: int, scale: float) -> torch.Tensor:
+    g = torch.Generator().manual_seed(sum(map(ord, name)))
+    return torch.randn(shape[0], rank, generator=g) @ torch.randn(rank, shape[1], generator=g) * (scale / rank**0.5)
+
+
+def _planted(rank: int, targets: tuple[str, ...] = LINEAR) -> Callable[[str, torch.Tensor], torch.Tensor]:
+    def change(name: str, t: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 2 and any(f".{m}." in name for m in targets):
+            return t + _low_rank(name, tuple(t.shape), rank, 0.002)
+        return t
+    return change
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("extract")
+    base = root / "base"
+    write_llama(base, SMALL, dtype=torch.bfloat16)
+    return {"root": root, "base": base, "tuned8": _write_like(base, root / "tuned8", _planted(8))}
+
+
+def _dense(adapter: Path, module: str) -> torch.Tensor:
+    with open_checkpoint(adapter) as ckpt:
+        key = f"base_model.model.{module}"
+        return ckpt.read(f"{key}.lora_B.weight").float() @ ckpt.read(f"{key}.lora_A.weight").float()
+
+
+def test_planted_rank8_recovered_and_auto_rank_picks_8(small: dict[str, Path], tmp_path: Path) -> None:
+    fixed = extract(ExtractConfig(base=small["base"], tuned=small["tuned8"], out=tmp_path / "r8", rank=8))
+    auto = extract(ExtractConfig(base=small["base"], tuned=small["tuned8"], out=tmp_path / "auto", auto_rank=True))
+    assert {m.rank for m in auto.modules} == {8}
+    assert len(fixed.modules) == 2 * len(LINEAR) and fixed.unchanged == []
+    config = json.loads((tmp_path / "auto" / "adapter_config.json").read_text())
+    assert config["r"] == config["lora_alpha"] == 8 and "rank_pattern" not in config
+    assert sorted(config["target_modules"]) == sorted(LINEAR)
+    with open_checkpoint(small["base"]) as base, open_checkpoint(small["tuned8"]) as tuned:
+        for m in fixed.modules:
+            name = f"{m.module}.weight"
+            true = _low_rank(name, tuple(base[name].shape), 8, 0.002)
+            noise = (tuned.read(name).float() - base.read(name).float() - true).norm() / true.norm()
+            error = (_dense(tmp_path / "r8", m.module) - true).norm() / true.norm()
+            assert error <= noise, m.module  # at (below) the bf16 rounding-noise level
+            assert m.rel_error == pytest.approx(float(noise), rel=0.25)
+
+
+def test_merge_of_the_adapter_reproduces_the_fine_tune(small: dict[str, Path], tmp_path: Path) -> None:
+    # float32 tuned: no rounding noise, so rank 8 is exact and merging gives TUNED back.
+    tuned = _write_like(small["base"], tmp_path / "tuned", _planted(8), dtype=torch.float32)
+    report = extract(ExtractConfig(base=small["base"], tuned=tuned, out=tmp_path / "ad", rank=8, svd="exact"))
+    assert report.rel_error < 1e-5 and report.retained > 1 - 1e-9
+    assert any("BF16 in BASE but F32 in TUNED" in note for note in report.notes)
+    merge(MergeConfig(base=small["base"], adapters=((tmp_path / "ad", 1.0),), out=tmp_path / "merged", dtype=torch.float32))
+    with open_checkpoint(tmp_path / "merged") as merged, open_checkpoint(tuned) as want:
+        for name in want:
+            torch.testing.assert_close(merged.read(name), want.read(name), atol=2e-6, rtol=0, msg=name)
+
+
+def test_randomized_matches_exact_and_is_deterministic(small: dict[str, Path], tmp_path: Path) -> None:
+    runs = {}
+    for label, svd in (("a", "randomized"), ("b", "randomized"), ("exact", "exact")):
+        runs[label] = extract(ExtractConfig(base=small["base"], tuned=small["tuned8"], out=tmp_path / label, rank=4, svd=svd))
+    files = ("adapter_model.safetensors", "adapter_config.json")
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    for fast, best in zip(runs["a"].modules, runs["exact"].modules, strict=True):
+        assert fast.rel_error <= best.rel_error * 1.01, fast.module
+
+
+def test_unchanged_modules_skipped_and_named_in_full(small: dict[str, Path], tmp_path: Path) -> None:
+    # Only layer 0's q_proj and every v_proj change: layer 1's q_proj must not be wrapped by PEFT.
+    def change(name: str, t: torch.Tensor) -> torch.Tensor:
+        if name.endswith(("layers.0.self_attn.q_proj.weight", "v_proj.weight")):
+            return t + _low_rank(name, tuple(t.shape), 2, 0.01)
+        return t
+    tuned = _write_like(small["base"], tmp_path / "tuned", change)
+    report = extract(ExtractConfig(base=small["base"], tuned=tuned, out=tmp_path / "ad", rank=2))
+    assert [m.module for m in report.modules] == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
+                                                  "model.layers.1.self_attn.v_proj"]
+    assert len(report.unchanged) == 2 * len(LINEAR) - 3
+    config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["model.layers.0.self_attn.q_proj", "v_proj"]
+    assert "modules_to_save" not in config  # embeddings unchanged: not saved
+
+
+def test_energy_policy_writes_rank_and_alpha_patterns(small: dict[str, Path], tmp_path: Path) -> None:
+    def change(name: str, t: torch.Tensor) -> torch.Tensor:
+        if name.endswith("q_proj.weight"):
+            return t + _low_rank(name, tuple(t.shape), 3, 0.01)
+        if name.endswith("down_proj.weight"):
+            return t + _low_rank(name, tuple(t.shape), 6, 0.01)
+        return t
+    tuned = _write_like(small["base"], tmp_path / "tuned", change, dtype=torch.float32)
+    extract(ExtractConfig(base=small["base"], tuned=tuned, out=tmp_path / "ad", energy=0.999999, svd="exact"))
+    config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert config["r"] == config["lora_alpha"] == 6  # a tie (2 modules each): the larger rank wins
+    pattern = {r"model\.layers\.0\.self_attn\.q_proj": 3, r"model\.layers\.1\.self_attn\.q_proj": 3}
+    assert config["rank_pattern"] == pattern and config["alpha_pattern"] == pattern
+
+
+def test_changed_tied_embedding_saved_with_its_head_and_bias_sets_lora_bias(tmp_path: Path) -> None:
+    """A base with attention biases: changed biases -> lora_B.bias; a changed tied embedding -> both
+    embed_tokens and lm_head in modules_to_save. PEFT must load it cleanly and match our merge."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    base = write_llama(tmp_path / "plain", SMALL, dtype=torch.float32)[0].parent
+    config = {**json.loads((base / "config.json").read_text()), "attention_bias": True}
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
+    with torch.no_grad():  # biases start at zero in transformers; give the base real ones
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
+    model.save_pretrained(tmp_path / "base")
+    base = tmp_path / "base"
+
+    def change(name: str, t: torch.Tensor) -> torch.Tensor:
+        if name.endswith(("q_proj.weight", "o_proj.weight")):
+            t = t + _low_rank(name, tuple(t.shape), 4, 0.05)
+        if name.endswith(("k_proj.bias", "q_proj.bias")) or name == "model.embed_tokens.weight":
+            t = t + 0.05
+        return t
+    tuned = _write_like(base, tmp_path / "tuned", change)
+    report = extract(ExtractConfig(base=base, tuned=tuned, out=tmp_path / "ad", rank=4, report=tmp_path / "r.json"))
+    adapter_config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert adapter_config["lora_bias"] is True
+    assert adapter_config["modules_to_save"] == ["lm_head", "model.embed_tokens"]
+    # k_proj: only its bias changed, carried by a rank-1 zero update; o_proj gets a zero bias.
+    assert {m.module.rpartition(".")[2]: (m.rank, m.bias) for m in report.modules} == {
+        "q_proj": (4, True), "k_proj": (1, True), "o_proj": (4, False)}
+    assert json.loads((tmp_path / "r.json").read_text())["modules"][0]["rank"] == report.modules[0].rank
+    with open_checkpoint(tmp_path / "ad") as ckpt:
+        assert not ckpt.read("base_model.model.model.layers.0.self_attn.o_proj.lora_B.bias").any()
+
+    ids = torch.tensor([[1, 5, 17, 33, 60, 2]])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        peft_model = peft.PeftModel.from_pretrained(model, tmp_path / "ad")
+    assert not [w for w in caught if "missing" in str(w.message).lower()], [str(w.message) for w in caught]
+    merge(MergeConfig(base=base, adapters=((tmp_path / "ad", 1.0),), out=tmp_path / "merged", dtype=torch.float32))
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    tuned_model = transformers.AutoModelForCausalLM.from_pretrained(tuned, dtype=torch.float32)
+    with torch.no_grad():
+        ours, theirs, want = merged(ids).logits, peft_model(ids).logits, tuned_model(ids).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ours, want, atol=1e-4, rtol=1e-4)  # rank 4 = the planted rank: exact
+
+
+def test_embeddings_skip_leaves_them_out_with_a_note(small: dict[str, Path], tmp_path: Path) -> None:
+    tuned = _write_like(small["base"], tmp_path / "tuned",
+                        lambda n, t: t + 0.01 if n in ("model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight") else t)
+    report = extract(ExtractConfig(base=small["base"], tuned=tuned, out=tmp_path / "ad", rank=1, embeddings="skip"))
+    assert report.modules_to_save == [] and [m.module for m in report.modules] == ["model.layers.0.mlp.up_proj"]
+    assert any("--embeddings skip" in note for note in report.notes)
+    # Rank 1 captures a constant shift; what is left is the bf16 rounding of the tuned weights.
+    assert report.rel_error < 0.01
+
+
+def test_identical_models_say_there_is_nothing_to_extract(small: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(AdapterToolError, match="identical tensors; nothing to extract"):
+        extract(ExtractConfig(base=small["base"], tuned=small["base"], out=tmp_path / "ad"))
+    norms_only = _write_like(small["base"], tmp_path / "norms", lambda n, t: t * 1.5 if n.endswith("norm.weight") else t)
+    with pytest.raises(AdapterToolError, match="no targeted module changed"):
+        extract(ExtractConfig(base=small["base"], tuned=norms_only, out=tmp_path / "ad"))
+    assert not (tmp_path / "ad").exists()
+
+
+def test_mismatched_checkpoints_name_the_tensor(small: dict[str, Path], tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    write_llama(other, LlamaShape(hidden=128, intermediate=320, layers=2, heads=4, kv_heads=2, vocab=96, tied=True))
+    with pytest.raises(AdapterToolError, match=r"tensor model\.layers\.0\.mlp\.(gate|up|down)_proj\.weight has shape \[(320, 128|128, 320)\] but"):
+        extract(ExtractConfig(base=small["base"], tuned=other, out=tmp_path / "ad"))
+    deeper = tmp_path / "deeper"
+    write_llama(deeper, LlamaShape(hidden=128, intermediate=256, layers=3, heads=4, kv_heads=2, vocab=96, tied=True))
+    with pytest.raises(AdapterToolError, match=r"has tensor model\.layers\.2\.\S+, which .* lacks"):
+        extract(ExtractConfig(base=small["base"], tuned=deeper, out=tmp_path / "ad"))
+    with pytest.raises(AdapterToolError, match=r"has no tensor model\.layers\.2\.\S+, which"):
+        extract(ExtractConfig(base=deeper, tuned=small["base"], out=tmp_path / "ad"))
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(AdapterToolError, match="already exists; pass --force"):
+        extract(ExtractConfig(base=small["base"], tuned=small["tuned8"], out=tmp_path / "taken"))
+    with pytest.raises(AdapterToolError, match="--targets qq_proj matches no 2-D weight"):
+        extract(ExtractConfig(base=small["base"], tuned=small["tuned8"], out=tmp_path / "ad", targets=("qq_proj",)))
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"rank": 0}, "--rank must be a positive integer"),
+    ({"energy": 1.01}, r"--energy must lie in \(0, 1\]"),
+    ({"energy": 0.0}, r"--energy must lie in \(0, 1\]"),
+    ({"svd": "full"}, "--svd must be randomized or exact"),
+    ({"embeddings": "lora"}, "--embeddings lora is not supported yet"),
+    ({"device": "tpu"}, "--device must be cpu, cuda or auto"),
+], ids=["rank0", "energy>1", "energy0", "svd", "embeddings-lora", "device"])
+def test_bad_options_are_refused(kwargs: dict, message: str) -> None:
+    with pytest.raises(AdapterToolError, match=message):
+        ExtractConfig(base=Path("b"), tuned=Path("t"), out=Path("o"), **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Real model: SmolLM2-135M (bf16, tied embeddings) against a synthetic "full fine-tune" of it.
+
+
+def _fine_tune(name: str, w: torch.Tensor) -> torch.Tensor:
+    """A realistic full fine-tune delta: a decaying low-rank part plus a full-rank part of similar
+    energy, ~1 % of the weights' scale (real fine-tune deltas have flat spectra: the reference
+    measured 0.6-0.8 relative error at rank 16-128 on a 7B fine-tune)."""
+    g = torch.Generator().manual_seed(sum(map(ord, name)))
+    scale = float(w.std()) * 0.01
+    out_features, in_features = w.shape
+    rank = 32
+    decay = torch.logspace(0, -1, rank)
+    low = (torch.randn(out_features, rank, generator=g) * decay) @ torch.randn(rank, in_features, generator=g)
+    full = torch.randn(out_features, in_features, generator=g)
+    return w + scale * (low / rank**0.5 * 2 + full)
+
+
+@pytest.fixture(scope="module")
+def smol_tuned(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    def change(name: str, t: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 2 and name.endswith("proj.weight"):
+            return _fine_tune(name, t)
+        if name == "model.embed_tokens.weight":
+            return t + 0.001 * torch.randn(t.shape, generator=torch.Generator().manual_seed(0))
+        return t * 1.01 if name.endswith("norm.weight") else t
+    return _write_like(smollm2, tmp_path_factory.mktemp("smol") / "tuned", change)
+
+
+@pytest.mark.slow
+def test_smollm2_randomized_within_1pct_of_exact_at_8_16_64(smollm2: Path, smol_tuned: Path) -> None:
+    worst = {8: 0.0, 16: 0.0, 64: 0.0}
+    with open_checkpoint(smollm2) as base, open_checkpoint(smol_tuned) as tuned:
+        names = [n for n in base if n.endswith("proj.weight")]
+        assert len(names) == 210
+        for name in names:
+            delta = tuned.read(name).float() - base.read(name).float()
+            s = torch.linalg.svdvals(delta.double())
+            for rank, so_far in worst.items():
+                optimal = math.sqrt(float(s[rank:].square().sum() / s.square().sum()))
+                generator = torch.Generator().manual_seed(0)
+                got = factor_delta(delta, RankPolicy(rank=rank), generator=generator).rel_error
+                worst[rank] = max(so_far, got / optimal - 1)
+                assert got <= optimal * 1.01, (name, rank, got, optimal)
+    logging.getLogger(__name__).info("worst excess error over exact: %s", worst)
+
+
+@pytest.mark.slow
+def test_smollm2_adapter_loads_in_peft_and_matches_our_merge(smollm2: Path, smol_tuned: Path, tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    report = extract(ExtractConfig(base=smollm2, tuned=smol_tuned, out=tmp_path / "ad", rank=16))
+    assert len(report.modules) == 210 and all(m.rank == 16 for m in report.modules)
+    assert report.modules_to_save == ["lm_head", "model.embed_tokens"]  # changed and tied
+    assert any("not linear weights" in note for note in report.notes)  # the norms
+    assert 0.0 < report.retained < 1.0 and report.adapter_bytes < report.delta_bytes
+    ids = torch.tensor([[1, 504, 3575, 282, 4649, 314]])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
+        peft_model = peft.PeftModel.from_pretrained(model, tmp_path / "ad")
+    assert not [w for w in caught if "missing" in str(w.message).lower()], [str(w.message) for w in caught]
+    merge(MergeConfig(base=smollm2, adapters=((tmp_path / "ad", 1.0),), out=tmp_path / "merged", dtype=torch.float32))
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(ids).logits, merged(ids).logits, atol=1e-4, rtol=1e-4)
