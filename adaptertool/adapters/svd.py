@@ -172,8 +172,11 @@ def choose_rank(singular_values: torch.Tensor, total_energy: float, policy: Rank
         if edge is None:
             raise ValueError("auto rank needs the noise edge")
         # 10 % above the edge: finite matrices' largest noise singular value fluctuates around it
-        # (measured here on 576x1536 bf16 rounding noise: within 1 % of the edge).
-        wanted = int((s > 1.1 * edge).sum())
+        # (measured here on 576x1536 bf16 rounding noise: within 1 % of the edge). For float32
+        # checkpoints the storage noise is below what a float32 SVD resolves: singular values under
+        # eps32 * s_max * sqrt(n) are numerically zero whatever the storage noise says.
+        resolution = float(s[0]) * torch.finfo(torch.float32).eps * len(s) ** 0.5 if len(s) else 0.0
+        wanted = int((s > max(1.1 * edge, resolution)).sum())
     elif policy.energy is not None:
         kept = torch.cumsum(s.square(), 0) / total_energy if total_energy > 0 else torch.ones_like(s)
         reached = torch.nonzero(kept >= policy.energy - 1e-12)

@@ -109,6 +109,19 @@ def test_planted_rank8_recovered_at_noise_level_and_auto_picks_8() -> None:
     assert energy.rank > 8
 
 
+@pytest.mark.parametrize("method", ["randomized", "exact"])
+def test_auto_rank_on_float32_storage_is_not_fooled_by_svd_precision(method: str) -> None:
+    # float32 storage noise sits below a float32 SVD's own resolution: without a floor at that
+    # resolution the rule kept every numerically-zero singular value (seen: rank 15 of a planted 4).
+    generator = torch.Generator().manual_seed(5)
+    base = torch.randn(64, 96, generator=generator) * 0.02
+    true = torch.randn(64, 4, generator=generator) @ torch.randn(4, 96, generator=generator) * 0.01
+    tuned = base + true  # float32 storage
+    delta = tuned - base
+    auto = factor_delta(delta, RankPolicy(auto=True), method=method, generator=_gen(1), noise_std=rounding_noise_std(tuned))
+    assert auto.rank == 4
+
+
 def test_rounding_noise_std_matches_the_rounding() -> None:
     g = _gen(4)
     exact = torch.randn(300, 300, generator=g, dtype=torch.float64) * 0.02
