@@ -48,6 +48,13 @@ def _info_text(r: InfoReport) -> str:
     ]
     if r.architecture:
         lines.append(f"  architecture {r.architecture}")
+    q = r.quantization
+    if q is not None:
+        kinds = "/".join(sorted(q.quant_types)).upper()
+        sizes = "/".join(str(b) for b in sorted(q.blocksizes))
+        double = ", double-quant" if q.double_quant else ""
+        lines.append(f"  quantized {q.weights} weights {kinds} (blocksize {sizes}{double}): "
+                     f"{human_bytes(q.stored_bytes)} for {human_bytes(q.original_bytes)}, {human_bytes(q.bytes_saved)} saved")
     a = r.adapter
     if a is not None:
         ranks = "/".join(map(str, a.ranks)) or "?"

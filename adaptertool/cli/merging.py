@@ -53,7 +53,7 @@ def _merge_options(f: F) -> F:
 def _merge_summary(verb: str) -> Callable[[Any], str]:
     def render(r: Any) -> str:
         counts = [f"{r.merged} tensors changed", f"{r.replaced} replaced" if r.replaced else "",
-                  f"{r.copied} copied" if r.copied else "", f"{r.cast} cast to {r.dtype}" if r.cast else ""]
+                  f"{r.copied} copied" if r.copied else "", (f"{r.cast} converted" + (f" to {r.dtype}" if r.dtype != "as base" else " from 4-bit")) if r.cast else ""]
         return "\n".join([
             *(f"note: {note}" for note in r.notes),
             (f"{verb} {len(r.adapters)} adapter(s) into {r.out}: {', '.join(c for c in counts if c)}; "

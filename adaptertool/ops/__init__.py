@@ -9,6 +9,9 @@ __all__, __getattr__ = lazy_exports(__name__, {
     "demo": ("DemoConfig", "DemoReport", "demo"),
     "info": ("InfoReport", "info"),
     "merge": ("MergeConfig", "MergeReport", "merge", "subtract"),
+    "quantize": ("DequantConfig", "DequantReport", "QuantConfig", "QuantReport", "QuantSummary", "dequantize",
+                 "describe_quantization", "quantize", "read_quantized_weight"),
+    "extract": ("ExtractConfig", "ExtractReport", "extract"),
     "reshard": ("ReshardConfig", "ReshardReport", "reshard"),
     "verify": ("VerifyReport", "verify"),
 })

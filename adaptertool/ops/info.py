@@ -5,10 +5,16 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from adaptertool.adapters.peft_keys import split_adapter_key
 from adaptertool.io import Checkpoint, open_checkpoint, read_json
+
+if TYPE_CHECKING:
+    from adaptertool.ops.quantize import QuantSummary
+
+# Only checkpoints holding this marker need the quantisation summary, whose module imports torch.
+_QUANT_MARKER = ".quant_state.bitsandbytes__"
 
 __all__ = ["AdapterSummary", "InfoReport", "info"]
 
@@ -38,6 +44,7 @@ class InfoReport:
     dtypes: dict[str, int]  # dtype code -> number of tensors
     architecture: str | None
     adapter: AdapterSummary | None
+    quantization: QuantSummary | None = None  # bitsandbytes 4-bit weights, if any
 
 
 def info(path: Path) -> InfoReport:
@@ -47,6 +54,11 @@ def info(path: Path) -> InfoReport:
         adapter_config = config_dir / "adapter_config.json"
         adapter = _adapter_summary(read_json(adapter_config), ckpt) if adapter_config.is_file() else None
         model_config = config_dir / "config.json"
+        quantization = None
+        if any(_QUANT_MARKER in name for name in ckpt):
+            from adaptertool.ops.quantize import describe_quantization
+
+            quantization = describe_quantization(ckpt, read_json(model_config) if model_config.is_file() else None)
         architecture = None
         if adapter is None and model_config.is_file() and ckpt.root is not None:
             architectures = read_json(model_config).get("architectures") or [None]
@@ -66,6 +78,7 @@ def info(path: Path) -> InfoReport:
             path=str(path), format=kind, files=[f.name for f in ckpt.files], tensors=len(specs),
             parameters=parameters, bytes=sum(s.nbytes for s in specs),
             dtypes=dict(sorted(Counter(s.dtype for s in specs).items())), architecture=architecture, adapter=adapter,
+            quantization=quantization,
         )
 
 

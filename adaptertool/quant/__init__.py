@@ -10,10 +10,31 @@ from adaptertool.quant.bnb_format import (
     quant_state_key,
     quantization_config,
 )
-from adaptertool.quant.codebook import QUANT_TYPES, Codebook, codebook, dynamic_map, fourbit_values
-from adaptertool.quant.fourbit import BLOCKSIZES, block_count, dequantize_4bit, packed_size, quantize_4bit
-from adaptertool.quant.nested import NESTED_BLOCKSIZE, NestedAbsmax, dequantize_absmax, nearest_codes, quantize_absmax
+from adaptertool.quant.fourbit import (
+    BLOCKSIZES,
+    block_absmax,
+    block_count,
+    dequantize_4bit,
+    packed_size,
+    quantize_4bit,
+)
+from adaptertool.quant.nested import (
+    NESTED_BLOCKSIZE,
+    NestedAbsmax,
+    NestedCodebook,
+    dequantize_absmax,
+    nearest_codes,
+    nested_codebook,
+    quantize_absmax,
+)
 from adaptertool.quant.selection import Selection, matches_module, select_weights
+from adaptertool.quant.tables import (
+    QUANT_TYPES,
+    Codebook,
+    codebook,
+    dynamic_map,
+    fourbit_values,
+)
 
 __all__ = [
     "BLOCKSIZES",
@@ -23,8 +44,10 @@ __all__ = [
     "Codebook",
     "FourBitState",
     "NestedAbsmax",
+    "NestedCodebook",
     "QuantizedKeys",
     "Selection",
+    "block_absmax",
     "block_count",
     "codebook",
     "dequantize_4bit",
@@ -36,6 +59,7 @@ __all__ = [
     "fourbit_values",
     "matches_module",
     "nearest_codes",
+    "nested_codebook",
     "packed_size",
     "quant_state_key",
     "quantization_config",

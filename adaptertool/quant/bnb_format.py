@@ -25,9 +25,14 @@ from typing import Any
 import torch
 
 from adaptertool.errors import AdapterToolError
-from adaptertool.quant.codebook import QUANT_TYPES
-from adaptertool.quant.fourbit import BLOCKSIZES, block_count, dequantize_4bit, packed_size
+from adaptertool.quant.fourbit import (
+    BLOCKSIZES,
+    block_count,
+    dequantize_4bit,
+    packed_size,
+)
 from adaptertool.quant.nested import NESTED_BLOCKSIZE, dequantize_absmax
+from adaptertool.quant.tables import QUANT_TYPES
 
 __all__ = [
     "FLOAT_DTYPES",
@@ -36,8 +41,8 @@ __all__ = [
     "dequantize_weight",
     "entry_layout",
     "find_quantized_weights",
-    "quantization_config",
     "quant_state_key",
+    "quantization_config",
 ]
 
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")  # what bitsandbytes quantises (names as in the JSON)

@@ -8,7 +8,11 @@ inside the numbered transformer blocks (``model.layers.7.mlp.up_proj.weight``), 
 module path names an embedding. Linear-looking weights left outside the blocks (a pooler, a
 classifier head) would be read as 4-bit by the loader unless the config lists them, so when there
 are any, or when the user skips modules, ``llm_int8_skip_modules`` lists them; otherwise it stays
-null, exactly as transformers writes it.
+null, exactly as transformers writes it (decoder LMs: SmolLM2's files are then transformers' own).
+
+Known difference: for a ``BertModel`` (all-MiniLM-L6-v2) transformers 5.24 quantises the pooler,
+because its "last module" rule looks at the last *parameter*, ``pooler.dense.bias``, which names
+no module; we keep the pooler in 16/32-bit and list it.
 """
 
 from __future__ import annotations
@@ -74,7 +78,7 @@ def select_weights(tensors: Mapping[str, tuple[str, tuple[int, ...]]], config: M
             continue
         module = name.removesuffix(".weight")
         parts = module.split(".")
-        output_embedding = parts[-1] in _OUTPUT_EMBEDDINGS or shape[0] == vocab
+        output_embedding = parts[-1] in _OUTPUT_EMBEDDINGS or (shape[0] == vocab and not _is_embedding(parts))
         if not any(p.isdigit() for p in parts):  # outside the blocks: never quantised
             if output_embedding or not _is_embedding(parts):  # input embeddings are not Linear: ignore them
                 kept[module] = output_embedding

@@ -7,9 +7,10 @@ of 8-bit optimisers (Dettmers 2015, https://arxiv.org/abs/1511.04561) that doubl
 for the absmax values. Values are fixed float32 bit patterns: the checkpoint stores them as
 ``quant_map`` / ``nested_quant_map`` and readers must use the stored copies.
 
-Coding rule (as bitsandbytes 0.50 on the CPU): sort the 16 values (stable, so ``+0`` sorts before
-``-0``), take the float32 midpoints of neighbours as 15 thresholds, and give ``x`` the sorted
-position ``#{k: x > t_k}`` (ties go to the lower value), mapped back to its code.
+Coding rule (as bitsandbytes 0.50 on the CPU): sort the 16 values (stably: FP4's two zeros, codes 0
+and 8, keep that order), take the float32 midpoints of neighbours as 15 thresholds, and give ``x``
+the sorted position ``#{k: x > t_k}`` (ties go to the lower value), mapped back to its code. So 0.0
+codes as 0 and FP4's tiny positive values (0 < x <= 1/384) as 8, as bitsandbytes does.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Codebook", "QUANT_TYPES", "codebook", "dynamic_map", "fourbit_values"]
+from adaptertool.quant.lookup import build_lookup
+
+__all__ = ["AMBIGUOUS", "QUANT_TYPES", "Codebook", "codebook", "dynamic_map", "fourbit_values"]
 
 QUANT_TYPES = ("nf4", "fp4")
 
@@ -29,11 +32,11 @@ _NF4_BITS = (
     0x3DA2FAFF, 0x3E24CAE3, 0x3E7C04DD, 0x3EAD033A, 0x3EE1A4B8, 0x3F1007AB, 0x3F3913B3, 0x3F800000,
 )
 # FP4 magnitudes for codes 0..7 (exponent/mantissa layout scaled so the largest is 1); codes 8..15
-# are the same with the sign bit set, so code 8 is -0.
+# are the same with the sign bit set, except that code 8 is stored as +0.0, not -0.0: that is
+# bitsandbytes 0.50's quant_map bit for bit (nf4-format.md lists -0; the library's table has +0).
 _FP4_MAGNITUDES = (0.0, 1 / 192, 2 / 3, 1.0, 1 / 3, 0.5, 1 / 6, 0.25)
 
-_KEY_BITS = 16  # the lookup table is indexed by the top 16 bits of a float32: sign, exponent, 7 mantissa bits
-_AMBIGUOUS = 0x10  # flag in a lookup entry: a threshold falls inside this key's range
+AMBIGUOUS = 0x10  # flag in a lookup entry: a threshold falls inside this key's range
 
 
 def fourbit_values(quant_type: str) -> torch.Tensor:
@@ -42,7 +45,7 @@ def fourbit_values(quant_type: str) -> torch.Tensor:
         return torch.tensor([struct.unpack("<f", struct.pack("<I", bits))[0] for bits in _NF4_BITS], dtype=torch.float32)
     if quant_type == "fp4":
         magnitudes = torch.tensor(_FP4_MAGNITUDES, dtype=torch.float32)
-        return torch.cat([magnitudes, -magnitudes])
+        return torch.cat([magnitudes, torch.zeros(1), -magnitudes[1:]])
     raise ValueError(f"unknown 4-bit type {quant_type!r}; expected one of {QUANT_TYPES}")
 
 
@@ -72,9 +75,8 @@ class Codebook:
         values: (16,) float32, code order: what ``quant_map`` stores.
         thresholds: (15,) float32 midpoints between the sorted values.
         order: (16,) int64, sorted position -> code.
-        lookup: (65536,) uint8, the code of every float32 whose top 16 bits are the index, or
-            ``0x10 | low code`` where a threshold falls inside that range (those few inputs are coded
-            exactly by :meth:`exact_codes`).
+        lookup: (2**20,) uint8, the code of every float32 whose top 20 bits are the index, or
+            ``0x10 | low code`` where a threshold falls inside that range (see :mod:`.lookup`).
         zero_code: the code of 0.0, which pads an odd element count.
     """
 
@@ -95,7 +97,8 @@ class Codebook:
         thresholds = (sorted_values[:-1] + sorted_values[1:]) / 2
         partial = cls(quant_type, values, thresholds, order, torch.empty(0, dtype=torch.uint8), 0)
         zero_code = int(partial.exact_codes(torch.zeros(1))[0])
-        return cls(quant_type, values, thresholds, order, _lookup_table(partial), zero_code)
+        lookup = build_lookup(partial.exact_codes, flag=AMBIGUOUS, dtype=torch.uint8)
+        return cls(quant_type, values, thresholds, order, lookup, zero_code)
 
     def exact_codes(self, x: torch.Tensor) -> torch.Tensor:
         """Codes (uint8) of float32 ``x`` by the coding rule, one binary search per element (slow, exact)."""
@@ -105,21 +108,3 @@ class Codebook:
 def codebook(quant_type: str) -> Codebook:
     """The :class:`Codebook` of "nf4" or "fp4"."""
     return Codebook.from_values(fourbit_values(quant_type), quant_type)
-
-
-def _lookup_table(book: Codebook) -> torch.Tensor:
-    # Every float32 whose top 16 bits equal the key lies between the floats with low bits 0x0000 and
-    # 0xFFFF (a contiguous range of values, for either sign). The sorted position is monotone in x,
-    # so equal codes at both ends mean one code for the whole range; otherwise flag it.
-    keys = torch.arange(1 << _KEY_BITS, dtype=torch.int64)
-    low_end = _as_float32(keys << 16)
-    high_end = _as_float32((keys << 16) | 0xFFFF)
-    low_codes, high_codes = book.exact_codes(low_end), book.exact_codes(high_end)
-    ambiguous = (low_codes != high_codes).to(torch.uint8) * _AMBIGUOUS
-    return low_codes | ambiguous
-
-
-def _as_float32(bits: torch.Tensor) -> torch.Tensor:
-    # int64 holding unsigned 32-bit patterns -> the float32 values with those bits
-    signed = torch.where(bits >= 1 << 31, bits - (1 << 32), bits)
-    return signed.to(torch.int32).view(torch.float32)
