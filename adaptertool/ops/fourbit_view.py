@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from adaptertool.io import Checkpoint, TensorInfo, TensorSpec
-from adaptertool.quant import FourBitState, QuantizedKeys, dequantize_weight, find_quantized_weights
+from adaptertool.ops.quantize import read_quantized_weight, read_state
+from adaptertool.quant import FourBitState, QuantizedKeys, find_quantized_weights
 
 if TYPE_CHECKING:
     import torch
@@ -68,8 +69,7 @@ class FourBitView:
         keys = self.quantized.get(name)
         if keys is None:
             return self.checkpoint.read(name, buffer=buffer)
-        entries = {key: self.checkpoint.read(key) for key in keys.keys}
-        return dequantize_weight(entries, keys, dtype=None, source=str(self.checkpoint.path))
+        return read_quantized_weight(self.checkpoint, keys, dtype=None)
 
     def copy_bytes(self, name: str, dst: BinaryIO) -> None:
         if name in self.quantized:
@@ -82,9 +82,5 @@ def open_fourbit_view(ckpt: Checkpoint) -> FourBitView | None:
     quantized = find_quantized_weights(ckpt.tensors, source=str(ckpt.path))
     if not quantized:
         return None
-    states = {
-        name: FourBitState.from_json(bytes(ckpt.read(keys.quant_state).reshape(-1).tolist()), key=keys.quant_state,
-                                     source=str(ckpt.path))
-        for name, keys in quantized.items()
-    }
+    states = {name: read_state(ckpt, keys) for name, keys in quantized.items()}
     return FourBitView(ckpt, quantized, states)

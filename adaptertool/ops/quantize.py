@@ -66,7 +66,7 @@ from adaptertool.quant import (
 
 __all__ = [
     "DequantConfig", "DequantReport", "QuantConfig", "QuantReport", "QuantSummary",
-    "dequantize", "describe_quantization", "quantize", "read_quantized_weight",
+    "dequantize", "describe_quantization", "quantize", "read_quantized_weight", "read_state",
 ]
 
 _FLOAT_CODES = {"F32", "F16", "BF16"}
@@ -337,7 +337,7 @@ def dequantize(cfg: DequantConfig, *, progress: bool = False) -> DequantReport:
         specs: list[TensorSpec] = []
         for spec in source.specs():
             if spec.name in found:
-                state = _read_state(source, found[spec.name])
+                state = read_state(source, found[spec.name])
                 specs.append(TensorSpec(spec.name, dtype_code(cfg.dtype or getattr(torch, state.dtype)), state.shape))
             elif spec.name not in companions:
                 recast = cfg.dtype is not None and spec.dtype in _FLOAT_CODES
@@ -382,7 +382,8 @@ def read_quantized_weight(ckpt: Checkpoint, keys: QuantizedKeys, *, dtype: torch
     return dequantize_weight(tensors, keys, dtype=dtype, source=str(ckpt[keys.weight].file))
 
 
-def _read_state(ckpt: Checkpoint, keys: QuantizedKeys) -> FourBitState:
+def read_state(ckpt: Checkpoint, keys: QuantizedKeys) -> FourBitState:
+    """Parse one 4-bit weight's stored quant_state (a few hundred bytes; the weight is not read)."""
     blob = bytes(ckpt.read(keys.quant_state).reshape(-1).tolist())
     return FourBitState.from_json(blob, key=keys.quant_state, source=str(ckpt[keys.quant_state].file))
 
@@ -413,7 +414,7 @@ def describe_quantization(ckpt: Checkpoint, config: dict[str, Any] | None = None
     found = find_quantized_weights(ckpt, source=str(ckpt.path))
     if not found:
         return None
-    states = [_read_state(ckpt, keys) for keys in found.values()]
+    states = [read_state(ckpt, keys) for keys in found.values()]
     stored = sum(ckpt[key].nbytes for keys in found.values() for key in keys.keys)
     original = sum(s.numel * getattr(torch, s.dtype).itemsize for s in states)
     settings = (config or {}).get("quantization_config") or {}
