@@ -15,10 +15,12 @@ import argparse
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
-from adaptertool.io import open_checkpoint  # headers only: no torch in this process
 from harness import emit, measure, remover
+
+from adaptertool.io import open_checkpoint  # headers only: no torch in this process
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / ".cache" / "bench"
@@ -74,17 +76,18 @@ def bench(name: str, source: Path, runs: int) -> None:
                                  "shards": shards, "tensor_bytes": size})
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run(doc: str, bench_one: Callable[[str, Path, int], None]) -> None:
+    """The command line every benchmark over SmolLM2 and the synthetic 1.2B model shares."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--model", choices=["synthetic", "smollm2", "both"], default="both")
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     CACHE.mkdir(parents=True, exist_ok=True)
     if args.model in ("smollm2", "both"):
-        bench("smollm2", smollm2(), args.runs)
+        bench_one("smollm2", smollm2(), args.runs)
     if args.model in ("synthetic", "both"):
-        bench("synthetic-1.2B", synthetic(), args.runs)
+        bench_one("synthetic-1.2B", synthetic(), args.runs)
 
 
 if __name__ == "__main__":
-    main()
+    run(__doc__, bench)

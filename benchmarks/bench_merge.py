@@ -9,12 +9,11 @@ with a rank-16 LoRA on all seven linear projections. Floors: importing torch, an
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 from pathlib import Path
 
-from bench_io import CACHE, smollm2, synthetic
+from bench_io import CACHE, run
 from harness import emit, measure, remover
 
 PEFT_ROUTE = """
@@ -77,17 +76,5 @@ def bench(name: str, base: Path, runs: int) -> None:
     })
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=["smollm2", "synthetic", "both"], default="both")
-    parser.add_argument("--runs", type=int, default=3)
-    args = parser.parse_args()
-    CACHE.mkdir(parents=True, exist_ok=True)
-    if args.model in ("smollm2", "both"):
-        bench("smollm2", smollm2(), args.runs)
-    if args.model in ("synthetic", "both"):
-        bench("synthetic-1.2B", synthetic(), args.runs)
-
-
 if __name__ == "__main__":
-    main()
+    run(__doc__, bench)

@@ -10,10 +10,8 @@ all-MiniLM-L6-v2, fixtures/build_real_models.py) compare whole checkpoints with 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
@@ -251,27 +249,6 @@ def test_quantize_4bit_is_what_the_pipeline_writes(tiny_models: dict, tmp_path: 
 PROMPT = "The capital of France is"
 NEW_TOKENS = 20
 SENTENCE = "Streaming checkpoints shard by shard keeps memory flat."
-_BUILDER_PATH = Path(__file__).resolve().parents[2] / "fixtures" / "build_real_models.py"
-
-
-def _builder() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("build_real_models", _BUILDER_PATH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def smollm2() -> Path:
-    builder = _builder()
-    return builder.build("smollm2", builder.default_cache_dir())
-
-
-@pytest.fixture(scope="module")
-def minilm() -> Path:
-    builder = _builder()
-    return builder.build("minilm", builder.default_cache_dir())
 
 
 def _bnb_config(compute: torch.dtype) -> object:
