@@ -41,6 +41,8 @@ def _merge_options(f: F) -> F:
         click.option("--scale", type=float, default=1.0, show_default=True, help="Multiply every adapter's weight by this."),
         click.option("--dtype", type=click.Choice(["auto", *sorted(DTYPE_CODES)]), default="auto", show_default=True,
                      help="Output float dtype; auto keeps the base's."),
+        click.option("--requantize", is_flag=True,
+                     help="4-bit base: quantise the result again with the base's settings [default: write 16-bit]."),
         shard_option,
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True,
                      help="Where deltas are computed (the output is the same; cuda is faster on big ranks)."),
@@ -64,13 +66,13 @@ def _merge_summary(verb: str) -> Callable[[Any], str]:
 
 
 def _run_merge(base: Path, adapters: list[tuple[Path, float]], out: Path, *, subtract: bool, scale: float, dtype: str,
-               max_shard_size: str, device: str, force: bool, as_json: bool, quiet: bool) -> None:
+               requantize: bool, max_shard_size: str, device: str, force: bool, as_json: bool, quiet: bool) -> None:
     from adaptertool.ops.merge import MergeConfig, merge
 
     cfg = MergeConfig(
         base=base, adapters=tuple(adapters), out=out, scale=scale, subtract=subtract,
         dtype=None if dtype == "auto" else torch_dtype(DTYPE_CODES[dtype]),
-        max_shard_bytes=shard_bytes(max_shard_size), device=device, force=force,
+        max_shard_bytes=shard_bytes(max_shard_size), device=device, force=force, requantize=requantize,
     )
     emit(merge(cfg, progress=progress_enabled(quiet, as_json)), as_json, _merge_summary("subtracted" if subtract else "merged"))
 

@@ -9,6 +9,7 @@ the output dtype; every other tensor is copied byte for byte (or cast, with ``dt
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,8 +24,10 @@ from adaptertool.io import (
     CheckpointWriter,
     TensorSpec,
     cast_specs,
+    check_output,
     dtype_code,
     open_checkpoint,
+    read_json,
     staged_output,
     torch_dtype,
 )
@@ -38,6 +41,8 @@ if TYPE_CHECKING:
 
 __all__ = ["MergeConfig", "MergeReport", "merge", "subtract"]
 
+_FOURBIT_NOTE = "the base holds"
+
 
 @dataclass(frozen=True, kw_only=True)
 class MergeConfig:
@@ -50,12 +55,15 @@ class MergeConfig:
     device: str = "cpu"  # where deltas are computed: cpu, cuda, or auto
     force: bool = False
     subtract: bool = False  # W - weight * delta; refuses updates that cannot be undone
+    requantize: bool = False  # 4-bit base: quantise the merged model again with the base's settings
 
     def __post_init__(self) -> None:
         if not self.adapters:
             raise AdapterToolError("no adapter given")
         if self.dtype is not None and dtype_code(self.dtype) not in FLOAT_CODES:
             raise AdapterToolError(f"--dtype must be a float type, not {self.dtype}")
+        if self.requantize and self.dtype is not None:
+            raise AdapterToolError("--requantize keeps the base's 4-bit settings; it cannot be combined with --dtype")
         if self.device not in ("cpu", "cuda", "auto"):
             raise AdapterToolError(f"--device must be cpu, cuda or auto, not {self.device!r}")
 
@@ -88,6 +96,8 @@ def merge(cfg: MergeConfig, *, progress: bool = False) -> MergeReport:
     Raises:
         AdapterToolError: an adapter that does not fit the base, is broken, or cannot be undone.
     """
+    if cfg.requantize:
+        return _merge_requantized(cfg, progress=progress)
     import torch
 
     clock = Stopwatch()
@@ -102,8 +112,9 @@ def merge(cfg: MergeConfig, *, progress: bool = False) -> MergeReport:
             plan = plan_targets(base, adapters, subtract=cfg.subtract)
             if fourbit is not None:
                 plan.notes.append(
-                    f"the base holds {len(fourbit.quantized)} bitsandbytes 4-bit weights: they are dequantised with their "
-                    "stored tables and written in 16-bit, and config.json loses its quantization_config"
+                    f"{_FOURBIT_NOTE} {len(fourbit.quantized)} bitsandbytes 4-bit weights: they are dequantised with their "
+                    "stored tables and written in 16-bit (--requantize to quantise again), and config.json loses its "
+                    "quantization_config"
                 )
             specs = _output_specs(base, plan.extra, cfg.dtype)
             inputs = [cfg.base, *(a.path for a in adapters)]
@@ -123,6 +134,48 @@ def merge(cfg: MergeConfig, *, progress: bool = False) -> MergeReport:
         dtype=str(cfg.dtype).removeprefix("torch.") if cfg.dtype else "as base", device=device,
         side_files=side, notes=plan.notes, seconds=clock.seconds, peak_rss_bytes=peak_rss_bytes(),
     )
+
+
+def _merge_requantized(cfg: MergeConfig, *, progress: bool) -> MergeReport:
+    """Merge into 16-bit beside OUT, then quantise that with the base's own 4-bit settings.
+
+    Two streamed passes instead of one: re-quantising compounds rounding (the merged weights are
+    quantised afresh, offsets and nested scales recomputed), and the 16-bit model briefly needs disk.
+    """
+    from adaptertool.ops.quantize import QuantConfig, quantize
+
+    check_output(cfg.out, force=cfg.force, inputs=[cfg.base, *(path for path, _ in cfg.adapters)])
+    settings = _fourbit_settings(cfg.base)
+    with tempfile.TemporaryDirectory(prefix=f".{cfg.out.name}.merge16-", dir=cfg.out.resolve().parent) as scratch:
+        merged = merge(dataclasses.replace(cfg, out=Path(scratch) / "merged", requantize=False, dtype=None, force=False),
+                       progress=progress)
+        quantized = quantize(QuantConfig(source=Path(scratch) / "merged", out=cfg.out, force=cfg.force,
+                                         max_shard_bytes=cfg.max_shard_bytes, **settings), progress=progress)
+    note = (f"re-quantised {quantized.quantized} weights to {quantized.quant_type.upper()} "
+            f"(blocksize {quantized.blocksize}{', double-quant' if quantized.double_quant else ''}) with the base's settings")
+    notes = [n for n in merged.notes if not n.startswith(_FOURBIT_NOTE)]
+    return dataclasses.replace(merged, out=str(cfg.out), files=quantized.files, notes=[*notes, note],
+                               seconds=merged.seconds + quantized.seconds,
+                               peak_rss_bytes=max(merged.peak_rss_bytes, quantized.peak_rss_bytes))
+
+
+def _fourbit_settings(base: Path) -> dict[str, object]:
+    """QuantConfig arguments that reproduce how ``base`` was quantised (its quant states and config.json)."""
+    with open_checkpoint(base) as stored:
+        view = open_fourbit_view(stored)
+        if view is None:
+            raise AdapterToolError(f"{base}: --requantize needs a bitsandbytes 4-bit base, and this one has no 4-bit weights")
+        states = list(view.states.values())
+        config = read_json(view.root / "config.json") if view.root and (view.root / "config.json").is_file() else {}
+    quantization = config.get("quantization_config") or {}
+    compute = quantization.get("bnb_4bit_compute_dtype")
+    return {
+        "quant_type": states[0].quant_type,
+        "blocksize": states[0].blocksize,
+        "double_quant": states[0].nested,
+        "skip": tuple(quantization.get("llm_int8_skip_modules") or ()),
+        "compute_dtype": torch_dtype({"bfloat16": "BF16", "float16": "F16", "float32": "F32"}[compute]) if compute else None,
+    }
 
 
 def _output_specs(base: Checkpoint | FourBitView, extra: dict[str, str], dtype: torch.dtype | None) -> list[TensorSpec]:

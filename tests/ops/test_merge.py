@@ -338,3 +338,27 @@ def test_nf4_base_merges_into_16_bit(tmp_path: Path) -> None:
             weight = weight + delta * settings["lora_alpha"] / settings["r"]
         assert ours[f"{name}.weight"].dtype == torch.bfloat16
         assert _ulps(ours[f"{name}.weight"], weight) <= 1.0, name
+
+
+def test_requantize_keeps_the_4bit_layout_and_loads(tmp_path: Path) -> None:
+    pytest.importorskip("bitsandbytes")
+    base16, adapter = _make(tmp_path, "lora", torch.bfloat16)
+    quantization = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                                   bnb_4bit_compute_dtype=torch.bfloat16)
+    transformers.LlamaForCausalLM.from_pretrained(base16, quantization_config=quantization, device_map="cpu").save_pretrained(tmp_path / "nf4")
+    merge(MergeConfig(base=tmp_path / "nf4", adapters=((adapter, 1.0),), out=tmp_path / "m16"))
+    report = merge(MergeConfig(base=tmp_path / "nf4", adapters=((adapter, 1.0),), out=tmp_path / "m4", requantize=True))
+    assert any("re-quantised 14 weights to NF4 (blocksize 64, double-quant)" in note for note in report.notes)
+    assert not any(".merge16-" in p.name for p in tmp_path.iterdir())  # the 16-bit scratch is gone
+    assert set(_ours(tmp_path / "m4")) == set(_ours(tmp_path / "nf4"))  # the same 4-bit layout as the base
+    model, info = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "m4", device_map="cpu", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    from adaptertool.ops.quantize import DequantConfig, dequantize
+
+    dequantize(DequantConfig(source=tmp_path / "m4", out=tmp_path / "back"))
+    merged16, back = _ours(tmp_path / "m16"), _ours(tmp_path / "back")
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight"):
+        error = (back[name].float() - merged16[name].float()).norm() / merged16[name].float().norm()
+        assert error < 0.12, name  # NF4's rounding of the merged weights (about 0.1 relative)
+    with pytest.raises(AdapterToolError, match="--requantize needs a bitsandbytes 4-bit base"):
+        merge(MergeConfig(base=base16, adapters=((adapter, 1.0),), out=tmp_path / "x", requantize=True))
