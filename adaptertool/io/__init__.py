@@ -6,6 +6,7 @@ from adaptertool.io.format import (
     FLOAT_CODES,
     TensorSpec,
     cast_specs,
+    code_of_name,
     dtype_code,
     torch_dtype,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "TensorSpec",
     "cast_specs",
     "check_output",
+    "code_of_name",
     "copy_side_files",
     "dtype_code",
     "open_adapter",

@@ -26,6 +26,7 @@ __all__ = [
     "TensorSpec",
     "build_header",
     "cast_specs",
+    "code_of_name",
     "dtype_code",
     "parse_header",
     "torch_dtype",
@@ -69,6 +70,15 @@ def dtype_code(dtype: torch.dtype) -> str:
         return _codes()[dtype]
     except KeyError:
         raise AdapterToolError(f"dtype {dtype} has no safetensors code; cast the tensor first") from None
+
+
+def code_of_name(name: str) -> str:
+    """The safetensors code of a torch dtype name (``"bfloat16"`` -> ``"BF16"``), as configs and
+    bitsandbytes quant states spell dtypes; no torch import needed."""
+    for code, (_, torch_name) in DTYPES.items():
+        if torch_name == name:
+            return code
+    raise AdapterToolError(f"dtype {name!r} is not one adaptertool knows")
 
 
 def torch_dtype(code: str) -> torch.dtype:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from adaptertool.io import Checkpoint, TensorInfo, TensorSpec
+from adaptertool.io import Checkpoint, TensorInfo, TensorSpec, code_of_name
 from adaptertool.ops.quantize import read_quantized_weight, read_state
 from adaptertool.quant import FourBitState, QuantizedKeys, find_quantized_weights
 
@@ -21,7 +21,6 @@ if TYPE_CHECKING:
 
 __all__ = ["FourBitView", "open_fourbit_view"]
 
-_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}  # quant_state dtype -> safetensors code
 
 
 class FourBitView:
@@ -39,7 +38,7 @@ class FourBitView:
         for name, info in ckpt.tensors.items():
             if name in quantized:
                 state = states[name]
-                spec = TensorSpec(name, _CODES[state.dtype], state.shape)
+                spec = TensorSpec(name, code_of_name(state.dtype), state.shape)
                 self.tensors[name] = TensorInfo(spec, info.file, info.offset)
             elif name not in hidden:
                 self.tensors[name] = info

@@ -25,6 +25,7 @@ from adaptertool.io import (
     TensorSpec,
     cast_specs,
     check_output,
+    code_of_name,
     dtype_code,
     open_checkpoint,
     read_json,
@@ -174,7 +175,7 @@ def _fourbit_settings(base: Path) -> dict[str, object]:
         "blocksize": states[0].blocksize,
         "double_quant": states[0].nested,
         "skip": tuple(quantization.get("llm_int8_skip_modules") or ()),
-        "compute_dtype": torch_dtype({"bfloat16": "BF16", "float16": "F16", "float32": "F32"}[compute]) if compute else None,
+        "compute_dtype": torch_dtype(code_of_name(compute)) if compute else None,
     }
 
 
