@@ -1,6 +1,11 @@
 """Checkpoint I/O: the only code that touches disk (and, later, the network)."""
 
-from adaptertool.io.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, open_adapter
+from adaptertool.io.adapter_files import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    open_adapter,
+    write_adapter,
+)
 from adaptertool.io.format import (
     DTYPES,
     FLOAT_CODES,
@@ -37,4 +42,5 @@ __all__ = [
     "read_json",
     "staged_output",
     "torch_dtype",
+    "write_adapter",
 ]

@@ -14,9 +14,15 @@ from pathlib import Path
 
 import torch
 
-from adaptertool.io import CheckpointWriter, TensorSpec, dtype_code, staged_output
+from adaptertool.io import (
+    CheckpointWriter,
+    TensorSpec,
+    dtype_code,
+    staged_output,
+    write_adapter,
+)
 
-__all__ = ["LlamaShape", "TINY", "TINYLLAMA_1B", "write_llama", "write_lora_adapter"]
+__all__ = ["TINY", "TINYLLAMA_1B", "LlamaShape", "write_llama", "write_lora_adapter"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -119,9 +125,6 @@ def write_lora_adapter(out: Path, shape: LlamaShape = TINY, *, rank: int = 4, al
         "use_dora": False, "inference_mode": True, "base_model_name_or_path": base_model,
     }
     with staged_output(out, force=force) as tmp:
-        specs_out = [TensorSpec(name, "F32", tuple(t.shape)) for name, t in tensors.items()]
-        with CheckpointWriter(tmp, specs_out, max_shard_bytes=None, stem="adapter_model") as writer:
-            for spec in writer.order:
-                writer.write(spec.name, tensors[spec.name])
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+        write_adapter(tmp, config, [TensorSpec(name, "F32", tuple(t.shape)) for name, t in tensors.items()],
+                      tensors.__getitem__)
     return out

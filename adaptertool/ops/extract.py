@@ -40,6 +40,7 @@ from adaptertool.io import (
     read_json,
     staged_output,
     torch_dtype,
+    write_adapter,
 )
 from adaptertool.ops.measure import Stopwatch, peak_rss_bytes
 
@@ -170,8 +171,7 @@ def extract(cfg: ExtractConfig, *, progress: bool = False) -> ExtractReport:
                 raise AdapterToolError(f"{cfg.tuned}: {what}; nothing to extract (are they the same model?)")
             config = _adapter_config(cfg, base, plan, modules, saved)
             with staged_output(cfg.out, force=cfg.force, inputs=[cfg.base, cfg.tuned]) as tmp:
-                writer = _write_adapter(tmp, spool, tuned, {_PREFIX + key: src for key, src in saved.items()})
-                (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+                writer = _write_adapter(tmp, config, spool, tuned, {_PREFIX + key: src for key, src in saved.items()})
     kept = sum(m.retained * m.delta_norm**2 for m in modules)
     total = sum(m.delta_norm**2 for m in modules)
     report = ExtractReport(
@@ -343,14 +343,13 @@ class _Spool:
         self._file.close()
 
 
-def _write_adapter(folder: Path, spool: _Spool, tuned: Checkpoint, saved: dict[str, str]) -> CheckpointWriter:
-    """Write adapter_model.safetensors: the spooled factors, then whole tensors ``saved`` (key -> tuned tensor)."""
+def _write_adapter(folder: Path, config: dict[str, object], spool: _Spool, tuned: Checkpoint,
+                   saved: dict[str, str]) -> CheckpointWriter:
+    """Write the adapter: the spooled factors, then whole tensors ``saved`` (key -> tuned tensor)."""
     specs = [spec for spec, _ in spool.offsets.values()]
     specs += [TensorSpec(key, tuned[src].dtype, tuned[src].shape) for key, src in saved.items()]
-    with CheckpointWriter(folder, specs, max_shard_bytes=None, stem="adapter_model") as writer:
-        for spec in writer.order:
-            writer.write(spec.name, spool.read(spec.name) if spec.name in spool.offsets else tuned.read(saved[spec.name]))
-    return writer
+    return write_adapter(folder, config, specs,
+                         lambda name: spool.read(name) if name in spool.offsets else tuned.read(saved[name]))
 
 
 def _changed_embeddings(base: Checkpoint, tuned: Checkpoint, plan: _Plan, cfg: ExtractConfig,
