@@ -75,7 +75,7 @@ class ModuleUpdate:
         """
         if self.kind == "ia3":
             return ia3_scale_(weight, tensors["ia3_l"], fan_in_fan_out=self.fan_in_fan_out)
-        weight.add_(self._delta(tensors), alpha=scale)  # alpha = +-1 adds exactly as PEFT's plain add
+        weight.add_(self.delta(tensors), alpha=scale)  # alpha = +-1 adds exactly as PEFT's plain add
         if self.dora:
             dim = 0 if self.kind == "lora_embedding" or self.fan_in_fan_out else 1
             dora_rescale_(weight, tensors["lora_magnitude_vector"], dim=dim)
@@ -91,7 +91,9 @@ class ModuleUpdate:
     def changes_bias(self) -> bool:
         return "lora_B.bias" in self.keys
 
-    def _delta(self, t: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def delta(self, t: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The float32 additive update (scaling applied, in the base weight's layout); not for IA3,
+        and for DoRA only the direction's part (the magnitude rescale comes after the add)."""
         if self.kind == "lora":
             return linear_delta(t["lora_A"], t["lora_B"], self.scaling, fan_in_fan_out=self.fan_in_fan_out)
         if self.kind == "lora_embedding":
