@@ -258,16 +258,26 @@ def _bnb_config(compute: torch.dtype) -> object:
                               bnb_4bit_compute_dtype=compute)
 
 
-@pytest.fixture(scope="module")
-def smollm2_pair(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(transformers' load_in_4bit + save_pretrained, ours), both NF4 with double quant, bf16 compute."""
+def _quantize_both(smollm2: Path, root: Path, compute: torch.dtype) -> tuple[Path, Path]:
+    """(transformers' load_in_4bit + save_pretrained, ours), both NF4 with double quant."""
     from transformers import AutoModelForCausalLM
 
-    root = tmp_path_factory.mktemp("smollm2-nf4")
-    model = AutoModelForCausalLM.from_pretrained(smollm2, quantization_config=_bnb_config(torch.bfloat16), device_map="cpu")
+    model = AutoModelForCausalLM.from_pretrained(smollm2, quantization_config=_bnb_config(compute), device_map="cpu")
     model.save_pretrained(root / "transformers")
-    quantize(QuantConfig(source=smollm2, out=root / "ours", compute_dtype=torch.bfloat16))
+    quantize(QuantConfig(source=smollm2, out=root / "ours", compute_dtype=compute))
     return root / "transformers", root / "ours"
+
+
+@pytest.fixture(scope="module")
+def smollm2_pair(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """bf16 compute, as most QLoRA recipes set it."""
+    return _quantize_both(smollm2, tmp_path_factory.mktemp("smollm2-nf4"), torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def smollm2_pair_fp32(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """float32 compute: BitsAndBytesConfig's default."""
+    return _quantize_both(smollm2, tmp_path_factory.mktemp("smollm2-nf4-fp32"), torch.float32)
 
 
 def _headers(folder: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
@@ -320,7 +330,25 @@ def test_smollm2_file_equals_transformers_but_for_nested_codes(smollm2_pair: tup
 
 
 @pytest.mark.slow
-def test_smollm2_loads_and_generates_like_transformers(smollm2: Path, smollm2_pair: tuple[Path, Path]) -> None:
+def test_smollm2_generates_the_same_20_tokens_as_transformers(smollm2: Path, smollm2_pair_fp32: tuple[Path, Path]) -> None:
+    # With transformers' default float32 compute the 4-bit matmuls no longer round to bf16, so the
+    # 0.23 % of nested codes where exact nearest and bitsandbytes' CPU table disagree no longer
+    # meet a tie in the greedy choice (with bf16 compute one does: see the next test). Logits are
+    # still bf16 (norms, embeddings and the head stay bf16): ~one bf16 step at |logit| ~16.
+    theirs, ours = smollm2_pair_fp32
+    their_tokens, their_logits = _generate(theirs, smollm2)
+    our_tokens, our_logits = _generate(ours, smollm2)
+    assert our_tokens == their_tokens
+    for ours_step, theirs_step in zip(our_logits, their_logits, strict=True):
+        finite = torch.isfinite(theirs_step)
+        assert torch.equal(torch.isfinite(ours_step), finite)
+        diff = (ours_step[finite] - theirs_step[finite]).abs()
+        assert diff.max() <= 1.0 and diff.mean() <= 0.2
+
+
+@pytest.mark.slow
+def test_smollm2_bf16_compute_generates_like_transformers_until_a_tie(smollm2: Path,
+                                                                     smollm2_pair: tuple[Path, Path]) -> None:
     theirs, ours = smollm2_pair
     their_tokens, their_logits = _generate(theirs, smollm2)
     our_tokens, our_logits = _generate(ours, smollm2)
