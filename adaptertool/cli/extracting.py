@@ -38,7 +38,7 @@ from adaptertool.io import torch_dtype
 @click.option("--niter", type=int, default=6, show_default=True, help="Power iterations of the randomized SVD.")
 @click.option("--oversample", type=int, default=16, show_default=True, help="Extra sketch columns of the randomized SVD.")
 @click.option("--embeddings", type=click.Choice(["auto", "skip", "save", "lora"]), default="auto", show_default=True,
-              help="Changed embeddings/lm_head: auto/save them as modules_to_save (only when changed), or skip.")
+              help="Changed embeddings/lm_head: auto/save them as modules_to_save (only when changed), skip them, or factor them (lora).")
 @click.option("--report", "report_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the full report (every module) as JSON to this file.")
 @click.option("--dtype", type=click.Choice(sorted(DTYPE_CODES)), default="fp32", show_default=True,

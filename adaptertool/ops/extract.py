@@ -10,7 +10,11 @@ one module's tensors at a time, never the whole adapter.
 The adapter has ``r == lora_alpha`` (scaling 1, no rsLoRA); modules whose rank differs from the most
 common one get ``rank_pattern`` and ``alpha_pattern`` entries. Changed biases of extracted modules go
 to ``lora_B.bias`` with ``lora_bias: true``; changed embeddings / lm_head are saved whole as
-``modules_to_save`` (never when unchanged), and a tied head is saved beside a changed embedding.
+``modules_to_save`` (never when unchanged), and a tied head is saved beside a changed embedding;
+``--embeddings lora`` factors them instead: the head as a Linear LoRA, input embeddings as PEFT's
+embedding LoRA (``lora_embedding_A`` (r, vocab), ``lora_embedding_B`` (dim, r), the transpose of a
+Linear's layout). GPT-2's Conv1D weights are stored (in, out): they are factored transposed and the
+adapter says ``fan_in_fan_out``.
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ _PREFIX = "base_model.model."
 _EMBEDDINGS = ("embed_tokens", "lm_head", "wte", "wpe", "word_embeddings", "position_embeddings",
                "token_type_embeddings", "embed_out", "embed_positions", "shared")
 _EMBEDDING_MODES = ("auto", "skip", "save", "lora")
+_HEADS = ("lm_head", "embed_out")  # output embeddings are Linear layers, LoRA'd as such
+_TIED_INPUTS = ("embed_tokens", "wte", "word_embeddings")  # input embeddings a missing head is tied to
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,7 +77,7 @@ class ExtractConfig:
     # the exact SVD's at rank 64 on SmolLM2's 192x576 k/v projections (4 and 10 gave 0.7 %).
     niter: int = 6
     oversample: int = 16
-    embeddings: str = "auto"  # auto/save: modules_to_save when changed; skip: never
+    embeddings: str = "auto"  # auto/save: modules_to_save when changed; skip: never; lora: factored
     report: Path | None = None  # also write the report as JSON here
     device: str = "cpu"
     seed: int = 0
@@ -86,9 +92,6 @@ class ExtractConfig:
             raise AdapterToolError("--niter and --oversample must be >= 0")
         if self.embeddings not in _EMBEDDING_MODES:
             raise AdapterToolError(f"--embeddings must be one of {', '.join(_EMBEDDING_MODES)}, not {self.embeddings!r}")
-        if self.embeddings == "lora":
-            # TODO(issue 5): embedding LoRA (lora_embedding_A/B) from a vocab-blocked SVD.
-            raise AdapterToolError("--embeddings lora is not supported yet; use auto, save or skip")
         if self.device not in ("cpu", "cuda", "auto"):
             raise AdapterToolError(f"--device must be cpu, cuda or auto, not {self.device!r}")
         if self.dtype is not None and dtype_code(self.dtype) not in FLOAT_CODES:
@@ -133,7 +136,9 @@ class ExtractReport:
 
 @dataclass
 class _Plan:
-    linear: dict[str, str] = field(default_factory=dict)  # module -> weight tensor name
+    linear: dict[str, str] = field(default_factory=dict)  # module -> weight tensor name, of every factored module
+    transposed: set[str] = field(default_factory=set)  # stored (in, out): Conv1D, and embeddings as LoRA
+    embedding_lora: set[str] = field(default_factory=set)  # written with PEFT's lora_embedding_A/B names
     embeddings: list[str] = field(default_factory=list)  # embedding / head weight tensor names
     others: list[str] = field(default_factory=list)  # every other tensor (norms, unmatched biases...)
     tied_head: bool = False  # lm_head.weight absent: the head is the input embedding
@@ -157,6 +162,7 @@ def extract(cfg: ExtractConfig, *, progress: bool = False) -> ExtractReport:
     check_output(cfg.out, force=cfg.force, inputs=[cfg.base, cfg.tuned])
     with open_checkpoint(cfg.base) as base, open_checkpoint(cfg.tuned) as tuned:
         plan = _plan(base, tuned, cfg)
+        _refuse_tied_embedding_lora(base, tuned, plan)
         notes = _dtype_notes(base, tuned)
         with closing(_Spool(cfg.out.resolve().parent)) as spool:
             modules, unchanged, delta_bytes = _factor_all(base, tuned, plan, cfg, spool, device=device,
@@ -201,12 +207,21 @@ def _plan(base: Checkpoint, tuned: Checkpoint, cfg: ExtractConfig) -> _Plan:
     if extra is not None:
         raise AdapterToolError(f"{cfg.tuned}: has tensor {extra}, which {cfg.base} lacks; are BASE and TUNED the same architecture?")
     plan = _Plan(tied_head="lm_head.weight" not in base and any(_is_embedding(n) for n in base))
+    conv1d = _conv1d_layout(base)
     for name in base:
         module, _, part = name.rpartition(".")
-        if _is_embedding(name):
-            (plan.embeddings if part == "weight" and base[name].dtype in FLOAT_CODES else plan.others).append(name)
-        elif part == "weight" and len(base[name].shape) == 2 and base[name].dtype in FLOAT_CODES and _targeted(module, cfg.targets):
+        matrix = part == "weight" and len(base[name].shape) == 2 and base[name].dtype in FLOAT_CODES
+        if _is_embedding(name) and matrix and cfg.embeddings == "lora":
             plan.linear[module] = name
+            if not module.endswith(_HEADS):  # an input embedding: PEFT's Embedding LoRA layout
+                plan.transposed.add(module)
+                plan.embedding_lora.add(module)
+        elif _is_embedding(name):
+            (plan.embeddings if matrix else plan.others).append(name)
+        elif matrix and _targeted(module, cfg.targets):
+            plan.linear[module] = name
+            if conv1d:
+                plan.transposed.add(module)
         elif not (part == "bias" and module in plan.linear):
             plan.others.append(name)
     # A bias can precede its weight in storage order: reclaim those wrongly filed as "others".
@@ -218,8 +233,25 @@ def _plan(base: Checkpoint, tuned: Checkpoint, cfg: ExtractConfig) -> _Plan:
     return plan
 
 
+def _refuse_tied_embedding_lora(base: Checkpoint, tuned: Checkpoint, plan: _Plan) -> None:
+    for module in plan.embedding_lora:
+        if plan.tied_head and module.endswith(_TIED_INPUTS) and _changed(base, tuned, plan.linear[module]):
+            # The head would need the same update through a second LoRA on the one shared tensor,
+            # which PEFT's merge then applies twice.
+            raise AdapterToolError(f"{plan.linear[module]} changed and the head is tied to it: a LoRA cannot update "
+                                   "tied weights once; use --embeddings save")
+
+
 def _is_embedding(name: str) -> bool:
     return any(token in _EMBEDDINGS for token in name.split("."))
+
+
+def _conv1d_layout(base: Checkpoint) -> bool:
+    """GPT-2 (and its Conv1D) stores every projection as (in, out), the transpose of nn.Linear."""
+    if base.root is None or not (base.root / "config.json").is_file():
+        return False
+    config = read_json(base.root / "config.json")
+    return config.get("model_type") == "gpt2" or any(str(a).startswith("GPT2") for a in config.get("architectures") or [])
 
 
 def _targeted(module: str, targets: tuple[str, ...]) -> bool:
@@ -262,12 +294,13 @@ def _factor_all(base: Checkpoint, tuned: Checkpoint, plan: _Plan, cfg: ExtractCo
         for module, name in plan.linear.items():
             bias_name = f"{module}.bias"
             bias_changed = bias_name in base and _changed(base, tuned, bias_name)
-            factored = _factor_module(base.read(name), tuned.read(name), module, cfg, device=device)
+            transpose = module in plan.transposed
+            factored = _factor_module(base.read(name), tuned.read(name), module, cfg, device=device, transpose=transpose)
             bar.update(base[name].nbytes)
             if factored is None and not bias_changed:
                 unchanged.append(module)
                 continue
-            out_features, in_features = base[name].shape
+            out_features, in_features = reversed(base[name].shape) if transpose else base[name].shape
             if factored is None:
                 # Only the bias changed: PEFT needs a LoRA layer to carry lora_B.bias, and rank 0 is
                 # invalid, so the weight gets a rank-1 zero update.
@@ -277,8 +310,11 @@ def _factor_all(base: Checkpoint, tuned: Checkpoint, plan: _Plan, cfg: ExtractCo
             rank = figures["rank"]
             delta_bytes += base[name].nbytes if base[name].dtype == tuned[name].dtype else tuned[name].nbytes
             key = _PREFIX + module
-            spool.add(TensorSpec(f"{key}.lora_A.weight", code, (rank, in_features)), a.to(out_dtype))
-            spool.add(TensorSpec(f"{key}.lora_B.weight", code, (out_features, rank)), b.to(out_dtype))
+            # PEFT stores the embedding factors as bare parameters: no ".weight".
+            a_key, b_key = ((f"{key}.lora_embedding_A", f"{key}.lora_embedding_B") if module in plan.embedding_lora
+                            else (f"{key}.lora_A.weight", f"{key}.lora_B.weight"))
+            spool.add(TensorSpec(a_key, code, (rank, in_features)), a.to(out_dtype))
+            spool.add(TensorSpec(b_key, code, (out_features, rank)), b.to(out_dtype))
             if any_bias:
                 bias = (tuned.read(bias_name).float() - base.read(bias_name).float() if bias_changed
                         else torch.zeros(out_features))
@@ -288,8 +324,9 @@ def _factor_all(base: Checkpoint, tuned: Checkpoint, plan: _Plan, cfg: ExtractCo
 
 
 def _factor_module(base_weight: torch.Tensor, tuned_weight: torch.Tensor, module: str, cfg: ExtractConfig, *,
-                   device: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]] | None:
-    """(B, A, report figures) for one module's weight delta, or None when the weight did not change."""
+                   device: str, transpose: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]] | None:
+    """(B, A, report figures) for one module's weight delta (its transpose with ``transpose``), or
+    None when the weight did not change."""
     import torch
 
     if _equal(base_weight, tuned_weight):
@@ -300,6 +337,8 @@ def _factor_module(base_weight: torch.Tensor, tuned_weight: torch.Tensor, module
     # (tuned_weight may be that very matrix when it is float32 already; it is not used again.)
     delta = tuned_weight.to(device, torch.float32)
     delta.sub_(base_weight.to(device))
+    if transpose:
+        delta = delta.T  # a view: the SVD reads it strided rather than copying the matrix
     # Seeded per module from its name: its factors depend only on (seed, module), not on which
     # modules came before it or were skipped.
     generator = torch.Generator().manual_seed(_module_seed(cfg.seed, module))
@@ -363,7 +402,7 @@ def _changed_embeddings(base: Checkpoint, tuned: Checkpoint, plan: _Plan, cfg: E
             notes.append(f"{name} changed but --embeddings skip leaves it out; the adapter will not reproduce it")
             continue
         saved[name] = name
-        if plan.tied_head and name.rpartition(".")[0].endswith("embed_tokens"):
+        if plan.tied_head and name.rpartition(".")[0].endswith(_TIED_INPUTS):
             # Tied weights: the tuned head is the tuned embedding. PEFT copies each module in
             # modules_to_save separately, so the head must be saved too or it keeps the old values.
             saved["lm_head.weight"] = name
@@ -387,7 +426,7 @@ def _adapter_config(cfg: ExtractConfig, base: Checkpoint, plan: _Plan, modules: 
         targets += [short] if all(m in extracted for m in group) else sorted(m for m in group if m in extracted)
     config: dict[str, object] = {
         "peft_type": "LORA", "r": r, "lora_alpha": r, "lora_dropout": 0.0, "target_modules": targets,
-        "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "inference_mode": True,
+        "bias": "none", "fan_in_fan_out": bool(plan.transposed - plan.embedding_lora), "use_rslora": False, "use_dora": False, "inference_mode": True,
         "init_lora_weights": True, "base_model_name_or_path": str(cfg.base), "task_type": _task_type(base),
     }
     if pattern:

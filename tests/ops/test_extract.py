@@ -6,6 +6,7 @@ extracted adapter, and PEFT loading it (no missing-key warning, same logits as o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -195,6 +196,78 @@ def test_changed_tied_embedding_saved_with_its_head_and_bias_sets_lora_bias(tmp_
     torch.testing.assert_close(ours, want, atol=1e-4, rtol=1e-4)  # rank 4 = the planted rank: exact
 
 
+def _peft_and_merge_logits(base: Path, adapter: Path, tmp_path: Path, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(PEFT's logits on base + adapter, loaded with no missing-key warning; our merge's logits)."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        peft_model = peft.PeftModel.from_pretrained(model, adapter)
+    assert not [w for w in caught if "missing" in str(w.message).lower()], [str(w.message) for w in caught]
+    merge(MergeConfig(base=base, adapters=((adapter, 1.0),), out=tmp_path / "merged", dtype=torch.float32))
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    with torch.no_grad():
+        return peft_model(ids).logits, merged(ids).logits
+
+
+def test_embeddings_lora_factors_embedding_and_head(tmp_path: Path) -> None:
+    """Untied embedding and head changed by rank-4 updates: --embeddings lora recovers both exactly,
+    the embedding in PEFT's lora_embedding_A/B layout, the head as a Linear LoRA."""
+    transformers = pytest.importorskip("transformers")
+    base = tmp_path / "base"
+    write_llama(base, dataclasses.replace(SMALL, tied=False), dtype=torch.float32)
+    embeddings = ("model.embed_tokens.weight", "lm_head.weight", "model.layers.1.mlp.up_proj.weight")
+    tuned = _write_like(base, tmp_path / "tuned",
+                        lambda n, t: t + _low_rank(n, tuple(t.shape), 4, 0.5) if n in embeddings else t)
+    report = extract(ExtractConfig(base=base, tuned=tuned, out=tmp_path / "ad", rank=4, embeddings="lora"))
+    assert {m.module: m.shape for m in report.modules} == {
+        "model.embed_tokens": [SMALL.hidden, SMALL.vocab], "lm_head": [SMALL.vocab, SMALL.hidden],
+        "model.layers.1.mlp.up_proj": [SMALL.intermediate, SMALL.hidden]}
+    assert report.modules_to_save == [] and report.rel_error < 1e-5
+    config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["embed_tokens", "lm_head", "model.layers.1.mlp.up_proj"]
+    with open_checkpoint(tmp_path / "ad") as ckpt:
+        key = "base_model.model.model.embed_tokens"
+        assert ckpt[f"{key}.lora_embedding_A"].shape == (4, SMALL.vocab)
+        assert ckpt[f"{key}.lora_embedding_B"].shape == (SMALL.hidden, 4)
+    ids = torch.tensor([[1, 5, 17, 33, 60, 2]])
+    theirs, ours = _peft_and_merge_logits(base, tmp_path / "ad", tmp_path, ids)
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+    tuned_model = transformers.AutoModelForCausalLM.from_pretrained(tuned, dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours, tuned_model(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_embeddings_lora_refuses_a_changed_tied_embedding(small: dict[str, Path], tmp_path: Path) -> None:
+    tuned = _write_like(small["base"], tmp_path / "tuned", lambda n, t: t + 0.01 if n == "model.embed_tokens.weight" else t)
+    with pytest.raises(AdapterToolError, match="head is tied to it.*--embeddings save"):
+        extract(ExtractConfig(base=small["base"], tuned=tuned, out=tmp_path / "ad", embeddings="lora"))
+    assert not (tmp_path / "ad").exists()
+
+
+def test_gpt2_conv1d_weights_factored_in_peft_layout(tmp_path: Path) -> None:
+    """GPT-2 stores projections (in, out): the adapter must say fan_in_fan_out and PEFT must apply it
+    as the fine-tune did."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=96, n_positions=32)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "base")
+    projections = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    tuned = _write_like(tmp_path / "base", tmp_path / "tuned",
+                        lambda n, t: t + _low_rank(n, tuple(t.shape), 4, 0.2) if n.endswith(projections) else t)
+    report = extract(ExtractConfig(base=tmp_path / "base", tuned=tuned, out=tmp_path / "ad", rank=4))
+    assert len(report.modules) == 8 and report.rel_error < 1e-5
+    assert {tuple(m.shape) for m in report.modules if m.module.endswith("c_attn")} == {(192, 64)}  # [out, in]
+    assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    ids = torch.tensor([[1, 5, 17, 33, 60, 2]])
+    theirs, ours = _peft_and_merge_logits(tmp_path / "base", tmp_path / "ad", tmp_path, ids)
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+    tuned_model = transformers.AutoModelForCausalLM.from_pretrained(tuned, dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours, tuned_model(ids).logits, atol=1e-4, rtol=1e-4)
+
+
 def test_embeddings_skip_leaves_them_out_with_a_note(small: dict[str, Path], tmp_path: Path) -> None:
     tuned = _write_like(small["base"], tmp_path / "tuned",
                         lambda n, t: t + 0.01 if n in ("model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight") else t)
@@ -237,9 +310,8 @@ def test_mismatched_checkpoints_name_the_tensor(small: dict[str, Path], tmp_path
     ({"energy": 1.01}, r"--energy must lie in \(0, 1\]"),
     ({"energy": 0.0}, r"--energy must lie in \(0, 1\]"),
     ({"svd": "full"}, "--svd must be randomized or exact"),
-    ({"embeddings": "lora"}, "--embeddings lora is not supported yet"),
     ({"device": "tpu"}, "--device must be cpu, cuda or auto"),
-], ids=["rank0", "energy>1", "energy0", "svd", "embeddings-lora", "device"])
+], ids=["rank0", "energy>1", "energy0", "svd", "device"])
 def test_bad_options_are_refused(kwargs: dict, message: str) -> None:
     with pytest.raises(AdapterToolError, match=message):
         ExtractConfig(base=Path("b"), tuned=Path("t"), out=Path("o"), **kwargs)
