@@ -55,6 +55,13 @@ def smollm2() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_tuned(smollm2: Path) -> Path:
+    """A short real full fine-tune of ``smollm2`` (AdamW on every parameter), saved like it (cached)."""
+    builder = _builder()
+    return builder.build("smollm2-tuned", builder.default_cache_dir())
+
+
+@pytest.fixture(scope="session")
 def minilm() -> Path:
     """The real all-MiniLM-L6-v2: one float32 BERT file with config and tokenizer (cached)."""
     builder = _builder()
