@@ -1,3 +1,113 @@
-"""The combine: several adapters into one command(s)."""
+"""The combine command: several adapters into one."""
 
-from adaptertool.cli.app import cli  # noqa: F401  (commands register on it)
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import click
+
+from adaptertool.cli.app import (
+    DTYPE_CODES,
+    cli,
+    emit,
+    force_option,
+    human_bytes,
+    json_option,
+    progress_enabled,
+    quiet_option,
+)
+from adaptertool.errors import AdapterToolError
+
+# The names adaptertool.adapters.combine.METHODS accepts, listed here so that --help does not import torch.
+_METHODS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_linear_svd", "dare_ties", "dare_ties_svd",
+            "dare_svd", "magnitude_prune", "magnitude_prune_svd")
+
+
+def split_weight(text: str) -> tuple[Path, float | None]:
+    """``PATH[:WEIGHT]`` -> (path, weight or None).
+
+    The weight is the text after the last ``:`` when it parses as a finite number and the whole
+    argument is not itself an existing path; so ``C:\\adapters\\x`` and ``run:7/`` stay paths.
+    """
+    head, sep, tail = text.rpartition(":")
+    if not sep or not head or Path(text).exists():
+        return Path(text), None
+    try:
+        weight = float(tail)
+    except ValueError:
+        return Path(text), None
+    return (Path(head), weight) if math.isfinite(weight) else (Path(text), None)
+
+
+@cli.command("combine")
+@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[:WEIGHT]...")
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output adapter folder.")
+@click.option("--method", type=click.Choice(_METHODS), default="linear", show_default=True,
+              help="linear/cat: exact weighted sum (stacked factors); svd and the ties/dare/magnitude_prune "
+                   "family: weighted full deltas, re-factored at --rank.")
+@click.option("--weights", default=None, metavar="W,W,...",
+              help="One weight per adapter, comma-separated, instead of :WEIGHT suffixes [default: 1 each].")
+@click.option("--density", type=float, default=None,
+              help="ties, dare_*, magnitude_prune: fraction of each delta kept, in (0, 1].")
+@click.option("--rank", type=int, default=None, help="Rank of the SVD methods [default: the largest input rank].")
+@click.option("--majority-sign", type=click.Choice(["total", "frequency"]), default=None,
+              help="ties, dare_ties: elect each entry's sign by summed value or by count [default: total].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the DARE masks and the randomized SVD.")
+@click.option("--svd", type=click.Choice(["randomized", "exact"]), default="randomized", show_default=True,
+              help="Randomized SVD (fast, seeded) or the exact full SVD (the optimum).")
+@click.option("--dtype", type=click.Choice(sorted(DTYPE_CODES)), default="fp32", show_default=True,
+              help="dtype of the LoRA factors.")
+@force_option
+@json_option
+@quiet_option
+def combine_cmd(adapters: tuple[str, ...], out: Path, method: str, weights: str | None, density: float | None,
+                rank: int | None, majority_sign: str | None, seed: int, svd: str, dtype: str, force: bool,
+                as_json: bool, quiet: bool) -> None:
+    """Combine several adapters for one base into one LoRA adapter (weighted sum, TIES, DARE...).
+
+    Example: adaptertool combine ./sft:0.7 ./dpo:0.3 -o ./mixed --method svd --rank 16
+    """
+    from adaptertool.io import torch_dtype
+    from adaptertool.ops.combine import CombineConfig, combine
+
+    paths, weight_list = _parse_adapters(adapters, weights)
+    cfg = CombineConfig(
+        adapters=paths, out=out, weights=weight_list, method=method, density=density, rank=rank,
+        majority_sign=majority_sign, seed=seed, svd=svd, dtype=torch_dtype(DTYPE_CODES[dtype]), force=force,
+    )
+    emit(combine(cfg, progress=progress_enabled(quiet, as_json)), as_json, _combine_text)
+
+
+def _parse_adapters(adapters: tuple[str, ...], weights: str | None) -> tuple[tuple[Path, ...], tuple[float, ...] | None]:
+    pairs = [split_weight(text) for text in adapters]
+    suffixed = [w for _, w in pairs if w is not None]
+    if weights is None:
+        if not suffixed:
+            return tuple(p for p, _ in pairs), None
+        return tuple(p for p, _ in pairs), tuple(1.0 if w is None else w for _, w in pairs)
+    if suffixed:
+        raise AdapterToolError("give weights either as ADAPTER:WEIGHT or with --weights, not both")
+    try:
+        parsed = tuple(float(w) for w in weights.split(","))
+    except ValueError:
+        raise AdapterToolError(f"--weights must be comma-separated numbers, e.g. 0.7,0.3, not {weights!r}") from None
+    # With --weights every argument is a path, colons included.
+    return tuple(Path(text) for text in adapters), parsed
+
+
+def _combine_text(r: Any) -> str:
+    width = max((len(m.module) for m in r.modules), default=6)
+    lines = [f"{'module':<{width}}  rank  inputs  rel.error"]
+    for m in r.modules:
+        lines.append(f"{m.module:<{width}}  {m.rank:>4}  {m.inputs:>6}  {m.rel_error:>9.4f}{' capped' if m.capped else ''}")
+    weights = ", ".join(f"{a}:{w:g}" for a, w in zip(r.adapters, r.weights))
+    saved = f"; modules_to_save: {', '.join(r.modules_to_save)}" if r.modules_to_save else ""
+    lines += [
+        f"total: {len(r.modules)} modules (r={r.rank}) from {weights}{saved}",
+        f"  {r.method}: relative Frobenius error {r.rel_error:.4f} against the combined deltas, adapter {human_bytes(r.adapter_bytes)}",
+        *(f"note: {note}" for note in r.notes),
+        f"wrote {r.out} in {r.seconds:.1f} s, peak memory {human_bytes(r.peak_rss_bytes)}",
+    ]
+    return "\n".join(lines)

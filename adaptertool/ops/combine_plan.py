@@ -1,0 +1,174 @@
+"""The combine plan: every adapter's modules grouped by module, checked from headers alone.
+
+Each adapter's keys give one :class:`~adaptertool.adapters.modules.ModuleUpdate` per module; the
+output targets the union of the modules. Updates must be additive, and adapters adapting the same
+module must agree on its shape and layout. Whole tensors (modules_to_save copies, saved embedding
+layers) are kept once; two adapters saving different values for one are refused, because a
+replacement cannot be weighted without the base it replaces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from adaptertool.adapters.modules import ModuleUpdate, plan_module
+from adaptertool.adapters.peft_config import AdapterSettings
+from adaptertool.adapters.peft_keys import full_tensor_name, split_adapter_key
+from adaptertool.errors import AdapterToolError
+from adaptertool.io import Checkpoint, open_adapter
+
+__all__ = ["CombineInput", "CombinePlan", "ModulePlan", "Part", "open_input", "plan_combine"]
+
+
+@dataclass
+class CombineInput:
+    """One adapter to combine, opened."""
+
+    path: Path
+    weight: float
+    settings: AdapterSettings
+    config: dict[str, Any]
+    tensors: Checkpoint
+
+
+@dataclass
+class Part:
+    """One adapter's update of one module."""
+
+    adapter: int
+    update: ModuleUpdate
+    rank: int
+
+
+@dataclass
+class ModulePlan:
+    """One output module and the updates combined into it."""
+
+    name: str
+    shape: tuple[int, ...]  # the base weight's shape
+    embedding: bool
+    first: int  # the first adapter adapting it, for messages
+    parts: list[Part] = field(default_factory=list)  # the adapters with a non-zero weight
+
+
+@dataclass
+class CombinePlan:
+    modules: dict[str, ModulePlan] = field(default_factory=dict)
+    whole: dict[str, tuple[int, str]] = field(default_factory=dict)  # model tensor -> (adapter, key)
+    fan_in_fan_out: bool | None = None  # the Linear modules' layout, once one is seen
+    notes: list[str] = field(default_factory=list)
+
+
+def open_input(path: Path, weight: float) -> CombineInput:
+    """Open one adapter folder and read its config (the caller closes ``tensors``)."""
+    config, tensors, config_path = open_adapter(path)
+    try:
+        settings = AdapterSettings.from_config(config, source=str(config_path))
+    except AdapterToolError:
+        tensors.close()
+        raise
+    return CombineInput(path, weight, settings, config, tensors)
+
+
+def plan_combine(inputs: list[CombineInput], *, exact_method: str | None = None) -> CombinePlan:
+    """Every module's contributing updates, checked from headers; whole tensors checked by value.
+
+    Args:
+        inputs: the opened adapters, in order; those with weight 0 are checked but contribute nothing.
+        exact_method: "linear" or "cat" when the factors will be stacked (LoHa/LoKr have none).
+
+    Raises:
+        AdapterToolError: non-additive updates (DoRA, IA3), shapes that disagree between adapters,
+            different whole-tensor copies of one tensor, or a tensor both replaced and adapted.
+    """
+    plan = CombinePlan()
+    for index, item in enumerate(inputs):
+        modules: dict[str, dict[str, str]] = {}
+        for key in item.tensors:
+            split = split_adapter_key(key)
+            if split is None:
+                _add_whole(plan, inputs, index, key)
+            else:
+                modules.setdefault(split[0], {})[split[1]] = key
+        for module, keys in modules.items():
+            _add_part(plan, inputs, index, module, keys, exact_method)
+    for name, (index, key) in plan.whole.items():
+        module = name.rpartition(".")[0]
+        # PEFT saves an adapted embedding's own base weight (".base_layer.") beside its LoRA: that is
+        # the base, not a replacement, and goes along unchanged.
+        if module in plan.modules and plan.modules[module].parts and ".base_layer." not in key:
+            raise AdapterToolError(f"{inputs[index].path}: saves {name} whole while another adapter adapts {module}; "
+                                   "the two cannot be combined into one adapter")
+    bases = sorted({str(i.settings.base_model) for i in inputs})
+    if len(bases) > 1:
+        plan.notes.append(f"the adapters name different base models ({', '.join(bases)}); their shapes agree, so they are "
+                          "combined; check that they were trained on the same weights")
+    idle = [str(i.path) for i in inputs if i.weight == 0.0]
+    if idle:
+        plan.notes.append(f"weight 0: {', '.join(idle)} contribute nothing")
+    return plan
+
+
+def _add_part(plan: CombinePlan, inputs: list[CombineInput], index: int, module: str, keys: dict[str, str],
+              exact_method: str | None) -> None:
+    item = inputs[index]
+    shapes = {part: item.tensors[key].shape for part, key in keys.items()}
+    try:
+        update, shape = plan_module(module, keys, shapes, item.settings)
+    except AdapterToolError as err:
+        raise AdapterToolError(f"{item.path}: {err}") from None
+    if not update.additive:
+        what = "DoRA" if update.dora else update.kind.upper()
+        raise AdapterToolError(f"{item.path}: module {module} is a {what} update, which rescales weights instead of "
+                               "adding a delta; combine needs additive adapters (LoRA, AdaLoRA, LoHa, LoKr)")
+    if exact_method and update.kind in ("loha", "lokr"):
+        raise AdapterToolError(f"{item.path}: module {module} is {update.kind.upper()}, which has no LoRA factors to "
+                               f"stack for --method {exact_method}; use --method svd")
+    assert shape is not None  # additive kinds always imply a shape
+    embedding = update.kind == "lora_embedding"
+    entry = plan.modules.setdefault(module, ModulePlan(module, shape, embedding, index))
+    if entry.shape != shape:
+        raise AdapterToolError(f"{item.path}: module {module} implies weight shape {list(shape)} but {inputs[entry.first].path} "
+                               f"implies {list(entry.shape)}; the adapters were made for different base models")
+    if entry.embedding != embedding:
+        raise AdapterToolError(f"{item.path}: module {module} is an embedding LoRA here but not in {inputs[entry.first].path}")
+    if not embedding:
+        if plan.fan_in_fan_out is not None and plan.fan_in_fan_out != update.fan_in_fan_out:
+            raise AdapterToolError(f"{item.path}: fan_in_fan_out is {update.fan_in_fan_out} here but not in the other "
+                                   "adapters; they were made for different model classes")
+        plan.fan_in_fan_out = update.fan_in_fan_out
+    if item.weight != 0.0:
+        entry.parts.append(Part(index, update, _part_rank(update, shapes, item.settings)))
+
+
+def _part_rank(update: ModuleUpdate, shapes: dict[str, tuple[int, ...]], settings: AdapterSettings) -> int:
+    if update.kind in ("lora", "adalora"):
+        return shapes["lora_A"][0]
+    if update.kind == "lora_embedding":
+        return shapes["lora_embedding_A"][0]
+    return settings.module_rank(update.module)  # LoHa/LoKr: the configured r
+
+
+def _add_whole(plan: CombinePlan, inputs: list[CombineInput], index: int, key: str) -> None:
+    import torch
+
+    item = inputs[index]
+    name = full_tensor_name(key)
+    if item.weight == 0.0:
+        return
+    if name not in plan.whole:
+        plan.whole[name] = (index, key)
+        return
+    first, first_key = plan.whole[name]
+    a, b = inputs[first].tensors, item.tensors
+    if a[first_key].shape != b[key].shape:
+        raise AdapterToolError(f"{item.path}: saved tensor {key} has shape {list(b[key].shape)} but "
+                               f"{list(a[first_key].shape)} in {inputs[first].path}; the adapters were made for different base models")
+    if a[first_key].dtype != b[key].dtype or not torch.equal(a.read(first_key), b.read(key)):
+        raise AdapterToolError(f"{item.path}: saved tensor {key} differs from the one in {inputs[first].path}; a whole-tensor "
+                               "copy (modules_to_save) cannot be weighted without its base: give one adapter weight 0, "
+                               "or merge them into the base one after the other")
+
+
