@@ -285,9 +285,11 @@ def read_header(file: Path) -> ParsedHeader:
 
 def _looks_pickled(file: Path) -> bool:
     with open(file, "rb") as fh:
-        magic = fh.read(4)
+        head = fh.read(9)
+    if head[8:9] == b"{":  # a safetensors JSON header, whatever its length's first bytes look like
+        return False
     # torch.save writes a zip archive; legacy torch.save and pickle.dump start with PROTO (0x80).
-    return magic == b"PK\x03\x04" or (len(magic) >= 2 and magic[0] == 0x80 and 2 <= magic[1] <= 5)
+    return head[:4] == b"PK\x03\x04" or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
 def _infos(file: Path, header: ParsedHeader) -> dict[str, TensorInfo]:

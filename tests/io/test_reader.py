@@ -168,6 +168,18 @@ def test_pickle_renamed_safetensors_is_refused(tmp_path: Path) -> None:
         open_checkpoint(path)
 
 
+@pytest.mark.parametrize("length", [640, 896, 1152, 1408])
+def test_header_lengths_that_start_like_a_pickle_are_safetensors(tmp_path: Path, length: int) -> None:
+    # Little-endian 640..1408 begins 0x80 0x02..0x05: pickle's PROTO opcode, but byte 8 is "{".
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    header += b" " * (length - len(header))  # the format allows trailing spaces
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", length) + header + struct.pack("<2f", 1.0, 2.0))
+    with open_checkpoint(path) as ckpt:
+        assert ckpt.read("w").tolist() == [1.0, 2.0]
+    assert load_file(path)["w"].tolist() == [1.0, 2.0]
+
+
 def test_index_names_missing_shard(tiny_sharded: Path, tmp_path: Path) -> None:
     folder = _copy(tiny_sharded, tmp_path)
     victim = sorted(folder.glob("model-*.safetensors"))[1]
