@@ -21,6 +21,7 @@ from adaptertool.cli.app import (
     shard_bytes,
     shard_option,
 )
+from adaptertool.cli.sources import SourcePath
 from adaptertool.io import torch_dtype
 
 if TYPE_CHECKING:
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 
 
 @cli.command("info")
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path", type=SourcePath())
 @json_option
 def info_cmd(path: Path, as_json: bool) -> None:
     """Show what a checkpoint or PEFT adapter holds.
@@ -68,7 +69,7 @@ def _info_text(r: InfoReport) -> str:
 
 
 @cli.command("verify")
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path", type=SourcePath())
 @click.option("--nan/--no-nan", default=False, show_default=True, help="Also scan every float tensor for NaN/Inf.")
 @json_option
 @quiet_option
@@ -96,7 +97,7 @@ def verify_cmd(path: Path, nan: bool, as_json: bool, quiet: bool) -> None:
 
 
 @cli.command("reshard")
-@click.argument("source", type=click.Path(path_type=Path))
+@click.argument("source", type=SourcePath())
 @click.argument("out", type=click.Path(path_type=Path))
 @shard_option
 @click.option("--dtype", type=click.Choice(sorted(DTYPE_CODES)), default=None, help="Cast float tensors to this dtype [default: keep].")

@@ -17,12 +17,13 @@ from adaptertool.cli.app import (
     progress_enabled,
     quiet_option,
 )
+from adaptertool.cli.sources import SourcePath
 from adaptertool.io import torch_dtype
 
 
 @cli.command("extract")
-@click.argument("base", type=click.Path(path_type=Path))
-@click.argument("tuned", type=click.Path(path_type=Path))
+@click.argument("base", type=SourcePath())
+@click.argument("tuned", type=SourcePath())
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--rank", type=int, default=16, show_default=True, help="Rank of every module (the fixed rule).")
 @click.option("--energy", type=float, default=None,

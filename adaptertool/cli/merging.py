@@ -20,20 +20,10 @@ from adaptertool.cli.app import (
     shard_bytes,
     shard_option,
 )
+from adaptertool.cli.sources import SourcePath, WeightedSource
 from adaptertool.io import torch_dtype
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _adapter_and_weight(text: str) -> tuple[Path, float]:
-    # ADAPTER[:WEIGHT]; a colon followed by something that is not a number belongs to the path.
-    path, sep, weight = text.rpartition(":")
-    if sep:
-        try:
-            return Path(path), float(weight)
-        except ValueError:
-            pass
-    return Path(text), 1.0
 
 
 def _merge_options(f: F) -> F:
@@ -78,12 +68,13 @@ def _run_merge(base: Path, adapters: list[tuple[Path, float]], out: Path, *, sub
 
 
 @cli.command("merge")
-@click.argument("base", type=click.Path(path_type=Path))
-@click.argument("adapter", type=str)
+@click.argument("base", type=SourcePath())
+@click.argument("adapter", type=WeightedSource())
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--add", "extra", multiple=True, metavar="ADAPTER[:WEIGHT]", help="Another adapter to merge in the same pass (repeatable).")
+@click.option("--add", "extra", type=WeightedSource(), multiple=True, metavar="ADAPTER[:WEIGHT]", help="Another adapter to merge in the same pass (repeatable).")
 @_merge_options
-def merge_cmd(base: Path, adapter: str, out: Path, extra: tuple[str, ...], **options: Any) -> None:
+def merge_cmd(base: Path, adapter: tuple[Path, float], out: Path, extra: tuple[tuple[Path, float], ...],
+              **options: Any) -> None:
     """Merge PEFT adapters into their base model, streamed tensor by tensor.
 
     ADAPTER may carry a weight as ADAPTER:WEIGHT. Supports LoRA (incl. rsLoRA, DoRA, embedding and
@@ -91,16 +82,15 @@ def merge_cmd(base: Path, adapter: str, out: Path, extra: tuple[str, ...], **opt
 
     Example: adaptertool merge ./SmolLM2-135M ./my-lora ./merged --add ./style-lora:0.5
     """
-    adapters = [_adapter_and_weight(a) for a in (adapter, *extra)]
-    _run_merge(base, adapters, out, subtract=False, **options)
+    _run_merge(base, [adapter, *extra], out, subtract=False, **options)
 
 
 @cli.command("subtract")
-@click.argument("model", type=click.Path(path_type=Path))
-@click.argument("adapter", type=str)
+@click.argument("model", type=SourcePath())
+@click.argument("adapter", type=WeightedSource())
 @click.argument("out", type=click.Path(path_type=Path))
 @_merge_options
-def subtract_cmd(model: Path, adapter: str, out: Path, **options: Any) -> None:
+def subtract_cmd(model: Path, adapter: tuple[Path, float], out: Path, **options: Any) -> None:
     """Take a merged adapter back out of a model: W - scale * delta.
 
     Works for additive adapters (LoRA, rsLoRA, LoHa, LoKr, AdaLoRA); DoRA, IA3 and modules_to_save
@@ -108,6 +98,6 @@ def subtract_cmd(model: Path, adapter: str, out: Path, **options: Any) -> None:
 
     Example: adaptertool subtract ./merged ./my-lora ./base-again
     """
-    _run_merge(model, [_adapter_and_weight(adapter)], out, subtract=True, **options)
+    _run_merge(model, [adapter], out, subtract=True, **options)
 
 

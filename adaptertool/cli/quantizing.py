@@ -19,13 +19,14 @@ from adaptertool.cli.app import (
     shard_bytes,
     shard_option,
 )
+from adaptertool.cli.sources import SourcePath
 from adaptertool.io import torch_dtype
 
 BLOCKSIZES = ("32", "64", "128", "256", "512", "1024", "2048", "4096")
 
 
 @cli.command("quantize")
-@click.argument("base", type=click.Path(path_type=Path))
+@click.argument("base", type=SourcePath())
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--quant-type", type=click.Choice(["nf4", "fp4"]), default="nf4", show_default=True,
               help="4-bit data type: NF4 (QLoRA's NormalFloat) or FP4.")
@@ -71,7 +72,7 @@ def _quantize_summary(r: Any) -> str:
 
 
 @cli.command("dequantize")
-@click.argument("qbase", type=click.Path(path_type=Path))
+@click.argument("qbase", type=SourcePath())
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--dtype", type=click.Choice(["auto", *sorted(DTYPE_CODES)]), default="auto", show_default=True,
               help="Output float dtype; auto: each weight's dtype before quantisation, other tensors kept.")

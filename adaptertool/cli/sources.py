@@ -1,0 +1,72 @@
+"""Input arguments that take a local path or a Hub id (``org/name`` or ``org/name@revision``).
+
+A path that exists always wins. Anything else shaped like ``org/name[@revision]`` is downloaded
+through the Hugging Face cache when the argument is converted, and the command receives the cached
+snapshot folder; huggingface_hub is imported only then, so commands on local files never load it.
+A malformed id is a usage error (exit 2); a failed download (auth, missing repo, no network) is
+an AdapterToolError, which the command group prints as one line with exit 1.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from adaptertool.errors import AdapterToolError
+
+__all__ = ["SourcePath", "WeightedSource"]
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    # Cheap shape test before anything is imported: org/name, optionally @revision (which may hold "/").
+    repo = text.split("@", 1)[0]
+    return not text.startswith(("/", ".", "~")) and repo.count("/") == 1 and "\\" not in text
+
+
+class SourcePath(click.ParamType):
+    """A local file or folder, or a Hub id resolved to its cached snapshot folder (a ``pathlib.Path``)."""
+
+    name = "path"
+
+    def __init__(self, kind: str = "model") -> None:
+        self.kind = kind  # "model" or "adapter": only words in messages; both download the same top-level files
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Path:
+        if isinstance(value, Path):
+            return value
+        path = Path(value)
+        if path.exists() or not _looks_like_hub_id(value):
+            return path  # a missing local path is the command's to report, with its own message
+        from adaptertool.io.hub import parse_hub_id
+        from adaptertool.ops.hub import resolve_source
+
+        try:
+            parse_hub_id(value)
+        except AdapterToolError:
+            self.fail(f"{value!r} is neither an existing path nor a Hub id (org/name[@revision])", param, ctx)
+        # Bars only for a person watching: the command's own --quiet/--json are not parsed yet here.
+        return resolve_source(value, kind=self.kind, progress=sys.stderr.isatty())
+
+
+class WeightedSource(click.ParamType):
+    """``ADAPTER[:WEIGHT]``, ADAPTER a path or Hub id: converts to ``(Path, weight)``."""
+
+    name = "adapter[:weight]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[Path, float]:
+        if isinstance(value, tuple):
+            return value
+        # A colon followed by something that is not a number belongs to the path.
+        source, sep, weight_text = value.rpartition(":")
+        weight = 1.0
+        if sep:
+            try:
+                weight = float(weight_text)
+            except ValueError:
+                source = value
+        else:
+            source = value
+        return SourcePath("adapter").convert(source, param, ctx), weight
