@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -18,27 +17,12 @@ from adaptertool.cli.app import (
     progress_enabled,
     quiet_option,
 )
+from adaptertool.cli.sources import SourcePath, split_weight
 from adaptertool.errors import AdapterToolError
 
 # The names adaptertool.adapters.combine.METHODS accepts, listed here so that --help does not import torch.
 _METHODS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_linear_svd", "dare_ties", "dare_ties_svd",
             "dare_svd", "magnitude_prune", "magnitude_prune_svd")
-
-
-def split_weight(text: str) -> tuple[Path, float | None]:
-    """``PATH[:WEIGHT]`` -> (path, weight or None).
-
-    The weight is the text after the last ``:`` when it parses as a finite number and the whole
-    argument is not itself an existing path; so ``C:\\adapters\\x`` and ``run:7/`` stay paths.
-    """
-    head, sep, tail = text.rpartition(":")
-    if not sep or not head or Path(text).exists():
-        return Path(text), None
-    try:
-        weight = float(tail)
-    except ValueError:
-        return Path(text), None
-    return (Path(head), weight) if math.isfinite(weight) else (Path(text), None)
 
 
 @cli.command("combine")
@@ -81,7 +65,8 @@ def combine_cmd(adapters: tuple[str, ...], out: Path, method: str, weights: str 
 
 
 def _parse_adapters(adapters: tuple[str, ...], weights: str | None) -> tuple[tuple[Path, ...], tuple[float, ...] | None]:
-    pairs = [split_weight(text) for text in adapters]
+    source = SourcePath("adapter")
+    pairs = [(source.convert(text, None, None), w) for text, w in map(split_weight, adapters)]
     suffixed = [w for _, w in pairs if w is not None]
     if weights is None:
         if not suffixed:
@@ -93,8 +78,8 @@ def _parse_adapters(adapters: tuple[str, ...], weights: str | None) -> tuple[tup
         parsed = tuple(float(w) for w in weights.split(","))
     except ValueError:
         raise AdapterToolError(f"--weights must be comma-separated numbers, e.g. 0.7,0.3, not {weights!r}") from None
-    # With --weights every argument is a path, colons included.
-    return tuple(Path(text) for text in adapters), parsed
+    # With --weights every argument is a path or Hub id, colons included.
+    return tuple(source.convert(text, None, None) for text in adapters), parsed
 
 
 def _combine_text(r: Any) -> str:

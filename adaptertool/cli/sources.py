@@ -9,6 +9,7 @@ an AdapterToolError, which the command group prints as one line with exit 1.
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import click
 
 from adaptertool.errors import AdapterToolError
 
-__all__ = ["SourcePath", "WeightedSource"]
+__all__ = ["SourcePath", "WeightedSource", "split_weight"]
 
 
 def _looks_like_hub_id(text: str) -> bool:
@@ -52,21 +53,28 @@ class SourcePath(click.ParamType):
 
 
 class WeightedSource(click.ParamType):
-    """``ADAPTER[:WEIGHT]``, ADAPTER a path or Hub id: converts to ``(Path, weight)``."""
+    """``ADAPTER[:WEIGHT]``, ADAPTER a path or Hub id: converts to ``(Path, weight)`` (weight 1 by default)."""
 
     name = "adapter[:weight]"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[Path, float]:
         if isinstance(value, tuple):
             return value
-        # A colon followed by something that is not a number belongs to the path.
-        source, sep, weight_text = value.rpartition(":")
-        weight = 1.0
-        if sep:
-            try:
-                weight = float(weight_text)
-            except ValueError:
-                source = value
-        else:
-            source = value
-        return SourcePath("adapter").convert(source, param, ctx), weight
+        source, weight = split_weight(value)
+        return SourcePath("adapter").convert(source, param, ctx), 1.0 if weight is None else weight
+
+
+def split_weight(text: str) -> tuple[str, float | None]:
+    """``SOURCE[:WEIGHT]`` -> (source, weight or None).
+
+    The weight is the text after the last ``:`` when it parses as a finite number and the whole
+    argument is not itself an existing path; so ``C:\\adapters\\x`` and ``run:7/`` stay paths.
+    """
+    head, sep, tail = text.rpartition(":")
+    if not sep or not head or Path(text).exists():
+        return text, None
+    try:
+        weight = float(tail)
+    except ValueError:
+        return text, None
+    return (head, weight) if math.isfinite(weight) else (text, None)

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from huggingface_hub import constants
 
 from adaptertool.cli import cli
+from adaptertool.cli.sources import split_weight
 from adaptertool.ops.examples import TINY, write_llama, write_lora_adapter
 from tests.hub.fake_hub import TOKEN, FakeHub
 
@@ -57,3 +58,15 @@ def test_hub_ids_and_local_paths_give_the_same_output(on_hub: FakeHub, local: di
         outputs[source] = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix == ".safetensors"}
     assert outputs["hub"] == outputs["local"] and outputs["hub"]
     assert any("/resolve/" in path for _, path in on_hub.requests)
+
+
+def test_split_weight(tmp_path: Path) -> None:
+    assert split_weight("adapters/sft:0.7") == ("adapters/sft", 0.7)
+    assert split_weight("a:-1e-3") == ("a", -0.001)
+    assert split_weight("adapters/sft") == ("adapters/sft", None)
+    assert split_weight("C:\\adapters\\x") == ("C:\\adapters\\x", None)
+    assert split_weight("run:final") == ("run:final", None)
+    assert split_weight("a:inf") == ("a:inf", None)
+    odd = tmp_path / "run:2"
+    odd.mkdir()
+    assert split_weight(str(odd)) == (str(odd), None)  # an existing path wins over a weight suffix

@@ -22,7 +22,6 @@ from safetensors.torch import load_file, save_file
 
 from adaptertool import AdapterToolError
 from adaptertool.cli import cli
-from adaptertool.cli.combining import split_weight
 from adaptertool.io import open_checkpoint
 from adaptertool.ops.combine import CombineConfig, combine
 from adaptertool.ops.examples import TINY
@@ -416,18 +415,6 @@ def test_cli_json_and_weights(zoo: Zoo, tmp_path: Path) -> None:
     assert report["weights"] == [0.7, -0.3] and report["rank"] == 8 and report["rel_error"] < 1e-5
     code, out, _ = _cli("combine", zoo["a"], zoo["d"], "-o", tmp_path / "out2", "--weights", "0.7,-0.3", "--method", "cat")
     assert code == 0 and "total: 6 modules (r=8)" in out and out.rstrip().splitlines()[-1].startswith("wrote ")
-
-
-def test_split_weight(tmp_path: Path) -> None:
-    assert split_weight("adapters/sft:0.7") == (Path("adapters/sft"), 0.7)
-    assert split_weight("a:-1e-3") == (Path("a"), -0.001)
-    assert split_weight("adapters/sft") == (Path("adapters/sft"), None)
-    assert split_weight("C:\\adapters\\x") == (Path("C:\\adapters\\x"), None)
-    assert split_weight("run:final") == (Path("run:final"), None)
-    assert split_weight("a:inf") == (Path("a:inf"), None)
-    odd = tmp_path / "run:2"
-    odd.mkdir()
-    assert split_weight(str(odd)) == (odd, None)  # an existing path wins over a weight suffix
 
 
 def test_cli_lists_every_method() -> None:
