@@ -21,6 +21,7 @@ from huggingface_hub import constants, errors
 from tqdm.auto import tqdm
 
 from adaptertool.errors import AdapterToolError
+from adaptertool.io.hub_ids import hub_id_of_cache_path
 from adaptertool.io.sidefiles import SIDE_FILES, read_json
 
 __all__ = [
@@ -76,15 +77,6 @@ def parse_hub_id(text: str, *, revision: str | None = None) -> HubRef:
     if match.group(2) is not None and revision is not None and match.group(2) != revision:
         raise AdapterToolError(f"{text} names revision {match.group(2)!r} and --revision says {revision!r}; give one")
     return HubRef(match.group(1), match.group(2) or revision)
-
-
-def hub_id_of_cache_path(path: str | Path) -> str | None:
-    """``org/name`` when ``path`` lies in a Hub cache snapshot (``models--org--name/snapshots/<commit>``)."""
-    parts = Path(path).parts
-    for i, part in enumerate(parts[:-2]):
-        if part.startswith("models--") and parts[i + 1] == "snapshots" and part.count("--") == 2:
-            return "/".join(part.split("--")[1:])
-    return None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -46,6 +46,7 @@ from adaptertool.io import (
     torch_dtype,
     write_adapter,
 )
+from adaptertool.io.hub_ids import source_name
 from adaptertool.ops.measure import Stopwatch, peak_rss_bytes
 
 if TYPE_CHECKING:
@@ -427,7 +428,7 @@ def _adapter_config(cfg: ExtractConfig, base: Checkpoint, plan: _Plan, modules: 
     config: dict[str, object] = {
         "peft_type": "LORA", "r": r, "lora_alpha": r, "lora_dropout": 0.0, "target_modules": targets,
         "bias": "none", "fan_in_fan_out": bool(plan.transposed - plan.embedding_lora), "use_rslora": False, "use_dora": False, "inference_mode": True,
-        "init_lora_weights": True, "base_model_name_or_path": str(cfg.base), "task_type": _task_type(base),
+        "init_lora_weights": True, "base_model_name_or_path": source_name(cfg.base), "task_type": _task_type(base),
     }
     if pattern:
         config["rank_pattern"] = pattern

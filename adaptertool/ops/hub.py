@@ -244,7 +244,7 @@ def _card_facts(folder: Path) -> tuple[str, dict[str, Any], list[str], list[str]
         return "quantized model", facts, ["adaptertool", *filter(None, kind_tags)], ["## Quantization", "", *details]
     if _ADAPTERS_KEY in provenance:
         adapters = json.loads(provenance[_ADAPTERS_KEY])
-        return "merged model", facts, ["adaptertool", "merge"], ["## Merged adapters", "", *(f"- {a}" for a in adapters)]
+        return "merged model", facts, ["adaptertool", "merge"], ["## Merged adapters", "", *map(_adapter_line, adapters)]
     return "model", facts, ["adaptertool"], []
 
 
@@ -280,6 +280,12 @@ def _hub_model(value: object) -> str | None:
     except AdapterToolError:
         return None
     return ref.repo_id if ref.revision is None and not Path(value).exists() else None
+
+
+def _adapter_line(entry: str) -> str:
+    """``- org/name (weight w)`` for a recorded ``source:weight``; a local path only by its folder name."""
+    source, _, weight = entry.rpartition(":")
+    return f"- {_hub_model(source) or Path(source).name} (weight {weight})"
 
 
 def _is_4bit(base: object) -> bool:

@@ -9,6 +9,7 @@ the output dtype; every other tensor is copied byte for byte (or cast, with ``dt
 from __future__ import annotations
 
 import dataclasses
+import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from adaptertool.io import (
     staged_output,
     torch_dtype,
 )
+from adaptertool.io.hub_ids import source_name
 from adaptertool.ops.fourbit_view import FourBitView, open_fourbit_view
 from adaptertool.ops.measure import Stopwatch, peak_rss_bytes
 from adaptertool.ops.merge_plan import LoadedAdapter, Step, load_adapter, plan_targets
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
 __all__ = ["MergeConfig", "MergeReport", "merge", "subtract"]
 
 _FOURBIT_NOTE = "the base holds"
+_PROVENANCE = "adaptertool."  # prefix of the metadata keys recording a merge's inputs
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -121,7 +124,7 @@ def merge(cfg: MergeConfig, *, progress: bool = False) -> MergeReport:
             inputs = [cfg.base, *(a.path for a in adapters)]
             with staged_output(cfg.out, force=cfg.force, inputs=inputs) as tmp:
                 writer = CheckpointWriter(tmp, specs, max_shard_bytes=cfg.max_shard_bytes,
-                                          metadata={**base.metadata, "format": "pt"})
+                                          metadata=_metadata(base.metadata, cfg))
                 with writer:
                     counts = _stream(base, writer, plan.targets, adapters, device=device, progress=progress)
                 side = write_model_files(base.root, tmp, dtype=cfg.dtype, untie=bool(plan.extra),
@@ -135,6 +138,17 @@ def merge(cfg: MergeConfig, *, progress: bool = False) -> MergeReport:
         dtype=str(cfg.dtype).removeprefix("torch.") if cfg.dtype else "as base", device=device,
         side_files=side, notes=plan.notes, seconds=clock.seconds, peak_rss_bytes=peak_rss_bytes(),
     )
+
+
+def _metadata(base: dict[str, str], cfg: MergeConfig) -> dict[str, str]:
+    """The base's safetensors metadata plus what this merge came from (``push`` puts it on the
+    model card); a subtract drops the record of earlier merges, which no longer holds."""
+    kept = {k: v for k, v in base.items() if not k.startswith(_PROVENANCE)}
+    if cfg.subtract:
+        return {**kept, "format": "pt"}
+    adapters = [f"{source_name(path)}:{weight * cfg.scale:g}" for path, weight in cfg.adapters]
+    return {**kept, "format": "pt", f"{_PROVENANCE}base_model": source_name(cfg.base),
+            f"{_PROVENANCE}adapters": json.dumps(adapters)}
 
 
 def _merge_requantized(cfg: MergeConfig, *, progress: bool) -> MergeReport:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load
 
 from adaptertool.ops.examples import TINY, write_llama, write_lora_adapter
 from adaptertool.ops.hub import PullConfig, pull
@@ -65,7 +67,14 @@ def test_merge_with_hub_ids(hub: FakeHub, hub_env: dict[str, str], models: dict[
     expected = merge(MergeConfig(base=models["base"], adapters=((models["lora"], 1.0), (models["style"], 0.5)),
                                  out=tmp_path / "local-merged"))
     assert expected.merged == 6
-    assert _tree(tmp_path / "hub-merged") == _tree(tmp_path / "local-merged")
+    ours, local = _tree(tmp_path / "hub-merged"), _tree(tmp_path / "local-merged")
+    assert ours["config.json"] == local["config.json"]
+    assert load(ours["model.safetensors"]).keys() == load(local["model.safetensors"]).keys()
+    for name, tensor in load(ours["model.safetensors"]).items():
+        assert torch.equal(tensor, load(local["model.safetensors"])[name]), name
+    with safe_open(tmp_path / "hub-merged" / "model.safetensors", "pt") as f:  # the card's source
+        assert f.metadata()["adaptertool.base_model"] == "me/base"
+        assert json.loads(f.metadata()["adaptertool.adapters"]) == ["me/lora:1", "me/style:0.5"]
     # Only top-level files of each repo were fetched, each once.
     gets = [p for m, p in hub.requests if m == "GET" and "/resolve/" in p]
     assert len(gets) == len(set(gets)) == len(_tree(models["base"])) + 2 * 2

@@ -72,16 +72,16 @@ def test_quantized_model_card(tmp_path: Path) -> None:
 
 
 def test_merged_model_card_reads_provenance_metadata(tmp_path: Path) -> None:
-    # The keys merge is proposed to record (issue 8): the base and the adapters folded in.
+    # The keys merge records: the base and the adapters folded in, as Hub ids where they came from the Hub.
     folder = tmp_path / "merged"
     folder.mkdir()
     save_file({"w": torch.zeros(2)}, folder / "model.safetensors",
               metadata={"format": "pt", "adaptertool.base_model": "org/base",
-                        "adaptertool.adapters": json.dumps(["org/lora-a", "org/lora-b:0.5"])})
+                        "adaptertool.adapters": json.dumps(["org/lora-a:1", "org/lora-b:0.5", "/home/me/adapters/style:0.3"])})
     card = model_card(folder, "me/merged")
     meta, body = _split(card.text)
     assert card.kind == "merged model" and meta == {"base_model": "org/base", "tags": ["adaptertool", "merge"]}
-    assert "- org/lora-a\n- org/lora-b:0.5" in body
+    assert "- org/lora-a (weight 1)\n- org/lora-b (weight 0.5)\n- style (weight 0.3)\n" in body
 
 
 def test_existing_card_keeps_its_body_and_user_metadata(tmp_path: Path) -> None:
