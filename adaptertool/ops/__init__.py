@@ -6,12 +6,14 @@ Names load on first use: most pipelines import torch, which ``info`` and ``verif
 from adaptertool._lazy import lazy_exports
 
 __all__, __getattr__ = lazy_exports(__name__, {
+    "combine": ("CombineConfig", "CombineReport", "combine"),
     "demo": ("DemoConfig", "DemoReport", "demo"),
     "info": ("InfoReport", "info"),
     "merge": ("MergeConfig", "MergeReport", "merge", "subtract"),
     "quantize": ("DequantConfig", "DequantReport", "QuantConfig", "QuantReport", "QuantSummary", "dequantize",
                  "describe_quantization", "quantize", "read_quantized_weight"),
     "extract": ("ExtractConfig", "ExtractReport", "extract"),
+    "hub": ("PullConfig", "PullReport", "PushConfig", "PushReport", "model_card", "pull", "push"),
     "reshard": ("ReshardConfig", "ReshardReport", "reshard"),
     "verify": ("VerifyReport", "verify"),
 })
