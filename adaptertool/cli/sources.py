@@ -48,8 +48,14 @@ class SourcePath(click.ParamType):
             parse_hub_id(value)
         except AdapterToolError:
             self.fail(f"{value!r} is neither an existing path nor a Hub id (org/name[@revision])", param, ctx)
-        # Bars only for a person watching: the command's own --quiet/--json are not parsed yet here.
-        return resolve_source(value, kind=self.kind, progress=sys.stderr.isatty())
+        try:
+            # Bars only for a person watching: the command's own --quiet/--json are not parsed yet here.
+            return resolve_source(value, kind=self.kind, progress=sys.stderr.isatty())
+        except AdapterToolError as err:
+            if "no such repo" not in str(err):
+                raise
+            # A mistyped relative path (models/llama) looks like a Hub id: say both were tried.
+            raise AdapterToolError(f"{value} is neither a local path nor a Hub repo: {err}") from err
 
 
 class WeightedSource(click.ParamType):

@@ -111,7 +111,7 @@ FAILURES = {
 @pytest.mark.parametrize(("case", "command"), [
     *((case, "pull") for case in sorted(FAILURES)),
     # merge resolves its inputs the same way; two cases show the error reaches its command line too.
-    ("404-revision", "merge"), ("dropped", "merge"),
+    ("404-revision", "merge"), ("dropped", "merge"), ("404-repo", "merge"),
 ])
 def test_failures_are_one_line_and_leave_no_output(hub: FakeHub, hub_env: dict[str, str], tmp_path: Path,
                                                    case: str, command: str) -> None:
@@ -125,6 +125,8 @@ def test_failures_are_one_line_and_leave_no_output(hub: FakeHub, hub_env: dict[s
     args = ["pull", repo, str(out)] if command == "pull" else ["merge", repo, "me/lora", str(out)]
     done = run_cli(hub_env, *args, **env)
     assert done.code == 1 and done.out == ""
+    if command == "merge" and case == "404-repo":  # an input may be a mistyped relative path too
+        assert done.err.startswith(f"error: {repo} is neither a local path nor a Hub repo: ")
     assert done.err.startswith("error: ") and message in done.err and len(done.err.strip().splitlines()) == 1, done.err
     assert list(out.parent.iterdir()) == []  # no OUT, no staging leftovers
     assert TOKEN not in done.err and "hf_wrongToken" not in done.err
