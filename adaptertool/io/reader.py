@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,7 @@ class Checkpoint:
         self.index = index
         self.metadata = metadata
         self._handles: dict[Path, BinaryIO] = {}
+        self._lock = threading.Lock()
 
     @property
     def root(self) -> Path | None:
@@ -116,12 +118,12 @@ class Checkpoint:
         dtype = torch_dtype(info.dtype)
         buf = torch.empty(info.nbytes, dtype=torch.uint8) if buffer is None else buffer[: info.nbytes]
         if info.nbytes:
-            handle = self._handle(info.file)
-            handle.seek(info.offset)
+            fd = self._handle(info.file).fileno()
             view = memoryview(buf.numpy())
             done = 0
             while done < info.nbytes:
-                got = handle.readinto(view[done : done + _IO_CHUNK])
+                # Positioned reads: no shared file offset, so another thread may copy meanwhile.
+                got = os.preadv(fd, [view[done : done + _IO_CHUNK]], info.offset + done)
                 if not got:
                     raise AdapterToolError(f"{info.file}: tensor {name} is cut short; was the file truncated while open?")
                 done += got
@@ -138,8 +140,7 @@ class Checkpoint:
             except OSError:  # EXDEV, ENOSYS, EINVAL on some filesystems: copy through user space
                 sent = 0
             if sent == 0:
-                src.seek(position)
-                chunk = src.read(min(left, _COPY_CHUNK))
+                chunk = os.pread(src.fileno(), min(left, _COPY_CHUNK), position)
                 if not chunk:
                     raise AdapterToolError(f"{info.file}: tensor {name} is cut short; was the file truncated while open?")
                 write_all(dst, memoryview(chunk))
@@ -148,10 +149,11 @@ class Checkpoint:
             left -= sent
 
     def _handle(self, file: Path) -> BinaryIO:
-        handle = self._handles.get(file)
-        if handle is None:
-            handle = self._handles[file] = open(file, "rb", buffering=0)
-        return handle
+        with self._lock:  # one handle per file even when two threads ask at once
+            handle = self._handles.get(file)
+            if handle is None:
+                handle = self._handles[file] = open(file, "rb", buffering=0)
+            return handle
 
     def close(self) -> None:
         for handle in self._handles.values():
