@@ -47,14 +47,9 @@ from adaptertool.io import (
     staged_output,
     write_adapter,
 )
-from adaptertool.ops.combine_plan import (
-    CombineInput,
-    CombinePlan,
-    ModulePlan,
-    open_input,
-    plan_combine,
-)
+from adaptertool.ops.combine_plan import CombinePlan, ModulePlan, plan_combine
 from adaptertool.ops.measure import Stopwatch, peak_rss_bytes
+from adaptertool.ops.merge_plan import LoadedAdapter, load_adapter
 
 if TYPE_CHECKING:
     import torch
@@ -162,10 +157,10 @@ def combine(cfg: CombineConfig, *, progress: bool = False) -> CombineReport:
     """
     clock = Stopwatch()
     check_output(cfg.out, force=cfg.force, inputs=cfg.adapters)
-    inputs: list[CombineInput] = []
+    inputs: list[LoadedAdapter] = []
     try:
         for path, weight in zip(cfg.adapters, cfg.weight_list()):
-            inputs.append(open_input(path, weight))
+            inputs.append(load_adapter(path, weight))
         plan = plan_combine(inputs, exact_method=cfg.method if cfg.method in EXACT_METHODS else None)
         results, dropped = _combine_all(plan, inputs, cfg, progress=progress)
         if not results and not plan.whole:
@@ -175,7 +170,7 @@ def combine(cfg: CombineConfig, *, progress: bool = False) -> CombineReport:
             writer = _write(tmp, config, results, plan, inputs, cfg)
     finally:
         for item in inputs:
-            item.tensors.close()
+            item.weights.close()
     energy = sum(r.energy for r in results.values())
     residual = sum(r.energy * r.report.rel_error**2 for r in results.values())
     return CombineReport(
@@ -188,7 +183,7 @@ def combine(cfg: CombineConfig, *, progress: bool = False) -> CombineReport:
     )
 
 
-def _combine_all(plan: CombinePlan, inputs: list[CombineInput], cfg: CombineConfig, *,
+def _combine_all(plan: CombinePlan, inputs: list[LoadedAdapter], cfg: CombineConfig, *,
                  progress: bool) -> tuple[dict[str, _Result], list[str]]:
     """Combine every module, one at a time; (results by module, modules dropped as zero)."""
     ranks = [p.rank for m in plan.modules.values() for p in m.parts]
@@ -209,7 +204,7 @@ def _combine_all(plan: CombinePlan, inputs: list[CombineInput], cfg: CombineConf
     return results, dropped
 
 
-def _combine_module(module: ModulePlan, inputs: list[CombineInput], cfg: CombineConfig, target_rank: int,
+def _combine_module(module: ModulePlan, inputs: list[LoadedAdapter], cfg: CombineConfig, target_rank: int,
                     any_bias: bool) -> _Result | None:
     """One module's combined factors (and bias), or None when the combined update is exactly zero."""
     import torch
@@ -265,12 +260,12 @@ def _sum_rank_bound(module: ModulePlan) -> int | None:
     return total
 
 
-def _read(item: CombineInput, update: ModuleUpdate) -> dict[str, torch.Tensor]:
+def _read(item: LoadedAdapter, update: ModuleUpdate) -> dict[str, torch.Tensor]:
     import torch
 
     tensors = {}
     for part, key in update.keys.items():
-        tensor = item.tensors.read(key)
+        tensor = item.weights.read(key)
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise AdapterToolError(f"{item.path}: tensor {key} holds NaN or Inf values; the adapter is broken")
         tensors[part] = tensor
@@ -301,7 +296,7 @@ def _seed(seed: int, module: str, stream: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(f"{module}:{stream}".encode())) % (1 << 63)
 
 
-def _adapter_config(inputs: list[CombineInput], plan: CombinePlan, results: dict[str, _Result]) -> dict[str, Any]:
+def _adapter_config(inputs: list[LoadedAdapter], plan: CombinePlan, results: dict[str, _Result]) -> dict[str, Any]:
     """A plain LoRA config: scaling 1 everywhere, every module named in full."""
     ranks = Counter(r.report.rank for r in results.values())
     # The most common rank (the larger on a tie) is r; r == lora_alpha everywhere, so scaling is 1.
@@ -330,7 +325,7 @@ def _adapter_config(inputs: list[CombineInput], plan: CombinePlan, results: dict
 
 
 def _write(folder: Path, config: dict[str, Any], results: dict[str, _Result], plan: CombinePlan,
-           inputs: list[CombineInput], cfg: CombineConfig) -> CheckpointWriter:
+           inputs: list[LoadedAdapter], cfg: CombineConfig) -> CheckpointWriter:
     """Write the combined factors, then the whole tensors copied from their adapters."""
     import torch
 
@@ -344,6 +339,6 @@ def _write(folder: Path, config: dict[str, Any], results: dict[str, _Result], pl
         if res.bias is not None:
             tensors[f"{PEFT_PREFIX}{name}.lora_B.bias"] = res.bias.to(out_dtype)
     specs = [TensorSpec(key, code, tuple(t.shape)) for key, t in tensors.items()]
-    copies = {key: inputs[index].tensors for index, key in plan.whole.values()}
+    copies = {key: inputs[index].weights for index, key in plan.whole.values()}
     specs += [TensorSpec(key, source[key].dtype, source[key].shape) for key, source in copies.items()]
     return write_adapter(folder, config, specs, lambda key: tensors[key] if key in tensors else copies[key].read(key))

@@ -10,27 +10,14 @@ replacement cannot be weighted without the base it replaces.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 from adaptertool.adapters.modules import ModuleUpdate, plan_module
 from adaptertool.adapters.peft_config import AdapterSettings
 from adaptertool.adapters.peft_keys import full_tensor_name, split_adapter_key
 from adaptertool.errors import AdapterToolError
-from adaptertool.io import Checkpoint, open_adapter
+from adaptertool.ops.merge_plan import LoadedAdapter
 
-__all__ = ["CombineInput", "CombinePlan", "ModulePlan", "Part", "open_input", "plan_combine"]
-
-
-@dataclass
-class CombineInput:
-    """One adapter to combine, opened."""
-
-    path: Path
-    weight: float
-    settings: AdapterSettings
-    config: dict[str, Any]
-    tensors: Checkpoint
+__all__ = ["CombinePlan", "ModulePlan", "Part", "plan_combine"]
 
 
 @dataclass
@@ -61,18 +48,7 @@ class CombinePlan:
     notes: list[str] = field(default_factory=list)
 
 
-def open_input(path: Path, weight: float) -> CombineInput:
-    """Open one adapter folder and read its config (the caller closes ``tensors``)."""
-    config, tensors, config_path = open_adapter(path)
-    try:
-        settings = AdapterSettings.from_config(config, source=str(config_path))
-    except AdapterToolError:
-        tensors.close()
-        raise
-    return CombineInput(path, weight, settings, config, tensors)
-
-
-def plan_combine(inputs: list[CombineInput], *, exact_method: str | None = None) -> CombinePlan:
+def plan_combine(inputs: list[LoadedAdapter], *, exact_method: str | None = None) -> CombinePlan:
     """Every module's contributing updates, checked from headers; whole tensors checked by value.
 
     Args:
@@ -86,7 +62,7 @@ def plan_combine(inputs: list[CombineInput], *, exact_method: str | None = None)
     plan = CombinePlan()
     for index, item in enumerate(inputs):
         modules: dict[str, dict[str, str]] = {}
-        for key in item.tensors:
+        for key in item.weights:
             split = split_adapter_key(key)
             if split is None:
                 _add_whole(plan, inputs, index, key)
@@ -111,10 +87,10 @@ def plan_combine(inputs: list[CombineInput], *, exact_method: str | None = None)
     return plan
 
 
-def _add_part(plan: CombinePlan, inputs: list[CombineInput], index: int, module: str, keys: dict[str, str],
+def _add_part(plan: CombinePlan, inputs: list[LoadedAdapter], index: int, module: str, keys: dict[str, str],
               exact_method: str | None) -> None:
     item = inputs[index]
-    shapes = {part: item.tensors[key].shape for part, key in keys.items()}
+    shapes = {part: item.weights[key].shape for part, key in keys.items()}
     try:
         update, shape = plan_module(module, keys, shapes, item.settings)
     except AdapterToolError as err:
@@ -151,7 +127,7 @@ def _part_rank(update: ModuleUpdate, shapes: dict[str, tuple[int, ...]], setting
     return settings.module_rank(update.module)  # LoHa/LoKr: the configured r
 
 
-def _add_whole(plan: CombinePlan, inputs: list[CombineInput], index: int, key: str) -> None:
+def _add_whole(plan: CombinePlan, inputs: list[LoadedAdapter], index: int, key: str) -> None:
     import torch
 
     item = inputs[index]
@@ -162,7 +138,7 @@ def _add_whole(plan: CombinePlan, inputs: list[CombineInput], index: int, key: s
         plan.whole[name] = (index, key)
         return
     first, first_key = plan.whole[name]
-    a, b = inputs[first].tensors, item.tensors
+    a, b = inputs[first].weights, item.weights
     if a[first_key].shape != b[key].shape:
         raise AdapterToolError(f"{item.path}: saved tensor {key} has shape {list(b[key].shape)} but "
                                f"{list(a[first_key].shape)} in {inputs[first].path}; the adapters were made for different base models")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from adaptertool.adapters.modules import ModuleUpdate, ia3_fits, plan_module
 from adaptertool.adapters.peft_config import AdapterSettings
@@ -22,6 +23,7 @@ class LoadedAdapter:
     weight: float
     settings: AdapterSettings
     weights: Checkpoint
+    config: dict[str, Any] = field(default_factory=dict)  # adapter_config.json as read
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ def load_adapter(path: Path, weight: float) -> LoadedAdapter:
     except AdapterToolError:
         weights.close()
         raise
-    return LoadedAdapter(path, weight, settings, weights)
+    return LoadedAdapter(path, weight, settings, weights, config)
 
 
 def plan_targets(base: Checkpoint, adapters: list[LoadedAdapter], *, subtract: bool) -> MergePlan:
