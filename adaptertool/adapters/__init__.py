@@ -4,6 +4,8 @@ from adaptertool._lazy import lazy_exports
 
 __all__, __getattr__ = lazy_exports(__name__, {
     "combine": ("METHODS", "combine_task_vectors", "dare_drop", "magnitude_trim", "stack_factors", "ties_merge"),
+    "init": ("default_factors", "dora_magnitude", "embedding_factors", "gaussian_factors", "olora_factors",
+             "pissa_factors"),
     "modules": ("ADDITIVE_KINDS", "ModuleUpdate", "ia3_fits", "plan_module"),
     "peft_config": ("SUPPORTED_PEFT_TYPES", "AdapterSettings", "match_pattern"),
     "peft_keys": ("ADAPTER_PARTS", "PEFT_PREFIX", "full_tensor_name", "split_adapter_key"),

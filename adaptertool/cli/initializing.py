@@ -1,3 +1,124 @@
-"""The init and convert: fresh adapters (default/gaussian/PiSSA/OLoRA) and adapter conversions command(s)."""
+"""The init and convert commands: fresh adapters (default/gaussian/PiSSA/OLoRA) and adapter conversions."""
 
-from adaptertool.cli.app import cli  # noqa: F401  (commands register on it)
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from adaptertool.cli.app import (
+    DTYPE_CODES,
+    cli,
+    emit,
+    force_option,
+    human_bytes,
+    json_option,
+    progress_enabled,
+    quiet_option,
+    shard_bytes,
+    shard_option,
+)
+from adaptertool.cli.sources import SourcePath
+from adaptertool.io import torch_dtype
+
+
+@cli.command("init")
+@click.argument("base", type=SourcePath())
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--rank", type=int, default=16, show_default=True, help="LoRA rank r of every module.")
+@click.option("--alpha", type=float, default=None, help="lora_alpha [default: the rank, so the scaling is 1].")
+@click.option("--targets", multiple=True, default=("all-linear",), show_default=True, metavar="NAME",
+              help="all-linear (every Linear but the output head, as PEFT), or names matched as PEFT target_modules "
+                   "(repeatable; embeddings get an embedding LoRA).")
+@click.option("--rslora", is_flag=True, help="rsLoRA scaling alpha/sqrt(r) instead of alpha/r.")
+@click.option("--dora", is_flag=True, help="DoRA: also write the magnitude vectors (norms of the weights).")
+@click.option("--method", type=click.Choice(["default", "gaussian", "pissa", "olora"]), default="default",
+              show_default=True, help="PEFT's initialisation; pissa/olora also write --residual-base.")
+@click.option("--pissa-niter", type=int, default=None,
+              help="Fast PiSSA: randomized SVD with this many power iterations instead of the exact SVD.")
+@click.option("--residual-base", type=click.Path(path_type=Path), default=None,
+              help="pissa/olora: where to write the base minus the adapter's initial part (load the adapter on it).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random factors (default/gaussian, fast PiSSA).")
+@click.option("--dtype", type=click.Choice(sorted(DTYPE_CODES)), default="fp32", show_default=True,
+              help="dtype of the adapter's factors (the residual base keeps the base's).")
+@shard_option
+@force_option
+@json_option
+@quiet_option
+def init_cmd(base: Path, out: Path, rank: int, alpha: float | None, targets: tuple[str, ...], rslora: bool, dora: bool,
+             method: str, pissa_niter: int | None, residual_base: Path | None, seed: int, dtype: str, max_shard_size: str,
+             force: bool, as_json: bool, quiet: bool) -> None:
+    """Write a fresh PEFT LoRA adapter for BASE, initialised as PEFT does.
+
+    Example: adaptertool init ./SmolLM2-135M ./pissa-adapter --method pissa --rank 16 --residual-base ./SmolLM2-residual
+    """
+    from adaptertool.ops.init import InitConfig, init_adapter
+
+    cfg = InitConfig(
+        base=base, out=out, rank=rank, alpha=alpha, targets=tuple(targets), rslora=rslora, dora=dora, method=method,
+        pissa_niter=pissa_niter, residual_base=residual_base, seed=seed, dtype=torch_dtype(DTYPE_CODES[dtype]),
+        max_shard_bytes=shard_bytes(max_shard_size), force=force,
+    )
+    emit(init_adapter(cfg, progress=progress_enabled(quiet, as_json)), as_json, _init_text)
+
+
+def _init_text(r: Any) -> str:
+    lines = [
+        *(f"note: {note}" for note in r.notes),
+        (f"wrote {r.out}: {r.method} LoRA on {r.modules} modules ({', '.join(r.target_modules)}), r={r.rank}, "
+         f"alpha={r.alpha:g}, scaling {r.scaling:g}, {human_bytes(r.adapter_bytes)} in {r.seconds:.1f} s"),
+    ]
+    if r.residual_base is not None:
+        lines.append(f"wrote residual base {r.residual_base} ({r.copied} tensors copied unchanged); residual + adapter "
+                     f"reproduces the base to a relative error of {r.reconstruction_error:.1e} (rounding to the base's dtype)")
+    return "\n".join(lines)
+
+
+@cli.command("convert")
+@click.argument("adapter", type=SourcePath("adapter"))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--from-pissa", type=SourcePath("adapter"), default=None, metavar="INITIAL",
+              help="ADAPTER is a trained PiSSA adapter and INITIAL the adapter init wrote: make a LoRA over the original base.")
+@click.option("--from-olora", type=SourcePath("adapter"), default=None, metavar="INITIAL",
+              help="The same for an OLoRA adapter.")
+@click.option("--rank", type=int, default=None, help="Resize: re-factor each module's delta at this rank (truncated SVD).")
+@click.option("--energy", type=float, default=None,
+              help="Resize instead by energy: per module, the smallest rank keeping this fraction of ||delta||_F^2.")
+@click.option("--max-rank", type=int, default=None, help="Cap on the resized ranks [default: --rank, or 128 with --energy].")
+@click.option("--svd", type=click.Choice(["randomized", "exact"]), default="randomized", show_default=True,
+              help="Randomized SVD (fast, seeded) or the exact SVD, for a resize.")
+@click.option("--export", is_flag=True,
+              help="Fold the scaling into B: one r == lora_alpha, no rsLoRA, no patterns (llama.cpp/vLLM-style loaders).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD.")
+@click.option("--dtype", type=click.Choice(["auto", *sorted(DTYPE_CODES)]), default="auto", show_default=True,
+              help="dtype of the factors; auto keeps the adapter's.")
+@force_option
+@json_option
+@quiet_option
+def convert_cmd(adapter: Path, out: Path, from_pissa: Path | None, from_olora: Path | None, rank: int | None,
+                energy: float | None, max_rank: int | None, svd: str, export: bool, seed: int, dtype: str, force: bool,
+                as_json: bool, quiet: bool) -> None:
+    """Convert an adapter: PiSSA/OLoRA to plain LoRA, resize its rank, or the export form.
+
+    Example: adaptertool convert ./pissa-trained ./lora --from-pissa ./pissa-adapter
+    """
+    from adaptertool.ops.convert import ConvertConfig, convert
+
+    cfg = ConvertConfig(
+        adapter=adapter, out=out, from_pissa=from_pissa, from_olora=from_olora, rank=rank, energy=energy,
+        max_rank=max_rank, svd=svd, export=export, seed=seed,
+        dtype=None if dtype == "auto" else torch_dtype(DTYPE_CODES[dtype]), force=force,
+    )
+    emit(convert(cfg, progress=progress_enabled(quiet, as_json)), as_json, _convert_text)
+
+
+def _convert_text(r: Any) -> str:
+    ranks = sorted({m.rank for m in r.modules})
+    shown = f"r={r.rank}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]} (r={r.rank}, others in rank_pattern)"
+    error = f", relative Frobenius error {r.rel_error:.2e}" if "resize" in r.steps else ""
+    return "\n".join([
+        *(f"note: {note}" for note in r.notes),
+        (f"wrote {r.out} ({' + '.join(r.steps)}): {len(r.modules)} modules, {shown}, alpha={r.alpha:g}{error}; "
+         f"{human_bytes(r.adapter_bytes)} in {r.seconds:.1f} s"),
+    ])

@@ -7,8 +7,10 @@ from adaptertool._lazy import lazy_exports
 
 __all__, __getattr__ = lazy_exports(__name__, {
     "combine": ("CombineConfig", "CombineReport", "combine"),
+    "convert": ("ConvertConfig", "ConvertReport", "convert"),
     "demo": ("DemoConfig", "DemoReport", "demo"),
     "info": ("InfoReport", "info"),
+    "init": ("InitConfig", "InitReport", "init_adapter"),
     "merge": ("MergeConfig", "MergeReport", "merge", "subtract"),
     "quantize": ("DequantConfig", "DequantReport", "QuantConfig", "QuantReport", "QuantSummary", "dequantize",
                  "describe_quantization", "quantize", "read_quantized_weight"),

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import re
 import tempfile
-import zlib
 from collections import Counter
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
@@ -48,6 +47,13 @@ from adaptertool.io import (
 )
 from adaptertool.io.hub_ids import source_name
 from adaptertool.ops.measure import Stopwatch, peak_rss_bytes
+from adaptertool.ops.targets import (
+    is_embedding,
+    is_head,
+    module_seed,
+    targeted,
+    task_type,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -55,11 +61,7 @@ if TYPE_CHECKING:
 __all__ = ["ExtractConfig", "ExtractReport", "ModuleReport", "extract"]
 
 _PREFIX = "base_model.model."
-# Module names that hold embeddings (input or output): never factored as Linear by "all-linear".
-_EMBEDDINGS = ("embed_tokens", "lm_head", "wte", "wpe", "word_embeddings", "position_embeddings",
-               "token_type_embeddings", "embed_out", "embed_positions", "shared")
 _EMBEDDING_MODES = ("auto", "skip", "save", "lora")
-_HEADS = ("lm_head", "embed_out")  # output embeddings are Linear layers, LoRA'd as such
 _TIED_INPUTS = ("embed_tokens", "wte", "word_embeddings")  # input embeddings a missing head is tied to
 
 
@@ -214,12 +216,12 @@ def _plan(base: Checkpoint, tuned: Checkpoint, cfg: ExtractConfig) -> _Plan:
         matrix = part == "weight" and len(base[name].shape) == 2 and base[name].dtype in FLOAT_CODES
         if _is_embedding(name) and matrix and cfg.embeddings == "lora":
             plan.linear[module] = name
-            if not module.endswith(_HEADS):  # an input embedding: PEFT's Embedding LoRA layout
+            if not is_head(module):  # an input embedding: PEFT's Embedding LoRA layout
                 plan.transposed.add(module)
                 plan.embedding_lora.add(module)
         elif _is_embedding(name):
             (plan.embeddings if matrix else plan.others).append(name)
-        elif matrix and _targeted(module, cfg.targets):
+        elif matrix and targeted(module, cfg.targets):
             plan.linear[module] = name
             if conv1d:
                 plan.transposed.add(module)
@@ -229,7 +231,7 @@ def _plan(base: Checkpoint, tuned: Checkpoint, cfg: ExtractConfig) -> _Plan:
     plan.others = [n for n in plan.others if n.rpartition(".")[0] not in plan.linear or not n.endswith(".bias")]
     if "all-linear" not in cfg.targets:
         for target in cfg.targets:
-            if not any(_targeted(module, (target,)) for module in plan.linear):
+            if not any(targeted(module, (target,)) for module in plan.linear):
                 raise AdapterToolError(f"{cfg.base}: --targets {target} matches no 2-D weight; check the module names (e.g. q_proj)")
     return plan
 
@@ -244,7 +246,9 @@ def _refuse_tied_embedding_lora(base: Checkpoint, tuned: Checkpoint, plan: _Plan
 
 
 def _is_embedding(name: str) -> bool:
-    return any(token in _EMBEDDINGS for token in name.split("."))
+    """A tensor of an input embedding or an output head: never factored as Linear by "all-linear"."""
+    module = name.rpartition(".")[0]
+    return is_embedding(module) or is_head(module)
 
 
 def _conv1d_layout(base: Checkpoint) -> bool:
@@ -253,11 +257,6 @@ def _conv1d_layout(base: Checkpoint) -> bool:
         return False
     config = read_json(base.root / "config.json")
     return config.get("model_type") == "gpt2" or any(str(a).startswith("GPT2") for a in config.get("architectures") or [])
-
-
-def _targeted(module: str, targets: tuple[str, ...]) -> bool:
-    # PEFT's list semantics: the full name, or a suffix starting at a dot.
-    return "all-linear" in targets or any(module == t or module.endswith("." + t) for t in targets)
 
 
 def _dtype_notes(base: Checkpoint, tuned: Checkpoint) -> list[str]:
@@ -342,17 +341,12 @@ def _factor_module(base_weight: torch.Tensor, tuned_weight: torch.Tensor, module
         delta = delta.T  # a view: the SVD reads it strided rather than copying the matrix
     # Seeded per module from its name: its factors depend only on (seed, module), not on which
     # modules came before it or were skipped.
-    generator = torch.Generator().manual_seed(_module_seed(cfg.seed, module))
+    generator = torch.Generator().manual_seed(module_seed(cfg.seed, module))
     f = factor_delta(delta, policy, method=cfg.svd, generator=generator, niter=cfg.niter,
                      oversample=cfg.oversample, noise_std=noise)
     figures = {"rank": f.rank, "retained": f.retained, "rel_error": f.rel_error, "delta_norm": f.delta_norm,
                "capped": f.capped}
     return f.b, f.a, figures
-
-
-def _module_seed(seed: int, module: str) -> int:
-    # A stable hash (Python's hash() of a str is salted per process).
-    return (seed * 1_000_003 + zlib.crc32(module.encode())) % (1 << 63)
 
 
 class _Spool:
@@ -428,7 +422,7 @@ def _adapter_config(cfg: ExtractConfig, base: Checkpoint, plan: _Plan, modules: 
     config: dict[str, object] = {
         "peft_type": "LORA", "r": r, "lora_alpha": r, "lora_dropout": 0.0, "target_modules": targets,
         "bias": "none", "fan_in_fan_out": bool(plan.transposed - plan.embedding_lora), "use_rslora": False, "use_dora": False, "inference_mode": True,
-        "init_lora_weights": True, "base_model_name_or_path": source_name(cfg.base), "task_type": _task_type(base),
+        "init_lora_weights": True, "base_model_name_or_path": source_name(cfg.base), "task_type": task_type(base),
     }
     if pattern:
         config["rank_pattern"] = pattern
@@ -438,10 +432,3 @@ def _adapter_config(cfg: ExtractConfig, base: Checkpoint, plan: _Plan, modules: 
     if saved:
         config["modules_to_save"] = sorted({key.rpartition(".")[0] for key in saved})
     return config
-
-
-def _task_type(base: Checkpoint) -> str | None:
-    if base.root is None or not (base.root / "config.json").is_file():
-        return None
-    architectures = read_json(base.root / "config.json").get("architectures") or []
-    return "CAUSAL_LM" if any(str(a).endswith("ForCausalLM") for a in architectures) else None

@@ -1,0 +1,309 @@
+"""init: a fresh PEFT LoRA adapter for a base checkpoint, initialised as PEFT does (see
+:mod:`adaptertool.adapters.init`), and for PiSSA/OLoRA the residual base it goes with.
+
+Plan from the base's headers: which 2-D weights are targets (``all-linear``: every 2-D float weight
+except embeddings and the output head, as PEFT's "all-linear"; or names matched as PEFT's
+``target_modules`` list, embeddings included). Only target weights are ever read, and only when a
+method needs them (PiSSA, OLoRA, DoRA's magnitudes). PiSSA/OLoRA stream the base into
+``residual_base``: each target weight becomes ``W - scaling * B @ A`` in the base's dtype, every
+other tensor is copied byte for byte, and the side files come along.
+
+The adapter's factors are held in memory until it is written (``r * (in + out)`` floats per
+module, a small fraction of the model); the base never is.
+
+adapter_config.json gets ``init_lora_weights: "gaussian"`` for the gaussian method and ``true``
+otherwise. PEFT re-runs a "pissa"/"olora" initialisation whenever it loads an adapter whose config
+says so, which would decompose the residual base a second time; PEFT's own PiSSA/OLoRA examples
+save the initial adapter with ``init_lora_weights=True`` for that reason, and its PiSSA -> LoRA
+conversion requires it.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tqdm import tqdm
+
+from adaptertool.adapters.init import (
+    InitFactors,
+    default_factors,
+    dora_magnitude,
+    embedding_factors,
+    gaussian_factors,
+    olora_factors,
+    pissa_factors,
+)
+from adaptertool.adapters.lora import embedding_delta, linear_delta, lora_scaling
+from adaptertool.adapters.peft_keys import PEFT_PREFIX
+from adaptertool.errors import AdapterToolError
+from adaptertool.io import (
+    DEFAULT_MAX_SHARD_BYTES,
+    FLOAT_CODES,
+    Checkpoint,
+    CheckpointWriter,
+    TensorSpec,
+    check_output,
+    dtype_code,
+    open_checkpoint,
+    staged_output,
+    write_adapter,
+)
+from adaptertool.io.hub_ids import source_name
+from adaptertool.ops.measure import Stopwatch, peak_rss_bytes
+from adaptertool.ops.model_files import write_model_files
+from adaptertool.ops.targets import is_embedding, module_seed, targeted, task_type
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["METHODS", "InitConfig", "InitReport", "init_adapter"]
+
+METHODS = ("default", "gaussian", "pissa", "olora")
+_RESIDUAL_METHODS = ("pissa", "olora")
+
+
+@dataclass(frozen=True, kw_only=True)
+class InitConfig:
+    base: Path
+    out: Path
+    rank: int = 16
+    alpha: float | None = None  # None: alpha = rank (scaling 1, PiSSA's recommendation)
+    targets: tuple[str, ...] = ("all-linear",)  # or module names, matched as PEFT's target_modules list
+    rslora: bool = False
+    dora: bool = False
+    method: str = "default"
+    pissa_niter: int | None = None  # fast PiSSA: randomized SVD with this many power iterations
+    residual_base: Path | None = None  # required by pissa/olora
+    seed: int = 0
+    dtype: torch.dtype | None = None  # adapter dtype; None: float32 (PEFT keeps adapters in float32)
+    max_shard_bytes: int | None = DEFAULT_MAX_SHARD_BYTES  # residual base shards
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        if self.rank <= 0:
+            raise AdapterToolError(f"--rank must be a positive integer, not {self.rank}")
+        if self.alpha is not None and not self.alpha > 0:
+            raise AdapterToolError(f"--alpha must be positive, not {self.alpha}")
+        if self.method not in METHODS:
+            raise AdapterToolError(f"--method must be one of {', '.join(METHODS)}, not {self.method!r}")
+        if self.pissa_niter is not None and (self.method != "pissa" or self.pissa_niter < 0):
+            raise AdapterToolError("--pissa-niter takes a count >= 0 and only goes with --method pissa")
+        if self.method in _RESIDUAL_METHODS and self.residual_base is None:
+            raise AdapterToolError(f"--method {self.method} moves the principal part of each weight into the adapter; "
+                                   "give --residual-base DIR for the base it leaves behind")
+        if self.method not in _RESIDUAL_METHODS and self.residual_base is not None:
+            raise AdapterToolError(f"--residual-base only goes with --method pissa or olora; {self.method} leaves the base as it is")
+        if self.residual_base is not None and self.residual_base.resolve() == self.out.resolve():
+            raise AdapterToolError("OUT and --residual-base must be different folders")
+        if self.dtype is not None and dtype_code(self.dtype) not in FLOAT_CODES:
+            raise AdapterToolError(f"--dtype must be a float type, not {self.dtype}")
+        if not self.targets:
+            raise AdapterToolError("--targets names no module")
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.rank) if self.alpha is None else float(self.alpha)
+
+    @property
+    def scaling(self) -> float:
+        return lora_scaling(self.lora_alpha, self.rank, rslora=self.rslora)
+
+    @property
+    def init_lora_weights(self) -> bool | str:
+        return "gaussian" if self.method == "gaussian" else True
+
+
+@dataclass(frozen=True, kw_only=True)
+class InitReport:
+    out: str
+    files: list[str]
+    method: str
+    rank: int
+    alpha: float
+    scaling: float
+    modules: int
+    target_modules: list[str]
+    adapter_bytes: int
+    residual_base: str | None = None
+    residual_files: list[str] = field(default_factory=list)
+    copied: int = 0  # residual base tensors copied byte for byte
+    # max over modules of ||float(stored residual) + scaling * B @ A - W||_F / ||W||_F (pissa/olora)
+    reconstruction_error: float = 0.0
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    peak_rss_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class _Target:
+    weight: str  # the base tensor
+    embedding: bool  # lora_embedding_A/B (an nn.Embedding) rather than lora_A/B
+
+
+def init_adapter(cfg: InitConfig, *, progress: bool = False) -> InitReport:
+    """Write a fresh adapter for ``cfg.base`` to ``cfg.out`` (and the residual base for PiSSA/OLoRA).
+
+    Raises:
+        AdapterToolError: a target that matches no weight, a rank above a module's smaller side
+            (PiSSA/OLoRA), an existing output without ``force``.
+    """
+    clock = Stopwatch()
+    check_output(cfg.out, force=cfg.force, inputs=[cfg.base])
+    if cfg.residual_base is not None:
+        check_output(cfg.residual_base, force=cfg.force, inputs=[cfg.base, cfg.out])
+    with open_checkpoint(cfg.base) as base, ExitStack() as outputs:
+        targets = _plan_targets(base, cfg)
+        tensors: dict[str, torch.Tensor] = {}
+        notes: list[str] = []
+        if cfg.residual_base is None:
+            for module, target in tqdm(targets.items(), desc="init", disable=not progress):
+                _add_module(tensors, module, _factors(base, module, target, cfg), base, target, cfg)
+            error, residual_files, copied = 0.0, [], 0
+        else:
+            # Committed right after the adapter (the stack unwinds last); discarded if anything before fails.
+            tmp = outputs.enter_context(staged_output(cfg.residual_base, force=cfg.force, inputs=[cfg.base]))
+            error, residual_files, copied = _write_residual(tmp, base, targets, tensors, cfg, progress=progress)
+        config = _adapter_config(cfg, base, targets)
+        specs = [TensorSpec(key, dtype_code(t.dtype), tuple(t.shape)) for key, t in tensors.items()]
+        with staged_output(cfg.out, force=cfg.force, inputs=[cfg.base]) as tmp:
+            writer = write_adapter(tmp, config, specs, tensors.__getitem__)
+    if any(t.embedding for t in targets.values()) and cfg.method != "default":
+        notes.append(f"embedding modules get PEFT's embedding init (A = 0, B ~ N(0, 1)) whatever the method; "
+                     f"{cfg.method} applies to the Linear modules")
+    return InitReport(
+        out=str(cfg.out), files=[f.name for f in writer.files], method=_method_name(cfg), rank=cfg.rank,
+        alpha=cfg.lora_alpha, scaling=cfg.scaling, modules=len(targets), target_modules=list(config["target_modules"]),
+        adapter_bytes=writer.total_bytes, residual_base=None if cfg.residual_base is None else str(cfg.residual_base),
+        residual_files=residual_files, copied=copied, reconstruction_error=error, notes=notes,
+        seconds=clock.seconds, peak_rss_bytes=peak_rss_bytes(),
+    )
+
+
+def _method_name(cfg: InitConfig) -> str:
+    return f"pissa_niter_{cfg.pissa_niter}" if cfg.pissa_niter is not None else cfg.method
+
+
+def _plan_targets(base: Checkpoint, cfg: InitConfig) -> dict[str, _Target]:
+    """{module: target} in base order; "all-linear" means PEFT's: every Linear but the output head."""
+    targets: dict[str, _Target] = {}
+    named = [t for t in cfg.targets if t != "all-linear"]
+    for name in base:
+        module, _, part = name.rpartition(".")
+        info = base[name]
+        if part != "weight" or len(info.shape) != 2 or info.dtype not in FLOAT_CODES:
+            continue
+        if targeted(module, cfg.targets):
+            targets[module] = _Target(name, embedding=is_embedding(module))
+    for target in named:
+        if not any(targeted(m, (target,)) for m in targets):
+            raise AdapterToolError(f"{cfg.base}: --targets {target} matches no 2-D float weight; check the module names (e.g. q_proj)")
+    if not targets:
+        raise AdapterToolError(f"{cfg.base}: holds no 2-D float weight to put a LoRA on; is it a model checkpoint?")
+    if cfg.method in _RESIDUAL_METHODS:
+        for module, target in targets.items():
+            smaller = min(base[target.weight].shape)
+            if not target.embedding and cfg.rank > smaller:
+                raise AdapterToolError(f"{cfg.base}: --rank {cfg.rank} exceeds the smaller side ({smaller}) of {target.weight}; "
+                                       f"{cfg.method} needs rank <= min(out, in)")
+    return targets
+
+
+def _factors(base: Checkpoint, module: str, target: _Target, cfg: InitConfig, *,
+             weight: torch.Tensor | None = None) -> InitFactors:
+    """The module's initial factors; reads the weight (unless given) only when the method needs it."""
+    import torch
+
+    generator = torch.Generator().manual_seed(module_seed(cfg.seed, module))
+    rows, cols = base[target.weight].shape
+    if target.embedding:
+        return embedding_factors(rows, cols, cfg.rank, generator=generator)
+    if cfg.method == "default":
+        return default_factors(rows, cols, cfg.rank, generator=generator)
+    if cfg.method == "gaussian":
+        return gaussian_factors(rows, cols, cfg.rank, generator=generator)
+    weight = base.read(target.weight) if weight is None else weight
+    if cfg.method == "olora":
+        return olora_factors(weight, cfg.rank, cfg.scaling)
+    return pissa_factors(weight, cfg.rank, cfg.scaling, niter=cfg.pissa_niter, generator=generator)
+
+
+def _add_module(tensors: dict[str, torch.Tensor], module: str, factors: InitFactors, base: Checkpoint,
+                target: _Target, cfg: InitConfig, *, stored: torch.Tensor | None = None) -> None:
+    """Add one module's adapter tensors; ``stored`` is the weight the adapter will sit on, when already read."""
+    import torch
+
+    out_dtype = cfg.dtype or torch.float32
+    key = PEFT_PREFIX + module
+    parts = ("lora_embedding_A", "lora_embedding_B") if target.embedding else ("lora_A.weight", "lora_B.weight")
+    tensors[f"{key}.{parts[0]}"] = factors.a.to(out_dtype)
+    tensors[f"{key}.{parts[1]}"] = factors.b.to(out_dtype)
+    if cfg.dora:
+        # As PEFT computes it when it creates the layer: from the factors (as stored) on the weight
+        # the adapter sits on (the stored residual for PiSSA/OLoRA), so the adapter starts as a no-op.
+        a, b = tensors[f"{key}.{parts[0]}"], tensors[f"{key}.{parts[1]}"]
+        delta = embedding_delta(a, b, cfg.scaling) if target.embedding else linear_delta(a, b, cfg.scaling)
+        weight = stored if stored is not None else base.read(target.weight)
+        tensors[f"{key}.lora_magnitude_vector"] = dora_magnitude(weight, delta, dim=0 if target.embedding else 1).to(out_dtype)
+
+
+def _write_residual(tmp: Path, base: Checkpoint, targets: dict[str, _Target], tensors: dict[str, torch.Tensor],
+                    cfg: InitConfig, *, progress: bool) -> tuple[float, list[str], int]:
+    """Stream ``base`` into ``tmp`` with every target weight replaced by its residual; fill ``tensors``.
+
+    Returns (reconstruction error, residual files, tensors copied byte for byte).
+    """
+    from adaptertool.io import torch_dtype
+
+    by_weight = {t.weight: module for module, t in targets.items()}
+    writer = CheckpointWriter(tmp, base.specs(), max_shard_bytes=cfg.max_shard_bytes,
+                              metadata={**base.metadata, "format": "pt"})
+    worst = 0.0
+    copied = 0
+    with writer, tqdm(total=writer.total_bytes, unit="B", unit_scale=True, desc=cfg.method, disable=not progress) as bar:
+        for spec in writer.order:
+            module = by_weight.get(spec.name)
+            if module is None:
+                writer.copy(spec.name, base)
+                copied += 1
+            else:
+                weight = base.read(spec.name)
+                factors = _factors(base, module, targets[module], cfg, weight=weight)
+                residual = weight if factors.residual is None else factors.residual.to(torch_dtype(spec.dtype))
+                writer.write(spec.name, residual)
+                _add_module(tensors, module, factors, base, targets[module], cfg, stored=residual)
+                worst = max(worst, _reconstruction_error(weight, residual, factors, cfg.scaling, targets[module]))
+            bar.update(spec.nbytes)
+    write_model_files(base.root, tmp)
+    return worst, sorted(p.name for p in tmp.iterdir()), copied
+
+
+def _reconstruction_error(weight: torch.Tensor, residual: torch.Tensor, factors: InitFactors, scaling: float,
+                          target: _Target) -> float:
+    """||float(residual) + scaling * B @ A - W||_F / ||W||_F: what storing the residual rounded off."""
+    delta = (embedding_delta(factors.a, factors.b, scaling) if target.embedding
+             else linear_delta(factors.a, factors.b, scaling))
+    original = weight.float()
+    norm = float(original.norm())
+    return float((residual.float() + delta - original).norm()) / norm if norm else 0.0
+
+
+def _adapter_config(cfg: InitConfig, base: Checkpoint, targets: dict[str, _Target]) -> dict[str, object]:
+    if "all-linear" in cfg.targets:
+        # PEFT saves the expanded list: the short names of the Linear modules it wrapped.
+        names = sorted({m.rpartition(".")[2] for m in targets} | {t for t in cfg.targets if t != "all-linear"})
+    else:
+        names = sorted(set(cfg.targets))
+    alpha = cfg.lora_alpha
+    config: dict[str, object] = {
+        "peft_type": "LORA", "r": cfg.rank, "lora_alpha": int(alpha) if alpha.is_integer() else alpha,
+        "target_modules": names, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+        "use_rslora": cfg.rslora, "use_dora": cfg.dora, "init_lora_weights": cfg.init_lora_weights,
+        "inference_mode": True,
+        # PiSSA/OLoRA adapters belong on the residual base: point loaders (AutoPeftModel) at it.
+        "base_model_name_or_path": str(cfg.residual_base) if cfg.residual_base is not None else source_name(cfg.base),
+        "task_type": task_type(base),
+    }
+    return config
