@@ -3,9 +3,10 @@
     python benchmarks/bench_extract.py [--model smollm2|synthetic|both] [--rank 16] [--runs 1]
 
 synthetic: one Llama-7B-shaped layer pair, a 4096x4096 (q_proj-like) and a 14336x4096 (up_proj-like)
-Linear, bf16; smollm2: the real SmolLM2-135M-Instruct (210 linear modules). TUNED is BASE plus a
-realistic full fine-tune delta (a decaying rank-32 part plus a full-rank part, ~1 % of the weights'
-scale: flat spectra, as real fine-tunes have), generated once into .cache/bench.
+Linear, bf16, and as TUNED the pair plus a realistic full fine-tune delta (a decaying rank-32 part
+plus a full-rank part, ~1 % of the weights' scale: flat spectra, as real fine-tunes have), generated
+once into .cache/bench; smollm2: the real SmolLM2-135M-Instruct (210 linear modules) and, as TUNED,
+its short real full fine-tune (fixtures/build_real_models.py smollm2-tuned).
 The peer is the exact method: read both tensors, torch.linalg.svd(delta) in float32, keep rank r
 (what mergekit-extract-lora does per module), streamed one module at a time like ours. Both write
 each module's relative Frobenius error; "excess" is ours / exact - 1 (exact is the optimum).
@@ -105,8 +106,7 @@ def synthetic_base() -> Path:
     return path
 
 
-def bench(name: str, base: Path, rank: int, runs: int) -> None:
-    tuned = tuned_for(name, base)
+def bench(name: str, base: Path, tuned: Path, rank: int, runs: int) -> None:
     out, ours_json, exact_json, exact_ours_json = (CACHE / f"extract-{name}-{x}" for x in ("out", "ours.json", "exact.json", "exact-ours.json"))
     ours_cmd = [sys.executable, "-c", OURS, str(base), str(tuned), str(out), str(rank), str(ours_json), "randomized"]
     results = [
@@ -138,9 +138,10 @@ def main() -> None:
     args = parser.parse_args()
     CACHE.mkdir(parents=True, exist_ok=True)
     if args.model in ("synthetic", "both"):
-        bench("llama7b-layers", synthetic_base(), args.rank, args.runs)
+        base = synthetic_base()
+        bench("llama7b-layers", base, tuned_for("llama7b-layers", base), args.rank, args.runs)
     if args.model in ("smollm2", "both"):
-        bench("smollm2", smollm2(), args.rank, args.runs)
+        bench("smollm2", smollm2(), smollm2("smollm2-tuned"), args.rank, args.runs)
 
 
 if __name__ == "__main__":

@@ -48,8 +48,9 @@ def synthetic() -> Path:
     return path
 
 
-def smollm2() -> Path:
-    built = subprocess.run([sys.executable, str(REPO / "fixtures" / "build_real_models.py"), "smollm2"],
+def smollm2(which: str = "smollm2") -> Path:
+    """A real-model fixture folder ("smollm2" or "smollm2-tuned"), built and cached on first use."""
+    built = subprocess.run([sys.executable, str(REPO / "fixtures" / "build_real_models.py"), which],
                            check=True, capture_output=True, text=True)
     return Path(built.stdout.strip().splitlines()[-1])
 
