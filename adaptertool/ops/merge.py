@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import tempfile
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -219,25 +217,15 @@ class _Workspace:
 
 def _stream(base: Checkpoint | FourBitView, writer: CheckpointWriter, targets: dict[str, tuple[str, list[Step]]],
             adapters: list[LoadedAdapter], *, device: str, progress: bool) -> dict[str, int]:
-    """Merge or copy every output tensor in the writer's order. Writing runs on one background
-    thread, in order, while the next tensor is computed: the syscalls then overlap the maths
-    (both release the GIL). Blockwise merges alternate between two output buffers, and a buffer is
-    reused only once the write that read it has finished."""
     import torch
 
     counts = {"merged": 0, "replaced": 0, "copied": 0, "cast": 0}
-    spaces = (_Workspace(), _Workspace())
-    last_write: list[Future[None] | None] = [None, None]  # per workspace: the write still reading its buffer
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-writer") as io, \
-            tqdm(total=writer.total_bytes, unit="B", unit_scale=True, desc="merge", disable=not progress) as bar:
-        pending: deque[Future[None]] = deque()
-        for i, spec in enumerate(writer.order):
+    space = _Workspace()
+    with tqdm(total=writer.total_bytes, unit="B", unit_scale=True, desc="merge", disable=not progress) as bar:
+        for spec in writer.order:
             bar.set_postfix_str(f"{counts['merged']} merged", refresh=False)
             out_dtype = torch_dtype(spec.dtype)
             if spec.name in targets:
-                space = spaces[i % 2]
-                if (previous := last_write[i % 2]) is not None:
-                    previous.result()
                 source, steps = targets[spec.name]
                 weight = base.read(source, buffer=space.get("read", base[source].nbytes, torch.uint8))
                 if device == "cpu" and len(steps) == 1 and steps[0].kind == "weight" and steps[0].update.blockwise:
@@ -245,22 +233,14 @@ def _stream(base: Checkpoint | FourBitView, writer: CheckpointWriter, targets: d
                 else:
                     tensor = _apply(weight, steps, adapters, device).to(out_dtype)
                 counts["replaced" if steps[-1].kind == "replace" else "merged"] += 1
-                job = io.submit(writer.write, spec.name, tensor)
-                last_write[i % 2] = job
+                writer.write(spec.name, tensor)
             elif base[spec.name].dtype == spec.dtype and not _quantized(base, spec.name):
-                job = io.submit(writer.copy, spec.name, base)
+                writer.copy(spec.name, base)
                 counts["copied"] += 1
             else:
-                job = io.submit(writer.write, spec.name, base.read(spec.name).to(out_dtype))
+                writer.write(spec.name, base.read(spec.name).to(out_dtype))
                 counts["cast"] += 1
-            job.add_done_callback(lambda _, n=spec.nbytes: bar.update(n))
-            pending.append(job)
-            # At most two tensors in flight (memory stays bounded); a failed write stops the merge
-            # here, with its own error.
-            while pending and (len(pending) > 2 or pending[0].done()):
-                pending.popleft().result()
-        for job in pending:
-            job.result()
+            bar.update(spec.nbytes)
     return counts
 
 
