@@ -1,3 +1,115 @@
-"""The train: the LoRA/QLoRA training loop command(s)."""
+"""The train command: a LoRA/QLoRA adapter from a JSONL dataset, with our own small training loop."""
 
-from adaptertool.cli.app import cli  # noqa: F401  (commands register on it)
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from adaptertool.cli.app import (
+    cli,
+    emit,
+    force_option,
+    human_bytes,
+    json_option,
+    progress_enabled,
+    quiet_option,
+)
+from adaptertool.cli.sources import SourcePath
+
+
+@cli.command("train")
+@click.argument("base", type=SourcePath())
+@click.argument("data", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--eval", "eval_data", type=click.Path(path_type=Path), default=None,
+              help="Held-out JSONL: eval loss every --eval-every steps and at the end.")
+@click.option("--rank", type=int, default=16, show_default=True, help="LoRA rank r.")
+@click.option("--alpha", type=float, default=None, help="LoRA alpha [default: 2 x rank].")
+@click.option("--dropout", type=float, default=0.05, show_default=True, help="LoRA dropout on the layer input.")
+@click.option("--targets", multiple=True, default=("all-linear",), show_default=True, metavar="NAME",
+              help="Modules to train: all-linear, or names matched as PEFT target_modules (repeatable).")
+@click.option("--rslora/--no-rslora", default=False, show_default=True, help="Scale by alpha/sqrt(r) (rsLoRA).")
+@click.option("--dora/--no-dora", default=False, show_default=True, help="Weight-decomposed LoRA (DoRA).")
+@click.option("--qlora/--no-qlora", default=False, show_default=True,
+              help="Keep the base's Linear weights in NF4 (a 16-bit base is quantised at load).")
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=False, show_default=True,
+              help="Recompute each block in the backward: less memory, about a third more time.")
+@click.option("--epochs", type=int, default=None, help="Passes over DATA [default: 1, unless --max-steps].")
+@click.option("--max-steps", type=int, default=None, help="Optimizer steps (wins over --epochs).")
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Sequences per micro-batch.")
+@click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")
+@click.option("--lr", type=float, default=2e-4, show_default=True, help="Peak learning rate.")
+@click.option("--seq-len", type=int, default=512, show_default=True,
+              help="Tokens per sequence (packed block, or truncation length without packing).")
+@click.option("--packing/--no-packing", default=True, show_default=True,
+              help="Pack examples into --seq-len blocks, or pad length-grouped batches.")
+@click.option("--warmup-steps", type=int, default=None, help="Linear warmup steps [default: 0].")
+@click.option("--warmup-ratio", type=float, default=None, help="Warmup as a fraction of all steps instead.")
+@click.option("--schedule", type=click.Choice(["cosine", "linear", "constant"]), default="cosine", show_default=True,
+              help="Learning-rate decay after warmup.")
+@click.option("--weight-decay", type=float, default=0.0, show_default=True, help="Decoupled weight decay.")
+@click.option("--max-grad-norm", type=float, default=1.0, show_default=True, help="Gradient clipping norm (0: off).")
+@click.option("--optim", type=click.Choice(["adamw", "sgd", "adamw8bit", "paged_adamw"]), default="adamw",
+              show_default=True, help="Optimizer (adamw8bit, paged_adamw: bitsandbytes; paged needs CUDA).")
+@click.option("--eval-every", type=int, default=0, show_default=True, help="Eval every N steps (0: at the end only).")
+@click.option("--save-every", type=int, default=0, show_default=True, help="Checkpoint every N steps (0: none).")
+@click.option("--checkpoint-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where checkpoints and the live log go (kept) [default: OUT.checkpoints, removed on success].")
+@click.option("--resume", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Continue from a checkpoint (step-N folder, or a checkpoint dir: its newest).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds LoRA init, data order and dropout.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where to train.")
+@click.option("--bf16/--no-bf16", default=True, show_default=True,
+              help="On CUDA: bf16 base weights and autocast (the CPU always trains in float32).")
+@force_option
+@json_option
+@quiet_option
+def train_cmd(base: Path, data: Path, out: Path, eval_data: Path | None, rank: int, alpha: float | None,
+              dropout: float, targets: tuple[str, ...], rslora: bool, dora: bool, qlora: bool,
+              gradient_checkpointing: bool, epochs: int | None, max_steps: int | None, batch_size: int,
+              grad_accum: int, lr: float, seq_len: int, packing: bool, warmup_steps: int | None,
+              warmup_ratio: float | None, schedule: str, weight_decay: float, max_grad_norm: float, optim: str,
+              eval_every: int, save_every: int, checkpoint_dir: Path | None, resume: Path | None, seed: int,
+              device: str, bf16: bool, force: bool, as_json: bool, quiet: bool) -> None:
+    """Train a LoRA (or QLoRA) adapter on BASE with the JSONL examples in DATA.
+
+    Example: adaptertool train ./SmolLM2-135M train.jsonl ./my-adapter --eval val.jsonl --epochs 2 --seq-len 512
+    """
+    from adaptertool.ops.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        base=base, data=data, out=out, eval_data=eval_data, rank=rank, alpha=alpha, dropout=dropout,
+        targets=tuple(targets), rslora=rslora, dora=dora, qlora=qlora, gradient_checkpointing=gradient_checkpointing,
+        epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, seq_len=seq_len,
+        packing=packing, warmup_steps=warmup_steps, warmup_ratio=warmup_ratio, schedule=schedule,
+        weight_decay=weight_decay, max_grad_norm=max_grad_norm, optim=optim, eval_every=eval_every,
+        save_every=save_every, checkpoint_dir=checkpoint_dir, resume=resume, seed=seed, device=device, bf16=bf16,
+        force=force,
+    )
+    emit(train(cfg, progress=progress_enabled(quiet, as_json)), as_json, _train_text)
+
+
+def _train_text(r: Any) -> str:
+    d = r.data
+    cut = (f", {d.truncated} truncated to --seq-len ({d.truncated_tokens} tokens dropped)" if d.truncated else "")
+    cut += f", {d.dropped} left without targets and skipped" if d.dropped else ""
+    cut += f", {d.whole_chat_loss} conversations trained whole" if d.whole_chat_loss else ""
+    evals = ""
+    if r.eval_loss is not None:
+        start = f"{r.eval_loss_start:.4f} -> " if r.eval_loss_start is not None else ""
+        evals = f", eval loss {start}{r.eval_loss:.4f}"
+    lines = [
+        f"data: {d.records} records, {d.tokens} tokens ({d.target_tokens} trained on) in {d.batches} batches{cut}",
+        (f"trained {r.trainable_params} parameters for {r.steps} steps ({r.epochs:g} epochs, {r.tokens} tokens) "
+         f"on {r.device}: train loss {r.train_loss:.4f}{evals}"),
+        *(f"note: {note}" for note in r.notes),
+        (f"wrote {r.out} ({', '.join(r.files)}) in {r.seconds:.1f} s, {r.tokens_per_s:.0f} tokens/s, "
+         f"peak memory {human_bytes(r.peak_rss_bytes)}"
+         + (f", peak VRAM {human_bytes(r.peak_vram_bytes)}" if r.peak_vram_bytes else "")),
+    ]
+    if r.checkpoint_dir:
+        lines.append(f"checkpoints kept in {r.checkpoint_dir}")
+    return "\n".join(lines)

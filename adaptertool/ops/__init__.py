@@ -17,5 +17,6 @@ __all__, __getattr__ = lazy_exports(__name__, {
     "extract": ("ExtractConfig", "ExtractReport", "extract"),
     "hub": ("PullConfig", "PullReport", "PushConfig", "PushReport", "model_card", "pull", "push"),
     "reshard": ("ReshardConfig", "ReshardReport", "reshard"),
+    "train": ("TrainConfig", "TrainReport", "train"),
     "verify": ("VerifyReport", "verify"),
 })

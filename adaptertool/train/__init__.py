@@ -1,3 +1,12 @@
-"""The minimal LoRA/QLoRA training loop (issue #7)."""
+"""The minimal LoRA/QLoRA training loop (issue #7): a native decoder, LoRA layers and their loader.
 
-__all__: list[str] = []
+Names load on first use, so importing the package does not import torch.
+"""
+
+from adaptertool._lazy import lazy_exports
+
+__all__, __getattr__ = lazy_exports(__name__, {
+    "lora": ("FourBitWeight", "FrozenLinear", "LoRALinear", "LoraSpec"),
+    "model": ("SUPPORTED_ARCHITECTURES", "Decoder", "DecoderConfig"),
+    "weights": ("load_decoder",),
+})

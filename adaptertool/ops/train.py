@@ -1,0 +1,309 @@
+"""train: a LoRA / QLoRA adapter trained on a safetensors checkpoint with our own small loop.
+
+Recipe: check the options and OUT, read the tokenizer and the data (a malformed line fails here,
+before the model loads), load the decoder with fresh LoRA layers (NF4 base with ``qlora``), run
+:func:`adaptertool.train.loop.train_loop`, then write OUT atomically: the PEFT adapter
+(adapter_config.json with ``base_model_name_or_path`` = BASE as given, adapter_model.safetensors),
+the JSONL log and, when matplotlib imports, loss.png. Tokenizer files are not copied: a PEFT
+adapter names its base, whose tokenizer it was trained with (PEFT's save_pretrained does the same).
+
+Checkpoints (``save_every``) and the live log go to ``checkpoint_dir``, by default ``OUT.checkpoints``
+beside OUT; that default folder is removed once OUT is complete, an explicit one is kept. A failed
+or interrupted run keeps it, so ``resume`` can continue from its newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from adaptertool.errors import AdapterToolError
+from adaptertool.io import (
+    TensorSpec,
+    check_output,
+    dtype_code,
+    read_json,
+    staged_output,
+    write_adapter,
+)
+from adaptertool.ops.measure import Stopwatch, peak_rss_bytes
+from adaptertool.train.data import (
+    Dataset,
+    DataStats,
+    TextTokenizer,
+    build_dataset,
+    parse_records,
+    tokenize_records,
+)
+from adaptertool.train.loop import (
+    OPTIMIZERS,
+    LoopConfig,
+    LoopResult,
+    evaluate,
+    train_loop,
+)
+from adaptertool.train.schedule import SCHEDULES, warmup_steps
+
+if TYPE_CHECKING:
+    import torch
+
+    from adaptertool.train.lora import LoraSpec
+    from adaptertool.train.model import Decoder
+
+__all__ = ["TrainConfig", "TrainReport", "train"]
+
+LOG_FILE = "train_log.jsonl"
+PLOT_FILE = "loss.png"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    base: Path
+    data: Path
+    out: Path
+    eval_data: Path | None = None
+    rank: int = 16
+    alpha: float | None = None  # None: 2 * rank, the practitioners' default
+    dropout: float = 0.05
+    targets: tuple[str, ...] = ("all-linear",)
+    rslora: bool = False
+    dora: bool = False
+    qlora: bool = False
+    gradient_checkpointing: bool = False
+    epochs: int | None = None  # None and no max_steps: one epoch
+    max_steps: int | None = None  # wins over epochs when both are given
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2e-4
+    seq_len: int = 512
+    packing: bool = True
+    warmup_steps: int | None = None
+    warmup_ratio: float | None = None
+    schedule: str = "cosine"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0: no clipping
+    optim: str = "adamw"
+    eval_every: int = 0  # 0: eval only at the end
+    save_every: int = 0  # 0: no checkpoints
+    checkpoint_dir: Path | None = None  # None: OUT.checkpoints beside OUT, removed on success
+    resume: Path | None = None  # a checkpoint, or a checkpoint folder (its newest step-*)
+    seed: int = 0
+    device: str = "auto"
+    bf16: bool = True  # bf16 weights and autocast on CUDA; the CPU always computes in float32
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        positive = {"--rank": self.rank, "--batch-size": self.batch_size, "--grad-accum": self.grad_accum,
+                    "--seq-len": self.seq_len}
+        for flag, value in positive.items():
+            if value < 1:
+                raise AdapterToolError(f"{flag} must be at least 1, not {value}")
+        for flag, value in {"--epochs": self.epochs, "--max-steps": self.max_steps}.items():
+            if value is not None and value < 1:
+                raise AdapterToolError(f"{flag} must be at least 1, not {value}")
+        for flag, value in {"--eval-every": self.eval_every, "--save-every": self.save_every,
+                            "--weight-decay": self.weight_decay, "--max-grad-norm": self.max_grad_norm}.items():
+            if value < 0:
+                raise AdapterToolError(f"{flag} must be >= 0, not {value}")
+        if not self.lr > 0:
+            raise AdapterToolError(f"--lr must be positive, not {self.lr}")
+        if self.schedule not in SCHEDULES:
+            raise AdapterToolError(f"--schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}")
+        if self.optim not in OPTIMIZERS:
+            raise AdapterToolError(f"--optim must be one of {', '.join(OPTIMIZERS)}, not {self.optim!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise AdapterToolError(f"--device must be auto, cpu or cuda, not {self.device!r}")
+        warmup_steps(1, steps=self.warmup_steps, ratio=self.warmup_ratio)  # validates both
+        self.lora()  # validates rank, alpha, dropout, targets
+
+    def lora(self) -> LoraSpec:
+        from adaptertool.train.lora import LoraSpec
+
+        return LoraSpec(rank=self.rank, alpha=float(self.alpha if self.alpha is not None else 2 * self.rank),
+                        dropout=self.dropout, targets=tuple(self.targets), rslora=self.rslora, dora=self.dora)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainReport:
+    out: str
+    files: list[str]
+    device: str
+    steps: int
+    epochs: float  # passes over the training data
+    tokens: int  # real tokens trained on (a resumed run counts the whole run)
+    train_loss: float  # the last step's
+    eval_loss: float | None  # at the end
+    eval_loss_start: float | None  # before training (not measured on resume)
+    trainable_params: int
+    data: DataStats
+    eval_data: DataStats | None = None
+    resumed_from: str | None = None
+    checkpoint_dir: str | None = None  # kept checkpoints, when an explicit --checkpoint-dir
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    tokens_per_s: float = 0.0  # this process's training tokens over its training time
+    peak_rss_bytes: int = 0
+    peak_vram_bytes: int = 0
+
+
+def train(cfg: TrainConfig, *, progress: bool = False) -> TrainReport:
+    """Train a LoRA adapter on ``cfg.base`` with ``cfg.data`` and write it to ``cfg.out``.
+
+    Raises:
+        AdapterToolError: bad options, a malformed data line (with its line number), a base the
+            decoder does not support, a resume with other options, or a NaN/Inf loss (OUT is not
+            written; the message names the last good checkpoint).
+    """
+    import torch
+
+    from adaptertool.train.state import load_state
+    from adaptertool.train.weights import load_decoder
+
+    clock = Stopwatch()
+    device = _device(cfg.device)
+    inputs = [p for p in (cfg.base, cfg.data, cfg.eval_data) if p is not None]
+    check_output(cfg.out, force=cfg.force, inputs=inputs)
+    model_config, tok = _tokenizer(cfg.base)
+    _check_seq_len(cfg, model_config)
+    dataset = _dataset(cfg.data, tok, cfg, shuffle_seed=cfg.seed)
+    evalset = _dataset(cfg.eval_data, tok, cfg, shuffle_seed=0) if cfg.eval_data is not None else None
+    loop_cfg = _loop_config(cfg, len(dataset.batches), device)
+    resume = load_state(cfg.resume) if cfg.resume is not None else None
+    cuda_bf16 = device.type == "cuda" and cfg.bf16
+    model = load_decoder(cfg.base, lora=cfg.lora(), qlora=cfg.qlora, device=device,
+                         dtype=torch.bfloat16 if cuda_bf16 else torch.float32, seed=cfg.seed,
+                         gradient_checkpointing=cfg.gradient_checkpointing)
+    adapter_config = model.adapter_config(base_model_name_or_path=str(cfg.base))
+    eval_batches = evalset.batches if evalset is not None else None
+    eval_start = (evaluate(model, eval_batches, device=device, bf16=cuda_bf16)
+                  if eval_batches is not None and resume is None else None)
+    checkpoint_dir = cfg.checkpoint_dir or cfg.out.parent / f"{cfg.out.name}.checkpoints"
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    result = train_loop(model, dataset.batches, cfg=loop_cfg, device=device, adapter_config=adapter_config,
+                        fingerprint=_fingerprint(cfg, dataset.stats, loop_cfg), eval_batches=eval_batches,
+                        checkpoint_dir=checkpoint_dir, resume=resume, log_path=checkpoint_dir / LOG_FILE,
+                        progress=progress)
+    files, notes = _write_out(cfg, model, adapter_config, result)
+    if cfg.checkpoint_dir is None:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return TrainReport(
+        out=str(cfg.out), files=files, device=str(device), steps=result.steps,
+        epochs=round(min(result.steps * cfg.grad_accum, loop_cfg.max_micro or math.inf) / len(dataset.batches), 4),
+        tokens=result.tokens, train_loss=result.train_loss, eval_loss=result.eval_loss, eval_loss_start=eval_start,
+        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        data=dataset.stats, eval_data=evalset.stats if evalset is not None else None,
+        resumed_from=str(cfg.resume) if cfg.resume is not None else None,
+        checkpoint_dir=str(cfg.checkpoint_dir) if cfg.checkpoint_dir is not None else None, notes=notes,
+        seconds=clock.seconds, tokens_per_s=result.tokens_per_s, peak_rss_bytes=peak_rss_bytes(),
+        peak_vram_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0,
+    )
+
+
+def _device(name: str) -> torch.device:
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise AdapterToolError("--device cuda, but torch sees no CUDA device; use --device cpu or auto")
+    return torch.device("cuda" if name in ("cuda", "auto") and torch.cuda.is_available() else "cpu")
+
+
+def _tokenizer(base: Path) -> tuple[dict[str, Any], TextTokenizer]:
+    """config.json and the tokenizer of the base model's folder."""
+    folder = base if base.is_dir() else base.parent
+    for name in ("config.json", "tokenizer.json"):
+        if not (folder / name).is_file():
+            raise AdapterToolError(f"{folder} has no {name}; train needs the model folder with its tokenizer "
+                                   "(tokenizer.json, as transformers saves it)")
+    tokenizer_config = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+    template = folder / "chat_template.jinja"
+    model_config = read_json(folder / "config.json")
+    tok = TextTokenizer.from_json((folder / "tokenizer.json").read_text(encoding="utf-8"),
+                                  tokenizer_config=tokenizer_config, model_config=model_config,
+                                  chat_template=template.read_text(encoding="utf-8") if template.is_file() else None,
+                                  source=str(folder / "tokenizer.json"))
+    return model_config, tok
+
+
+def _check_seq_len(cfg: TrainConfig, model_config: dict[str, Any]) -> None:
+    limit = model_config.get("max_position_embeddings")
+    if isinstance(limit, int) and cfg.seq_len > limit:
+        raise AdapterToolError(f"--seq-len {cfg.seq_len} is longer than the model's max_position_embeddings ({limit})")
+
+
+def _dataset(path: Path, tok: TextTokenizer, cfg: TrainConfig, *, shuffle_seed: int) -> Dataset:
+    if not path.is_file():
+        raise AdapterToolError(f"{path} does not exist or is not a file; expected a JSONL data file")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise AdapterToolError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); expected JSONL") from err
+    records = parse_records(lines, source=str(path))
+    examples, whole = tokenize_records(records, tok, source=str(path))
+    return build_dataset(examples, seq_len=cfg.seq_len, batch_size=cfg.batch_size, packing=cfg.packing,
+                         pad_id=tok.pad_id, seed=shuffle_seed, records=len(records), whole_chat_loss=whole)
+
+
+def _loop_config(cfg: TrainConfig, n_batches: int, device: torch.device) -> LoopConfig:
+    """Steps from --max-steps, else from --epochs (a last step may take fewer micro-batches)."""
+    max_micro = None if cfg.max_steps is not None else (cfg.epochs or 1) * n_batches
+    total = cfg.max_steps if cfg.max_steps is not None else math.ceil(max_micro / cfg.grad_accum)
+    return LoopConfig(
+        max_steps=total, max_micro=max_micro, grad_accum=cfg.grad_accum, lr=cfg.lr,
+        warmup=warmup_steps(total, steps=cfg.warmup_steps, ratio=cfg.warmup_ratio), schedule=cfg.schedule,
+        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, optim=cfg.optim, eval_every=cfg.eval_every,
+        save_every=cfg.save_every, seed=cfg.seed, bf16=device.type == "cuda" and cfg.bf16,
+    )
+
+
+def _fingerprint(cfg: TrainConfig, stats: DataStats, loop_cfg: LoopConfig) -> dict[str, Any]:
+    """What shapes the run's trajectory: a resume must match it exactly."""
+    lora = cfg.lora()
+    return {"base": str(cfg.base), "data_tokens": stats.tokens, "data_batches": stats.batches,
+            "rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout, "targets": list(lora.targets),
+            "rslora": lora.rslora, "dora": lora.dora, "qlora": cfg.qlora, "batch_size": cfg.batch_size,
+            "seq_len": cfg.seq_len, "packing": cfg.packing, "max_steps": loop_cfg.max_steps,
+            "max_micro": loop_cfg.max_micro, "grad_accum": cfg.grad_accum, "lr": cfg.lr, "warmup": loop_cfg.warmup,
+            "schedule": cfg.schedule, "weight_decay": cfg.weight_decay, "max_grad_norm": cfg.max_grad_norm,
+            "optim": cfg.optim, "seed": cfg.seed}
+
+
+def _write_out(cfg: TrainConfig, model: Decoder, adapter_config: dict[str, Any],
+               result: LoopResult) -> tuple[list[str], list[str]]:
+    """OUT, atomically: the adapter, the log and (when matplotlib imports) the loss plot."""
+    notes: list[str] = []
+    state = {k: v.detach() for k, v in model.adapter_state_dict().items()}
+    specs = [TensorSpec(k, dtype_code(v.dtype), tuple(v.shape)) for k, v in state.items()]
+    inputs = [p for p in (cfg.base, cfg.data, cfg.eval_data) if p is not None]
+    with staged_output(cfg.out, force=cfg.force, inputs=inputs) as tmp:
+        write_adapter(tmp, adapter_config, specs, state.__getitem__)
+        (tmp / LOG_FILE).write_text("".join(line + "\n" for line in result.log), encoding="utf-8")
+        if not _plot(tmp / PLOT_FILE, result.log):
+            notes.append("matplotlib is not installed: no loss.png (pip install matplotlib)")
+        files = sorted(p.name for p in tmp.iterdir())
+    return files, notes
+
+
+def _plot(path: Path, log: list[str]) -> bool:
+    """Train (and eval) loss per step as a PNG; False when matplotlib is missing."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    records = [json.loads(line) for line in log]
+    figure = Figure(figsize=(7, 4))
+    FigureCanvasAgg(figure)  # a canvas of our own: pyplot's global state stays untouched
+    axes = figure.add_subplot()
+    axes.plot([r["step"] for r in records], [r["loss"] for r in records], label="train")
+    evals = [r for r in records if "eval_loss" in r]
+    if evals:
+        axes.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval")
+    axes.set(xlabel="step", ylabel="loss", title="adaptertool train")
+    axes.legend()
+    figure.savefig(path, dpi=100)
+    return True
+

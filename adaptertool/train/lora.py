@@ -1,0 +1,365 @@
+"""LoRA layers for training: LoRA (Hu et al. 2021, https://arxiv.org/abs/2106.09685), rsLoRA
+(Kalajdzievski 2023, https://arxiv.org/abs/2312.03732), DoRA (Liu et al. 2024,
+https://arxiv.org/abs/2402.09353) and QLoRA's frozen 4-bit base (Dettmers et al. 2023,
+https://arxiv.org/abs/2305.14314).
+
+A targeted Linear ``y = x W^T + b`` becomes
+
+    y = x W^T + b + scaling * dropout(x) A^T B^T        A: (r, in), B: (out, r)
+
+with ``scaling = alpha / r`` (rsLoRA: ``alpha / sqrt(r)``); only A and B train. DoRA rescales each
+output row of ``W + scaling * B A`` to a trained magnitude ``m`` (one value per output), treating
+the row norms as constants (the paper's section 4.3; PEFT detaches them too). Initialisation is
+PEFT's: A ~ kaiming_uniform(a=sqrt(5)), B = 0, so training starts from the base model exactly.
+
+The frozen weight is either a plain tensor or, for QLoRA, bitsandbytes 4-bit codes with their
+absmax (:class:`FourBitWeight`), expanded on the fly in the forward and again in the backward, so
+only the packed data stays resident.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adaptertool.adapters.lora import lora_scaling
+from adaptertool.errors import AdapterToolError
+from adaptertool.quant import (
+    BLOCKSIZES,
+    Codebook,
+    FourBitState,
+    NestedCodebook,
+    QuantizedKeys,
+    block_count,
+    dequantize_absmax,
+    dynamic_map,
+    packed_size,
+    quantize_4bit,
+    quantize_absmax,
+)
+
+__all__ = ["ALL_LINEAR", "FourBitWeight", "FrozenLinear", "LoRALinear", "LoraSpec", "add_lora", "dropout_mask", "lora_modules"]
+
+ALL_LINEAR = "all-linear"
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraSpec:
+    """What to train: rank, scaling and which Linear modules.
+
+    ``targets`` follows PEFT's list form of ``target_modules``: an entry matches a module whose
+    name equals it or ends with ``"." + entry`` ("q_proj", "self_attn.q_proj"); ``"all-linear"``
+    matches every Linear inside the transformer blocks (never the output embedding), as in PEFT.
+    """
+
+    rank: int = 16
+    alpha: float = 32.0  # practitioners' default: 2 * rank
+    dropout: float = 0.05
+    targets: tuple[str, ...] = (ALL_LINEAR,)
+    rslora: bool = False
+    dora: bool = False
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise AdapterToolError(f"LoRA rank must be at least 1, not {self.rank}")
+        if not self.alpha > 0:
+            raise AdapterToolError(f"LoRA alpha must be positive, not {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise AdapterToolError(f"LoRA dropout must be in [0, 1), not {self.dropout}")
+        if not self.targets or any(not t for t in self.targets):
+            raise AdapterToolError("LoRA targets must name at least one module (or 'all-linear')")
+
+    @property
+    def scaling(self) -> float:
+        """``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+        return lora_scaling(self.alpha, self.rank, rslora=self.rslora)
+
+    def matches(self, module: str) -> bool:
+        """Whether Linear ``module`` (a block Linear's full name) is a target."""
+        return any(t == ALL_LINEAR or module == t or module.endswith("." + t) for t in self.targets)
+
+
+class FourBitWeight(nn.Module):
+    """A frozen weight held as bitsandbytes 4-bit codes (the layout of :mod:`adaptertool.quant.bnb_format`).
+
+    Buffers: ``packed`` uint8 ``(ceil(n/2), 1)``, two codes per byte, high nibble first;
+    ``absmax`` float32 per block, or uint8 codes with ``nested_absmax`` / ``nested_quant_map``
+    under double quantisation; ``quant_map`` the 16 code values. ``W[i] = quant_map[code[i]] *
+    absmax[i // blocksize]`` in float32, cast once.
+    """
+
+    def __init__(self, *, packed: torch.Tensor, absmax: torch.Tensor, quant_map: torch.Tensor, shape: tuple[int, ...],
+                 blocksize: int, nested: tuple[torch.Tensor, torch.Tensor, float, int] | None = None) -> None:
+        super().__init__()
+        self.shape = tuple(shape)
+        self.blocksize = blocksize
+        self.register_buffer("packed", packed)
+        self.register_buffer("absmax", absmax)
+        self.register_buffer("quant_map", quant_map)
+        self.nested_offset: float | None = None
+        self.nested_blocksize = 0
+        if nested is not None:
+            nested_absmax, nested_quant_map, self.nested_offset, self.nested_blocksize = nested
+            self.register_buffer("nested_absmax", nested_absmax)
+            self.register_buffer("nested_quant_map", nested_quant_map)
+
+    @classmethod
+    def from_entries(cls, tensors: Mapping[str, torch.Tensor], keys: QuantizedKeys, state: FourBitState, *,
+                     source: str) -> FourBitWeight:
+        """Wrap one weight's stored entries (as read from a 4-bit checkpoint); sizes are checked against the state."""
+        blocks = block_count(state.numel, state.blocksize)
+        expected = {keys.weight: (torch.uint8, packed_size(state.numel)), keys.quant_map: (torch.float32, 16),
+                    keys.absmax: (torch.uint8 if state.nested else torch.float32, blocks)}
+        if keys.nested_absmax is not None and keys.nested_quant_map is not None and state.nested_blocksize:
+            expected[keys.nested_absmax] = (torch.float32, block_count(blocks, state.nested_blocksize))
+            expected[keys.nested_quant_map] = (torch.float32, 256)
+        if state.nested != keys.nested or state.quant_type != keys.quant_type:
+            raise AdapterToolError(f"{source}: {keys.quant_state} disagrees with the stored entries of {keys.weight}; the checkpoint is corrupt")
+        for key, (dtype, numel) in expected.items():
+            if tensors[key].dtype != dtype or tensors[key].numel() != numel:
+                raise AdapterToolError(f"{source}: {key} is {tensors[key].dtype} x{tensors[key].numel()} but its quant_state "
+                                       f"needs {dtype} x{numel}; the checkpoint is corrupt")
+        nested = None
+        if state.nested:
+            assert keys.nested_absmax is not None and keys.nested_quant_map is not None and state.nested_offset is not None
+            nested = (tensors[keys.nested_absmax].reshape(-1), tensors[keys.nested_quant_map].reshape(-1),
+                      state.nested_offset, state.nested_blocksize or 256)
+        return cls(packed=tensors[keys.weight], absmax=tensors[keys.absmax].reshape(-1),
+                   quant_map=tensors[keys.quant_map].reshape(-1), shape=state.shape, blocksize=state.blocksize, nested=nested)
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, book: Codebook, *, code_map: NestedCodebook | None, blocksize: int = 64) -> FourBitWeight:
+        """Quantise a CPU ``weight`` from its own dtype, as ``adaptertool quantize`` does (double quant with ``code_map``)."""
+        if blocksize not in BLOCKSIZES:
+            raise AdapterToolError(f"4-bit blocksize must be one of {BLOCKSIZES}, not {blocksize}")
+        packed, absmax = quantize_4bit(weight, book, blocksize=blocksize)
+        if not bool(torch.isfinite(absmax).all()):
+            raise AdapterToolError("a weight holds NaN or Inf and cannot be quantised (find it with adaptertool verify --nan)")
+        nested = None
+        if code_map is not None:
+            codes = quantize_absmax(absmax, code_map)
+            absmax = codes.codes
+            nested = (codes.scales, dynamic_map(), codes.offset, 256)
+        return cls(packed=packed, absmax=absmax, quant_map=book.values.clone(), shape=tuple(weight.shape),
+                   blocksize=blocksize, nested=nested)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """The dense weight on the buffers' device: ``float32(quant_map[code] * absmax)``, cast once to ``dtype``."""
+        absmax = self.absmax
+        if self.nested_offset is not None:
+            absmax = dequantize_absmax(absmax, self.nested_absmax, self.nested_quant_map, self.nested_offset,
+                                       blocksize=self.nested_blocksize)
+        numel = math.prod(self.shape)
+        # (256,) int64 whose two halves are the float32 values of a byte's high and low nibble:
+        # one gather per byte expands two codes (uint8 indices would be read as a boolean mask).
+        byte = torch.arange(256, device=self.packed.device)
+        pairs = torch.stack((self.quant_map[byte >> 4], self.quant_map[byte & 15]), dim=1).contiguous().view(torch.int64)
+        values = pairs.view(-1)[self.packed.view(-1).int()].view(torch.float32)  # (2 * ceil(n/2),)
+        full = numel - numel % self.blocksize
+        values[:full].view(-1, self.blocksize).mul_(absmax[: full // self.blocksize].unsqueeze(1))
+        values[full:numel].mul_(absmax[-1])
+        return values[:numel].view(self.shape).to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, blocksize={self.blocksize}, double_quant={self.nested_offset is not None}"
+
+
+class _FourBitMatmul(torch.autograd.Function):
+    """``x W^T`` with W expanded from 4-bit codes in the forward and again in the backward.
+
+    Saving the dense W for the backward (as ``F.linear`` would) keeps every layer's full weight
+    alive until the backward reaches it, which is the memory QLoRA exists to save.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, weight: FourBitWeight) -> torch.Tensor:
+        ctx.weight = weight  # type: ignore[attr-defined]
+        ctx.x_dtype = x.dtype  # type: ignore[attr-defined]
+        return F.linear(x, weight.dequantize(x.dtype))
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None]:
+        if not ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
+            return None, None
+        dense = ctx.weight.dequantize(grad.dtype)  # type: ignore[attr-defined]
+        return (grad @ dense).to(ctx.x_dtype), None  # type: ignore[attr-defined]  # (.., out) @ (out, in)
+
+
+def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Bool mask, True (kept) with probability ``1 - p``, drawn from the default generator of ``x``'s device."""
+    return torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - p)
+
+
+class _LoraUpdate(torch.autograd.Function):
+    """``dropout(x) A^T B^T`` for x (.., in), A (r, in), B (out, r); dropout scales kept values by 1 / (1 - p).
+
+    nn.Dropout would keep for the backward a float mask and the dropped-out copy of x, both
+    (.., in), in every LoRA layer. This keeps x itself, which q/k/v (and gate/up) share, a
+    one-byte mask, and the (.., r) product; A's gradient re-applies the mask. Same maths, same
+    RNG draws under gradient checkpointing (which replays the generator state).
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, lora_a: torch.Tensor,
+                lora_b: torch.Tensor, p: float) -> torch.Tensor:
+        keep = dropout_mask(x, p) if p > 0 else None
+        hidden = F.linear(_drop(x, keep, p), lora_a)  # (.., r)
+        ctx.save_for_backward(x, keep, lora_a, lora_b, hidden)  # type: ignore[attr-defined]
+        ctx.p = p  # type: ignore[attr-defined]
+        return F.linear(hidden, lora_b)  # (.., out)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, keep, lora_a, lora_b, hidden = ctx.saved_tensors  # type: ignore[attr-defined]
+        # the backward runs outside autocast: compute in the adapter's dtype (float32)
+        grad = grad.to(lora_b.dtype).flatten(0, -2)  # (N, out)
+        grad_hidden = grad @ lora_b  # (N, out) @ (out, r)
+        grad_b = grad.T @ hidden.to(lora_b.dtype).flatten(0, -2)  # (out, N) @ (N, r)
+        grad_a = grad_hidden.T @ _drop(x, keep, ctx.p).to(lora_a.dtype).flatten(0, -2)  # type: ignore[attr-defined]  # (r, N) @ (N, in)
+        grad_x = None
+        if ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
+            grad_x = _drop((grad_hidden @ lora_a).view(x.shape), keep, ctx.p).to(x.dtype)  # type: ignore[attr-defined]
+        return grad_x, grad_a, grad_b, None
+
+
+def _drop(x: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tensor:
+    return x if keep is None else x * keep * (1.0 / (1.0 - p))
+
+
+class FrozenLinear(nn.Module):
+    """``y = x W^T + b`` with a frozen W: a plain tensor, or a :class:`FourBitWeight` expanded to ``compute_dtype``."""
+
+    def __init__(self, weight: torch.Tensor | FourBitWeight, bias: torch.Tensor | None = None, *,
+                 compute_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.compute_dtype = compute_dtype
+        self.fourbit = weight if isinstance(weight, FourBitWeight) else None
+        self.weight = None if isinstance(weight, FourBitWeight) else _frozen(weight)
+        self.bias = None if bias is None else _frozen(bias)
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """W as a dense ``(out, in)`` tensor of ``dtype`` (a fresh one for a 4-bit weight)."""
+        if self.fourbit is not None:
+            return self.fourbit.dequantize(dtype)
+        assert self.weight is not None
+        return self.weight.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fourbit is None:
+            return F.linear(x, self.weight, self.bias)
+        y = _FourBitMatmul.apply(x.to(self.compute_dtype), self.fourbit)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class LoRALinear(nn.Module):
+    """A frozen Linear plus a trainable low-rank update (module docstring has the formulas).
+
+    The adapter tensors are float32 whatever the base's dtype (PEFT keeps them so too): the input
+    is cast to them and the update cast back to the base output's dtype.
+    """
+
+    def __init__(self, base: FrozenLinear, spec: LoraSpec, *, generator: torch.Generator) -> None:
+        super().__init__()
+        self.base = base
+        self.rank = spec.rank
+        self.scaling = spec.scaling
+        device = _device(base)
+        lora_a = torch.empty(spec.rank, base.in_features)
+        nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5), generator=generator)  # on the CPU: same values on any device
+        self.lora_A = nn.Parameter(lora_a.to(device))  # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, spec.rank, device=device))  # (out, r)
+        self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
+        self.lora_magnitude_vector: nn.Parameter | None = None
+        if spec.dora:  # m starts at ||W + scaling * B A|| = ||W|| per output row (B = 0)
+            self.lora_magnitude_vector = nn.Parameter(self._weight_norm(base.dense_weight(torch.float32)))
+
+    def _weight_norm(self, dense: torch.Tensor) -> torch.Tensor:
+        """``||W + scaling * B A||`` over the inputs, one per output row; no gradient (DoRA, section 4.3)."""
+        with torch.no_grad():
+            delta = self.lora_B @ self.lora_A  # (out, r) @ (r, in)
+            return torch.linalg.norm(dense + self.scaling * delta, dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base(x)
+        xa = x.to(self.lora_A.dtype)
+        if self.lora_magnitude_vector is None:
+            p = self.dropout.p if isinstance(self.dropout, nn.Dropout) and self.training else 0.0
+            update = _LoraUpdate.apply(xa, self.lora_A, self.lora_B, p)
+            return torch.add(result, update.to(result.dtype), alpha=self.scaling)  # scaled in the add: no (.., out) temporary
+        return self._dora(xa, result)
+
+    def _dora(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        # y = (m / ||W + sBA||) * (x W^T + s x A^T B^T) + b, the norm a constant. As PEFT, the
+        # base output is reused unless dropout is active, when it is recomputed on dropout(x).
+        assert self.lora_magnitude_vector is not None
+        dense = self.base.dense_weight(x.dtype)
+        factor = (self.lora_magnitude_vector / self._weight_norm(dense)).view(1, -1)  # (1, out)
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            base_out = result if self.base.bias is None else result - self.base.bias
+        else:
+            x = self.dropout(x)
+            base_out = F.linear(x, dense)
+        update = F.linear(F.linear(x, self.lora_A), self.lora_B)
+        extra = (factor - 1) * base_out + factor * update * self.scaling
+        return result + extra.to(result.dtype)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, scaling={self.scaling:g}, dora={self.lora_magnitude_vector is not None}"
+
+
+def add_lora(model: nn.Module, spec: LoraSpec, *, seed: int, candidates: list[str]) -> list[str]:
+    """Wrap the targeted Linear modules of ``model`` in :class:`LoRALinear`, in place.
+
+    Args:
+        model: holds :class:`FrozenLinear` modules at the names in ``candidates``.
+        spec: rank, scaling and targets.
+        seed: seeds one generator that initialises every A in ``candidates`` order.
+        candidates: the Linear module names LoRA may target (a decoder's block Linears).
+
+    Returns:
+        The wrapped module names, in ``candidates`` order.
+
+    Raises:
+        AdapterToolError: a target that matches no candidate.
+    """
+    for target in spec.targets:
+        if target != ALL_LINEAR and not any(LoraSpec(targets=(target,)).matches(name) for name in candidates):
+            short = sorted({name.rsplit(".", 1)[-1] for name in candidates})
+            raise AdapterToolError(f"LoRA target {target!r} matches no Linear in the transformer blocks; choose from "
+                                   f"{', '.join(short)} or all-linear")
+    generator = torch.Generator().manual_seed(seed)
+    wrapped = []
+    for name in candidates:
+        if spec.matches(name):
+            parent, _, leaf = name.rpartition(".")
+            owner = model.get_submodule(parent)
+            setattr(owner, leaf, LoRALinear(getattr(owner, leaf), spec, generator=generator))
+            wrapped.append(name)
+    return wrapped
+
+
+def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    """``(name, module)`` of every :class:`LoRALinear` in ``model``, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            yield name, module
+
+
+def _frozen(tensor: torch.Tensor) -> nn.Parameter:
+    return tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=False)
+
+
+def _device(linear: FrozenLinear) -> torch.device:
+    if linear.fourbit is not None:
+        return linear.fourbit.packed.device
+    assert linear.weight is not None
+    return linear.weight.device

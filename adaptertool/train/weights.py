@@ -1,0 +1,140 @@
+"""Build a :class:`~adaptertool.train.model.Decoder` straight from a safetensors checkpoint.
+
+The model is first built on the meta device (no memory), then each module receives its tensor
+as it is read, one at a time: resident memory is the finished model plus one tensor. Linear
+weights of a bitsandbytes 4-bit checkpoint (ours or transformers') stay 4-bit; with ``qlora`` a
+16-bit checkpoint's block Linears are quantised to NF4 as they are read (double quantisation,
+blocksize 64, from the stored dtype: exactly what ``adaptertool quantize`` writes).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from adaptertool.errors import AdapterToolError
+from adaptertool.io import Checkpoint, open_checkpoint, read_json, torch_dtype
+from adaptertool.quant import (
+    Codebook,
+    FourBitState,
+    NestedCodebook,
+    QuantizedKeys,
+    codebook,
+    find_quantized_weights,
+    nested_codebook,
+)
+from adaptertool.train.lora import FourBitWeight, FrozenLinear, LoraSpec, add_lora
+from adaptertool.train.model import Decoder, DecoderConfig
+
+__all__ = ["load_decoder"]
+
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers older transformers saved; recomputed here
+
+
+def load_decoder(path: Path, *, lora: LoraSpec, qlora: bool = False, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, seed: int = 0, gradient_checkpointing: bool = False) -> Decoder:
+    """Load a decoder with fresh LoRA layers from a checkpoint folder (config.json beside the weights).
+
+    Args:
+        path: the model folder (or its index / single safetensors file inside it).
+        lora: the LoRA layers to add (PEFT's initialisation, A drawn from ``seed``).
+        qlora: quantise a 16-bit checkpoint's block Linears to NF4 at load (a 4-bit checkpoint stays 4-bit anyway).
+        device: where the model lives.
+        dtype: dtype of the frozen 16-bit weights and of the compute; LoRA tensors are float32.
+        seed: seeds the LoRA initialisation.
+        gradient_checkpointing: recompute each block in the backward instead of keeping its activations.
+
+    Raises:
+        AdapterToolError: no config.json, an unsupported architecture, or tensors missing, unexpected or
+            of the wrong shape for the config.
+    """
+    device = torch.device(device)
+    with open_checkpoint(path) as ckpt:
+        config_path = ckpt.root / "config.json" if ckpt.root is not None else None
+        if config_path is None or not config_path.is_file():
+            raise AdapterToolError(f"{path}: no config.json beside the weights; train needs the model's folder")
+        config = DecoderConfig.from_dict(read_json(config_path), source=str(config_path))
+        quantized = find_quantized_weights(ckpt, source=str(ckpt.path))
+        states = {name: _state(ckpt, keys) for name, keys in quantized.items()}
+        with torch.device("meta"):
+            model = Decoder(config)
+        _check_tensors(model, ckpt, quantized, states)
+        books = (codebook("nf4"), nested_codebook()) if qlora and not quantized else None
+        for name, module in list(model.named_modules()):
+            if isinstance(module, FrozenLinear) and name != "lm_head":
+                _set_module(model, name, _read_linear(ckpt, name, quantized, states, books, device, dtype))
+        for name, param in list(model.named_parameters()):
+            if param.is_meta and not name.startswith("lm_head."):
+                _set_parameter(model, name, _read(ckpt, name, device, dtype))
+        head = model.model.embed_tokens.weight if config.tie_word_embeddings else _read(ckpt, "lm_head.weight", device, dtype)
+        model.lm_head = FrozenLinear(head, compute_dtype=dtype)
+    model.requires_grad_(False)
+    model.lora = lora
+    add_lora(model, lora, seed=seed, candidates=model.linear_names())
+    model.gradient_checkpointing = gradient_checkpointing
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()]), "a placeholder was left unloaded"
+    return model
+
+
+def _state(ckpt: Checkpoint, keys: QuantizedKeys) -> FourBitState:
+    blob = bytes(ckpt.read(keys.quant_state).reshape(-1).tolist())
+    return FourBitState.from_json(blob, key=keys.quant_state, source=str(ckpt[keys.quant_state].file))
+
+
+def _check_tensors(model: Decoder, ckpt: Checkpoint, quantized: dict[str, QuantizedKeys],
+                   states: dict[str, FourBitState]) -> None:
+    """Every tensor the config implies is present with its shape, and nothing else (before reading any data)."""
+    needed = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    if model.config.tie_word_embeddings:
+        needed.pop("lm_head.weight")
+    companions = {key for keys in quantized.values() for key in keys.keys if key != keys.weight}
+    stored = {name: states[name].shape if name in quantized else ckpt[name].shape
+              for name in ckpt if name not in companions}
+    where = f"{ckpt.path} ({model.config.architecture})"
+    for name, shape in needed.items():
+        if name not in stored:
+            raise AdapterToolError(f"{where}: tensor {name} is missing; does config.json describe these weights?")
+        if tuple(stored[name]) != shape:
+            raise AdapterToolError(f"{where}: tensor {name} has shape {list(stored[name])} but config.json implies "
+                                   f"{list(shape)}; does config.json describe these weights?")
+    tied_head = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    extra = [n for n in stored if n not in needed and n not in tied_head and not n.endswith(_IGNORED_SUFFIXES)]
+    if extra:
+        raise AdapterToolError(f"{where}: tensor {extra[0]} is not part of the decoder config.json describes; "
+                               "train supports plain causal-LM checkpoints")
+    for name in needed:
+        if name not in quantized and torch_dtype(ckpt[name].dtype).is_floating_point is False:
+            raise AdapterToolError(f"{where}: tensor {name} is {ckpt[name].dtype}, not a float; train needs 16/32-bit or 4-bit weights")
+
+
+def _read_linear(ckpt: Checkpoint, name: str, quantized: dict[str, QuantizedKeys], states: dict[str, FourBitState],
+                 books: tuple[Codebook, NestedCodebook] | None, device: torch.device, dtype: torch.dtype) -> FrozenLinear:
+    weight_name = name + ".weight"
+    bias = _read(ckpt, name + ".bias", device, dtype) if name + ".bias" in ckpt else None
+    if weight_name in quantized:
+        keys = quantized[weight_name]
+        entries = {key: ckpt.read(key) for key in keys.keys if key != keys.quant_state}
+        weight: torch.Tensor | FourBitWeight = FourBitWeight.from_entries(
+            entries, keys, states[weight_name], source=str(ckpt[weight_name].file)).to(device)
+    elif books is not None:
+        book, code_map = books
+        weight = FourBitWeight.quantize(ckpt.read(weight_name), book, code_map=code_map).to(device)
+    else:
+        weight = _read(ckpt, weight_name, device, dtype)
+    return FrozenLinear(weight, bias, compute_dtype=dtype)
+
+
+def _read(ckpt: Checkpoint, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return ckpt.read(name).to(device=device, dtype=dtype)
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent), leaf, module)
+
+
+def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent), leaf, nn.Parameter(tensor, requires_grad=False))
