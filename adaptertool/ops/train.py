@@ -14,9 +14,12 @@ or interrupted run keeps it, so ``resume`` can continue from its newest checkpoi
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
+import os
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +33,7 @@ from adaptertool.io import (
     staged_output,
     write_adapter,
 )
+from adaptertool.io.hub_ids import source_name
 from adaptertool.ops.measure import Stopwatch, peak_rss_bytes
 from adaptertool.train.data import (
     Dataset,
@@ -58,6 +62,7 @@ __all__ = ["TrainConfig", "TrainReport", "train"]
 
 LOG_FILE = "train_log.jsonl"
 PLOT_FILE = "loss.png"
+_M_MMAP_THRESHOLD = -3  # mallopt parameter number, from glibc's malloc.h
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -174,10 +179,12 @@ def train(cfg: TrainConfig, *, progress: bool = False) -> TrainReport:
     loop_cfg = _loop_config(cfg, len(dataset.batches), device)
     resume = load_state(cfg.resume) if cfg.resume is not None else None
     cuda_bf16 = device.type == "cuda" and cfg.bf16
+    if cfg.qlora and device.type == "cpu":
+        _return_freed_blocks()
     model = load_decoder(cfg.base, lora=cfg.lora(), qlora=cfg.qlora, device=device,
                          dtype=torch.bfloat16 if cuda_bf16 else torch.float32, seed=cfg.seed,
                          gradient_checkpointing=cfg.gradient_checkpointing)
-    adapter_config = model.adapter_config(base_model_name_or_path=str(cfg.base))
+    adapter_config = model.adapter_config(base_model_name_or_path=source_name(cfg.base))
     eval_batches = evalset.batches if evalset is not None else None
     eval_start = (evaluate(model, eval_batches, device=device, bf16=cuda_bf16)
                   if eval_batches is not None and resume is None else None)
@@ -201,6 +208,20 @@ def train(cfg: TrainConfig, *, progress: bool = False) -> TrainReport:
         seconds=clock.seconds, tokens_per_s=result.tokens_per_s, peak_rss_bytes=peak_rss_bytes(),
         peak_vram_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0,
     )
+
+
+def _return_freed_blocks() -> None:
+    """QLoRA expands a dense weight per layer in every forward and backward and frees it at once.
+    glibc raises its mmap threshold past such blocks once the first is freed, then keeps the freed
+    ones in its heap: measured on SmolLM2, QLoRA then peaked above 16-bit LoRA (1.38 vs 1.15 GB).
+    A fixed threshold (what MALLOC_MMAP_THRESHOLD_ sets, unless the user set it) returns them."""
+    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl): nothing to tune
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
 
 
 def _device(name: str) -> torch.device:

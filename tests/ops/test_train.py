@@ -6,7 +6,6 @@ merge reproduces the trained model's logits, and QLoRA needs less memory than Lo
 from __future__ import annotations
 
 import json
-import os
 import random
 import subprocess
 import sys
@@ -268,15 +267,8 @@ def _cli_run(smollm2: Path, data: Path, out: Path, *extra: str) -> subprocess.Po
     args = [sys.executable, "-m", "adaptertool", "--threads", "1", "train", str(smollm2), str(data), str(out),
             "--rank", "8", "--seq-len", "32", "--batch-size", "4", "--no-packing", "--max-steps", "4", "--lr", "2e-3",
             "--dropout", "0", "--device", "cpu", "--json", *extra]
-    # Through a shell that forks: Linux carries the exec-ing process's RSS high-water mark into the
-    # new program's ru_maxrss, so a child exec'd straight from this (large) pytest process would
-    # report pytest's peak, not its own.
-    # A fixed mmap threshold turns off glibc's dynamic one, under which the freed blocks of QLoRA's
-    # on-the-fly dequantised weights stay in the heap: the figure is then the memory in use, not
-    # glibc's retention (measured with the default allocator: 1.22 GB QLoRA vs 1.31 GB LoRA).
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    return subprocess.Popen(["sh", "-c", '"$@"; exit $?', "sh", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    # No MALLOC_MMAP_THRESHOLD_ here: train --qlora fixes glibc's threshold itself (see ops/train.py).
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 @pytest.mark.slow
@@ -293,7 +285,7 @@ def test_qlora_uses_less_memory_than_lora_with_a_close_loss_curve(smollm2: Path,
     # --qlora builds at load (quantize writes the same NF4 with double-quantised scales).
     quantize(QuantConfig(source=smollm2, out=tmp_path / "nf4"))
     dequantize(DequantConfig(source=tmp_path / "nf4", out=tmp_path / "nf4-fp32", dtype=torch.float32))
-    # Separate processes: the report's peak_rss_bytes (ru_maxrss) is a per-process high-water mark.
+    # Separate processes: the report's peak_rss_bytes is a per-process high-water mark.
     runs = {"lora": _cli_run(smollm2, data, tmp_path / "lora"),
             "qlora": _cli_run(smollm2, data, tmp_path / "qlora", "--qlora"),
             "dequantized": _cli_run(tmp_path / "nf4-fp32", data, tmp_path / "dequantized")}
