@@ -39,22 +39,20 @@ from tqdm import tqdm
 
 from adaptertool.adapters.lora import linear_delta
 from adaptertool.adapters.modules import ModuleUpdate, plan_module
-from adaptertool.adapters.peft_config import AdapterSettings
 from adaptertool.adapters.peft_keys import PEFT_PREFIX, split_adapter_key
 from adaptertool.adapters.svd import RankPolicy, factor_delta
 from adaptertool.errors import AdapterToolError
 from adaptertool.io import (
     FLOAT_CODES,
-    Checkpoint,
     TensorSpec,
     check_output,
     dtype_code,
-    open_adapter,
     staged_output,
     torch_dtype,
     write_adapter,
 )
 from adaptertool.ops.measure import Stopwatch, peak_rss_bytes
+from adaptertool.ops.merge_plan import LoadedAdapter, load_adapter
 from adaptertool.ops.targets import module_seed
 
 if TYPE_CHECKING:
@@ -158,17 +156,6 @@ class _Module:
         return self.delta_of() if self.delta_of is not None else linear_delta(self.a, self.b, self.scaling)
 
 
-@dataclass
-class _Opened:
-    path: Path
-    config: dict[str, Any]
-    settings: AdapterSettings
-    weights: Checkpoint
-
-    def close(self) -> None:
-        self.weights.close()
-
-
 def convert(cfg: ConvertConfig, *, progress: bool = False) -> ConvertReport:
     """Convert ``cfg.adapter`` into ``cfg.out``; see the module docstring.
 
@@ -181,11 +168,11 @@ def convert(cfg: ConvertConfig, *, progress: bool = False) -> ConvertReport:
     check_output(cfg.out, force=cfg.force, inputs=inputs)
     notes: list[str] = []
     steps: list[str] = []
-    with closing(_open(cfg.adapter)) as adapter:
+    with closing(load_adapter(cfg.adapter, 1.0)) as adapter:
         modules = _load_modules(adapter, need_factors=cfg.initial is not None or not cfg.resize)
         if cfg.initial is not None:
             steps.append("from-pissa" if cfg.from_pissa is not None else "from-olora")
-            with closing(_open(cfg.initial)) as initial:
+            with closing(load_adapter(cfg.initial, 1.0)) as initial:
                 _add_initial(modules, adapter, initial, notes)
         if cfg.resize:
             steps.append("resize")
@@ -213,17 +200,7 @@ def convert(cfg: ConvertConfig, *, progress: bool = False) -> ConvertReport:
     )
 
 
-def _open(path: Path) -> _Opened:
-    config, weights, config_path = open_adapter(path)
-    try:
-        settings = AdapterSettings.from_config(config, source=str(config_path))
-    except AdapterToolError:
-        weights.close()
-        raise
-    return _Opened(path, config, settings, weights)
-
-
-def _load_modules(adapter: _Opened, *, need_factors: bool) -> dict[str, _Module]:
+def _load_modules(adapter: LoadedAdapter, *, need_factors: bool) -> dict[str, _Module]:
     """Every adapted module as LoRA factors (float32), or, for LoHa/LoKr, a delta computed on demand."""
     import torch
 
@@ -278,7 +255,7 @@ def _dense_delta(update: ModuleUpdate, read: dict[str, torch.Tensor]) -> Callabl
     return lambda: update.delta(read).T.contiguous() if update.fan_in_fan_out else update.delta(read)
 
 
-def _add_initial(modules: dict[str, _Module], adapter: _Opened, initial: _Opened, notes: list[str]) -> None:
+def _add_initial(modules: dict[str, _Module], adapter: LoadedAdapter, initial: LoadedAdapter, notes: list[str]) -> None:
     """PiSSA/OLoRA -> LoRA over the original base: ``A' = cat(A, A0)``, ``B' = cat(B, -B0)``, same scaling."""
     import torch
 
@@ -344,7 +321,7 @@ def _resize(modules: dict[str, _Module], cfg: ConvertConfig, notes: list[str], *
         notes.append(f"{capped} modules capped below the break-even rank out*in/(out+in), where LoRA stops saving space")
 
 
-def _export(modules: dict[str, _Module], adapter: _Opened, notes: list[str]) -> None:
+def _export(modules: dict[str, _Module], adapter: LoadedAdapter, notes: list[str]) -> None:
     """Fold each scaling into B and zero-pad every module to the largest rank: scaling 1 everywhere."""
     import torch
 
@@ -368,7 +345,7 @@ def _export(modules: dict[str, _Module], adapter: _Opened, notes: list[str]) -> 
         notes.append(f"{padded} modules of lower rank zero-padded to r={top}: the export form has one rank for all modules")
 
 
-def _output_config(adapter: _Opened, modules: dict[str, _Module], cfg: ConvertConfig) -> dict[str, Any]:
+def _output_config(adapter: LoadedAdapter, modules: dict[str, _Module], cfg: ConvertConfig) -> dict[str, Any]:
     settings = adapter.settings
     if settings.peft_type == "LORA":
         config = dict(adapter.config)
@@ -416,7 +393,7 @@ def _output_tensors(modules: dict[str, _Module], dtype: torch.dtype) -> dict[str
     return tensors
 
 
-def _factor_dtype(adapter: _Opened) -> torch.dtype:
+def _factor_dtype(adapter: LoadedAdapter) -> torch.dtype:
     """The dtype of the adapter's first factor tensor: the output keeps it unless --dtype says otherwise."""
     key = next(k for k in adapter.weights if split_adapter_key(k) is not None)
     code = adapter.weights[key].dtype

@@ -25,6 +25,9 @@ class LoadedAdapter:
     weights: Checkpoint
     config: dict[str, Any] = field(default_factory=dict)  # adapter_config.json as read
 
+    def close(self) -> None:
+        self.weights.close()
+
 
 @dataclass(frozen=True)
 class Step:
