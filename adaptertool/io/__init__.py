@@ -17,7 +17,12 @@ from adaptertool.io.format import (
 )
 from adaptertool.io.reader import Checkpoint, TensorInfo, open_checkpoint
 from adaptertool.io.sidefiles import SIDE_FILES, copy_side_files, read_json
-from adaptertool.io.staging import check_output, staged_output
+from adaptertool.io.staging import (
+    check_output,
+    is_unfinished,
+    scratch_prefix,
+    staged_output,
+)
 from adaptertool.io.writer import DEFAULT_MAX_SHARD_BYTES, CheckpointWriter, parse_size
 
 __all__ = [
@@ -36,10 +41,12 @@ __all__ = [
     "code_of_name",
     "copy_side_files",
     "dtype_code",
+    "is_unfinished",
     "open_adapter",
     "open_checkpoint",
     "parse_size",
     "read_json",
+    "scratch_prefix",
     "staged_output",
     "torch_dtype",
     "write_adapter",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from adaptertool.errors import AdapterToolError
 
-__all__ = ["check_output", "staged_output"]
+__all__ = ["check_output", "is_unfinished", "scratch_prefix", "staged_output"]
 
 
 def check_output(out: Path, *, force: bool, inputs: Sequence[Path] = ()) -> None:
@@ -53,6 +53,17 @@ def staged_output(out: Path, *, force: bool, inputs: Sequence[Path] = ()) -> Ite
 
 def _prefix(name: str) -> str:
     return f".{name}.adaptertool-"
+
+
+def scratch_prefix(out: Path, purpose: str) -> str:
+    """The name prefix for a command's scratch folder beside ``out``, marked as unfinished work."""
+    return f"{_prefix(out.name)}{purpose}-"
+
+
+def is_unfinished(name: str) -> bool:
+    """Whether a file or folder name is a staged output or scratch of a run that has not finished
+    (or was killed), or a partial download huggingface_hub left behind."""
+    return (name.startswith(".") and ".adaptertool-" in name) or name.endswith(".incomplete")
 
 
 def _replace(tmp: Path, out: Path) -> None:

@@ -20,7 +20,13 @@ from typing import Any
 import yaml
 
 from adaptertool.errors import AdapterToolError
-from adaptertool.io import check_output, open_checkpoint, read_json, staged_output
+from adaptertool.io import (
+    check_output,
+    is_unfinished,
+    open_checkpoint,
+    read_json,
+    staged_output,
+)
 from adaptertool.io.hub import (
     PICKLE_PATTERNS,
     USABLE_PATTERNS,
@@ -38,9 +44,6 @@ __all__ = [
     "ModelCard", "PullConfig", "PullReport", "PushConfig", "PushReport", "model_card", "pull", "push", "resolve_source",
 ]
 
-# Left behind by a run that did not finish: staged outputs (io/staging.py names them
-# ".OUT.adaptertool-PID-..."), merge --requantize's 16-bit scratch, huggingface_hub's partial blobs.
-_DEBRIS = re.compile(r"^\..+\.(adaptertool|merge16)-|\.incomplete$")
 _NOT_UPLOADED = (".git", ".cache")  # git metadata; huggingface_hub's local_dir bookkeeping
 
 
@@ -176,7 +179,7 @@ def _push_files(folder: Path) -> list[str]:
     """Every file to upload, as "/"-separated paths; refuses pickles and unfinished-run debris."""
     if not folder.is_dir():
         raise AdapterToolError(f"{folder} is not a folder; push takes the folder of a checkpoint or adapter")
-    if _DEBRIS.search(folder.resolve().name):
+    if is_unfinished(folder.resolve().name):
         raise AdapterToolError(f"{folder} is the temporary folder of an unfinished run; push its finished OUT")
     files = []
     for path in sorted(folder.rglob("*")):
@@ -184,7 +187,7 @@ def _push_files(folder: Path) -> list[str]:
         if relative.parts[0] in _NOT_UPLOADED or path.is_dir():
             continue
         name = relative.as_posix()
-        if any(_DEBRIS.search(part) for part in relative.parts):
+        if any(map(is_unfinished, relative.parts)):
             raise AdapterToolError(f"{folder} holds {name}, left by an unfinished run; remove it, then push again")
         if any(fnmatch(path.name, pattern) for pattern in PICKLE_PATTERNS):
             raise AdapterToolError(f"{folder} holds the pickle {name}; pickles can run code when loaded, so push "

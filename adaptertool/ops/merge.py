@@ -30,6 +30,7 @@ from adaptertool.io import (
     dtype_code,
     open_checkpoint,
     read_json,
+    scratch_prefix,
     staged_output,
     torch_dtype,
 )
@@ -161,7 +162,7 @@ def _merge_requantized(cfg: MergeConfig, *, progress: bool) -> MergeReport:
 
     check_output(cfg.out, force=cfg.force, inputs=[cfg.base, *(path for path, _ in cfg.adapters)])
     settings = _fourbit_settings(cfg.base)
-    with tempfile.TemporaryDirectory(prefix=f".{cfg.out.name}.merge16-", dir=cfg.out.resolve().parent) as scratch:
+    with tempfile.TemporaryDirectory(prefix=scratch_prefix(cfg.out, "merge16"), dir=cfg.out.resolve().parent) as scratch:
         merged = merge(dataclasses.replace(cfg, out=Path(scratch) / "merged", requantize=False, dtype=None, force=False),
                        progress=progress)
         quantized = quantize(QuantConfig(source=Path(scratch) / "merged", out=cfg.out, force=cfg.force,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from adaptertool import AdapterToolError
-from adaptertool.io import Checkpoint
+from adaptertool.io import Checkpoint, is_unfinished, scratch_prefix, staged_output
 from adaptertool.ops.reshard import ReshardConfig, reshard
 
 
@@ -119,3 +119,13 @@ def test_sigkill_debris_is_removed_by_next_run(tiny_sharded: Path, tmp_path: Pat
     reshard(ReshardConfig(source=tiny_sharded, out=tmp_path / "out"))
     assert _debris(tmp_path) == []
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_unfinished_work_is_recognised_by_name(tmp_path: Path) -> None:
+    seen = []
+    with staged_output(tmp_path / "out", force=False) as tmp:
+        seen.append(tmp.name)
+    seen.append(scratch_prefix(tmp_path / "out", "merge16") + "abc")
+    assert all(map(is_unfinished, seen))
+    assert is_unfinished("model-00001-of-00002.safetensors.incomplete")
+    assert not any(map(is_unfinished, ["out", "model.safetensors", ".gitattributes", "adaptertool-notes"]))
