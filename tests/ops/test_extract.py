@@ -148,11 +148,25 @@ def test_energy_policy_writes_rank_and_alpha_patterns(small: dict[str, Path], tm
     assert config["rank_pattern"] == pattern and config["alpha_pattern"] == pattern
 
 
+def _peft_and_merge_logits(base: Path, adapter: Path, tmp_path: Path, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(PEFT's logits on base + adapter, loaded with no missing-key warning; our merge's logits)."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        peft_model = peft.PeftModel.from_pretrained(model, adapter)
+    assert not [w for w in caught if "missing" in str(w.message).lower()], [str(w.message) for w in caught]
+    merge(MergeConfig(base=base, adapters=((adapter, 1.0),), out=tmp_path / "merged", dtype=torch.float32))
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    with torch.no_grad():
+        return peft_model(ids).logits, merged(ids).logits
+
+
 def test_changed_tied_embedding_saved_with_its_head_and_bias_sets_lora_bias(tmp_path: Path) -> None:
     """A base with attention biases: changed biases -> lora_B.bias; a changed tied embedding -> both
     embed_tokens and lm_head in modules_to_save. PEFT must load it cleanly and match our merge."""
     transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
     base = write_llama(tmp_path / "plain", SMALL, dtype=torch.float32)[0].parent
     config = {**json.loads((base / "config.json").read_text()), "attention_bias": True}
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
@@ -182,33 +196,12 @@ def test_changed_tied_embedding_saved_with_its_head_and_bias_sets_lora_bias(tmp_
         assert not ckpt.read("base_model.model.model.layers.0.self_attn.o_proj.lora_B.bias").any()
 
     ids = torch.tensor([[1, 5, 17, 33, 60, 2]])
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-        peft_model = peft.PeftModel.from_pretrained(model, tmp_path / "ad")
-    assert not [w for w in caught if "missing" in str(w.message).lower()], [str(w.message) for w in caught]
-    merge(MergeConfig(base=base, adapters=((tmp_path / "ad", 1.0),), out=tmp_path / "merged", dtype=torch.float32))
-    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    theirs, ours = _peft_and_merge_logits(base, tmp_path / "ad", tmp_path, ids)
     tuned_model = transformers.AutoModelForCausalLM.from_pretrained(tuned, dtype=torch.float32)
     with torch.no_grad():
-        ours, theirs, want = merged(ids).logits, peft_model(ids).logits, tuned_model(ids).logits
+        want = tuned_model(ids).logits
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(ours, want, atol=1e-4, rtol=1e-4)  # rank 4 = the planted rank: exact
-
-
-def _peft_and_merge_logits(base: Path, adapter: Path, tmp_path: Path, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(PEFT's logits on base + adapter, loaded with no missing-key warning; our merge's logits)."""
-    transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-        peft_model = peft.PeftModel.from_pretrained(model, adapter)
-    assert not [w for w in caught if "missing" in str(w.message).lower()], [str(w.message) for w in caught]
-    merge(MergeConfig(base=base, adapters=((adapter, 1.0),), out=tmp_path / "merged", dtype=torch.float32))
-    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
-    with torch.no_grad():
-        return peft_model(ids).logits, merged(ids).logits
 
 
 def test_embeddings_lora_factors_embedding_and_head(tmp_path: Path) -> None:
@@ -342,20 +335,11 @@ def test_smollm2_randomized_within_1pct_of_exact_at_8_16_64(smollm2: Path, smoll
 
 @pytest.mark.slow
 def test_smollm2_adapter_loads_in_peft_and_matches_our_merge(smollm2: Path, smollm2_tuned: Path, tmp_path: Path) -> None:
-    transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
     report = extract(ExtractConfig(base=smollm2, tuned=smollm2_tuned, out=tmp_path / "ad", rank=16))
     assert len(report.modules) == 210 and all(m.rank == 16 for m in report.modules)
     assert report.modules_to_save == ["lm_head", "model.embed_tokens"]  # changed and tied
     assert any("not linear weights" in note for note in report.notes)  # the norms
     assert 0.0 < report.retained < 1.0 and report.adapter_bytes < report.delta_bytes
     ids = torch.tensor([[1, 504, 3575, 282, 4649, 314]])
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model = transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
-        peft_model = peft.PeftModel.from_pretrained(model, tmp_path / "ad")
-    assert not [w for w in caught if "missing" in str(w.message).lower()], [str(w.message) for w in caught]
-    merge(MergeConfig(base=smollm2, adapters=((tmp_path / "ad", 1.0),), out=tmp_path / "merged", dtype=torch.float32))
-    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
-    with torch.no_grad():
-        torch.testing.assert_close(peft_model(ids).logits, merged(ids).logits, atol=1e-4, rtol=1e-4)
+    theirs, ours = _peft_and_merge_logits(smollm2, tmp_path / "ad", tmp_path, ids)
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
