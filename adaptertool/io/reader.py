@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import struct
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +78,6 @@ class Checkpoint:
         self.index = index
         self.metadata = metadata
         self._handles: dict[Path, BinaryIO] = {}
-        self._lock = threading.Lock()
 
     @property
     def root(self) -> Path | None:
@@ -122,7 +120,7 @@ class Checkpoint:
             view = memoryview(buf.numpy())
             done = 0
             while done < info.nbytes:
-                # Positioned reads: no shared file offset, so another thread may copy meanwhile.
+                # Positioned reads: no shared file offset for a read and a copy to disturb.
                 got = os.preadv(fd, [view[done : done + _IO_CHUNK]], info.offset + done)
                 if not got:
                     raise AdapterToolError(f"{info.file}: tensor {name} is cut short; was the file truncated while open?")
@@ -149,11 +147,10 @@ class Checkpoint:
             left -= sent
 
     def _handle(self, file: Path) -> BinaryIO:
-        with self._lock:  # one handle per file even when two threads ask at once
-            handle = self._handles.get(file)
-            if handle is None:
-                handle = self._handles[file] = open(file, "rb", buffering=0)
-            return handle
+        handle = self._handles.get(file)
+        if handle is None:
+            handle = self._handles[file] = open(file, "rb", buffering=0)
+        return handle
 
     def close(self) -> None:
         for handle in self._handles.values():
