@@ -199,6 +199,24 @@ def test_dropout_update_matches_autograd_with_the_same_mask() -> None:
     torch.testing.assert_close(layer(x), x @ base.weight.T + 2.0 * (x @ a.T) @ b.T)  # no dropout in eval
 
 
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.9])
+def test_dropout_mask_is_a_fair_seeded_draw(p: float) -> None:
+    x = torch.empty(64, 4097)  # an odd count: the last 16-bit draw of the hash is cut off
+    torch.manual_seed(3)
+    first, second = dropout_mask(x, p), dropout_mask(x, p)
+    torch.manual_seed(3)
+    assert torch.equal(dropout_mask(x, p), first)  # drawn from torch's generator: seeding replays it
+    n = x.numel()
+    for mask in (first, second):
+        assert mask.shape == x.shape and mask.dtype == torch.bool
+        assert abs(float(mask.float().mean()) - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
+    # independent draws and independent neighbours (the two halves of one hash, rows, columns)
+    kept = 1 - p
+    both = [(first & second), (first[:, :-1] & first[:, 1:]), (first[:-1] & first[1:])]
+    for pair in both:
+        assert abs(float(pair.float().mean()) - kept * kept) < 5 * math.sqrt(kept * kept * (1 - kept * kept) / pair.numel())
+
+
 @pytest.mark.parametrize("bad", [{"rank": 0}, {"alpha": 0.0}, {"dropout": 1.0}, {"targets": ()}])
 def test_spec_validation(bad: dict) -> None:
     with pytest.raises(AdapterToolError, match="LoRA"):
