@@ -34,7 +34,7 @@ class Measurement:
 
 
 def measure(label: str, argv: Sequence[str], *, runs: int = 3, before: Callable[[], None] | None = None) -> Measurement:
-    """Run ``argv`` ``runs`` times (calling ``before`` first each time); median seconds and max peak RSS."""
+    """Run ``argv`` ``runs`` times (calling ``before`` and syncing first each time); median seconds and max peak RSS."""
     if not Path(GNU_TIME).is_file():
         raise SystemExit(f"{GNU_TIME} is missing: apt-get install time")
     times, peaks = [], []
@@ -43,6 +43,7 @@ def measure(label: str, argv: Sequence[str], *, runs: int = 3, before: Callable[
         for _ in range(runs):
             if before is not None:
                 before()
+            os.sync()  # no dirty pages from an earlier run: their writeback would land in this run's time
             start = time.perf_counter()
             done = subprocess.run([GNU_TIME, "-f", "%M", "-o", str(report), *argv], stdout=subprocess.DEVNULL, check=False)
             times.append(time.perf_counter() - start)

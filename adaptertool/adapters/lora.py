@@ -15,8 +15,10 @@ import torch
 
 __all__ = ["adalora_delta", "dora_rescale_", "embedding_delta", "linear_delta", "lora_scaling", "merge_linear_into"]
 
-# Elements per row block in merge_linear_into: 1 MiB of float32, so each block stays in cache.
+# Elements per row block in merge_linear_into: 1 MiB of float32, so each block stays in cache;
+# but never fewer rows than _MIN_BLOCK_ROWS (see there).
 _BLOCK_ELEMS = 1 << 18
+_MIN_BLOCK_ROWS = 64
 
 
 def lora_scaling(alpha: float, rank: int, *, rslora: bool) -> float:
@@ -34,26 +36,29 @@ def linear_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, *, 
 
 
 def merge_linear_into(out: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                      scaling: float, *, scale: float = 1.0, product: torch.Tensor | None = None) -> torch.Tensor:
+                      scaling: float, *, scale: float = 1.0) -> torch.Tensor:
     """``out = round(float32(W) + scale * ((B @ A) * scaling))`` for a Linear stored ``(out, in)``.
 
-    The same float32 operations as :func:`linear_delta` plus an add, so the result is identical;
-    but only the matrix product runs on the whole matrix (into ``product``, a reusable float32
-    buffer of at least ``W.numel()`` elements, if given). The scaling, the add and the final
-    rounding run in row blocks that stay in cache, instead of four passes over memory.
+    The same float32 operations as :func:`linear_delta` plus an add, run on blocks of rows that
+    stay in cache (product, scaling, add, rounding) instead of five passes over memory. Each
+    block's product is ``B[rows] @ A``: element for element the same dot products as the whole
+    ``B @ A``. Blocks keep at least 64 rows: with two threads, MKL multiplies 16-row blocks of a
+    (4096, 14336) product with another kernel, off by an ulp here and there (measured); from 32
+    rows on, every shape tried matched the whole product bit for bit.
 
     Args:
         out: the result, shaped like ``weight``, in the output dtype; written in place.
     """
     rows, cols = weight.shape
-    target = None if product is None else product[: rows * cols].view(rows, cols)
-    delta = torch.mm(lora_b.float(), lora_a.float(), out=target)  # (out, r) @ (r, in)
-    step = max(1, _BLOCK_ELEMS // cols)
+    lora_a, lora_b = lora_a.float(), lora_b.float()
+    step = max(_MIN_BLOCK_ROWS, _BLOCK_ELEMS // cols)
     block = torch.empty(min(step, rows), cols)
+    delta = torch.empty(min(step, rows), cols)
     for start in range(0, rows, step):
         stop = min(rows, start + step)
+        part = torch.mm(lora_b[start:stop], lora_a, out=delta[: stop - start])  # (rows, r) @ (r, in)
         work = block[: stop - start].copy_(weight[start:stop])
-        work.add_(delta[start:stop].mul_(scaling), alpha=scale)
+        work.add_(part.mul_(scaling), alpha=scale)
         out[start:stop].copy_(work)
     return out
 

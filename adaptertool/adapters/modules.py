@@ -58,10 +58,10 @@ class ModuleUpdate:
         return self.kind == "lora" and not self.dora and not self.fan_in_fan_out
 
     def merge_into(self, out: torch.Tensor, weight: torch.Tensor, tensors: Mapping[str, torch.Tensor], *,
-                   scale: float = 1.0, product: torch.Tensor | None = None) -> torch.Tensor:
+                   scale: float = 1.0) -> torch.Tensor:
         """``out = round(float32(weight) + scale * delta)`` for a :attr:`blockwise` update; identical
-        to :meth:`apply_` followed by a cast, with ``product`` as reusable float32 scratch."""
-        return merge_linear_into(out, weight, tensors["lora_A"], tensors["lora_B"], self.scaling, scale=scale, product=product)
+        to :meth:`apply_` followed by a cast."""
+        return merge_linear_into(out, weight, tensors["lora_A"], tensors["lora_B"], self.scaling, scale=scale)
 
     @property
     def additive(self) -> bool:

@@ -251,13 +251,10 @@ def _quantized(base: Checkpoint | FourBitView, name: str) -> bool:
 
 def _merge_blockwise(weight: torch.Tensor, step: Step, adapters: list[LoadedAdapter], space: _Workspace,
                      out_dtype: torch.dtype) -> torch.Tensor:
-    import torch
-
     adapter = adapters[step.adapter]
     tensors = {part: adapter.weights.read(key) for part, key in step.update.keys.items()}
     out = space.get("out", weight.numel(), out_dtype).view(weight.shape)
-    product = space.get("product", weight.numel(), torch.float32)
-    return step.update.merge_into(out, weight, tensors, scale=step.scale, product=product)
+    return step.update.merge_into(out, weight, tensors, scale=step.scale)
 
 
 def _apply(weight: torch.Tensor, steps: list[Step], adapters: list[LoadedAdapter], device: str) -> torch.Tensor:
