@@ -415,7 +415,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
             total += (sums.log() + top - chosen).sum()  # logsumexp - chosen logit
             if grad is not None:
                 probs = exps.div_(sums).scatter_add_(1, picked, torch.full_like(sums, -1.0))  # softmax - onehot
-                grad[rows] = probs.to(hidden.dtype) @ weight  # (n, V) @ (V, C)
+                grad[rows] = probs.to(hidden.dtype) @ weight.to(hidden.dtype)  # (n, V) @ (V, C)
         ctx.save_for_backward(grad)  # type: ignore[attr-defined]
         return total
 
