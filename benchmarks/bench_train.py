@@ -5,7 +5,8 @@
 SmolLM2-135M-Instruct in float32 on the CPU, rank-16 all-linear LoRA (alpha 32, dropout 0.05),
 AdamW at 2e-4 with gradient clipping at 1.0, batches of 4 packed blocks of 256 tokens cut from the
 same text (a seeded word salad, EOS between records). Each side reports its own training tokens/s
-over the loop (model loading and tokenising excluded); GNU time gives each process's peak RSS.
+over the loop (model loading and tokenising excluded), counting batch x seq positions per step (see
+OURS); GNU time gives each process's peak RSS.
 ``--qlora`` adds our QLoRA run (NF4 base, dequantised on the fly) beside the 16-bit ones.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -49,16 +51,20 @@ for step in range(steps):
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-json.dump({"tokens_per_s": steps * batch * seq / (time.perf_counter() - start), "loss": loss.item()}, open(result, "w"))
+print(json.dumps({"tokens_per_s": steps * batch * seq / (time.perf_counter() - start), "loss": loss.item()}), file=open(result, "a"))
 """
 
+# Both sides count positions processed (steps x batch x seq) per second of their loop: the peer
+# cuts exactly `steps` full batches from the token stream, while our packing pads the stream's last
+# short block, and its batch (same shape, same compute) would otherwise count fewer tokens.
 OURS = """
 import json, subprocess, sys
-done = subprocess.run([sys.executable, "-m", "adaptertool", "train", *sys.argv[2:]], capture_output=True, text=True)
+done = subprocess.run([sys.executable, "-m", "adaptertool", "train", *sys.argv[3:]], capture_output=True, text=True)
 if done.returncode:
     sys.exit(done.stderr)
 report = json.loads(done.stdout)
-json.dump({"tokens_per_s": report["tokens_per_s"], "loss": report["train_loss"]}, open(sys.argv[1], "w"))
+seconds = report["tokens"] / report["tokens_per_s"]  # the loop's own time (evals excluded)
+print(json.dumps({"tokens_per_s": report["steps"] * int(sys.argv[2]) / seconds, "loss": report["train_loss"]}), file=open(sys.argv[1], "a"))
 """
 
 
@@ -89,7 +95,7 @@ def main() -> None:
                      "--optim", "adamw", "--device", "cpu", "--json", "--force"]
         runs = [
             ("ours", measure(f"adaptertool train (fp32 LoRA r16, {BATCH}x{SEQ}, {args.steps} steps)",
-                             [sys.executable, "-c", OURS, str(results_file["ours"]), *ours_args], runs=args.runs,
+                             [sys.executable, "-c", OURS, str(results_file["ours"]), str(BATCH * SEQ), *ours_args], runs=args.runs,
                              before=remover(out))),
             ("peft", measure("PEFT + transformers loop (same settings)",
                              [sys.executable, "-c", PEER, str(base), str(data), str(args.steps), str(BATCH), str(SEQ),
@@ -97,15 +103,21 @@ def main() -> None:
         ]
         if args.qlora:
             runs.append(("qlora", measure("adaptertool train --qlora (same settings)",
-                                          [sys.executable, "-c", OURS, str(results_file["qlora"]), *ours_args, "--qlora"],
+                                          [sys.executable, "-c", OURS, str(results_file["qlora"]), str(BATCH * SEQ), *ours_args, "--qlora"],
                                           runs=args.runs, before=remover(out))))
-        figures = {name: json.loads(results_file[name].read_text()) for name, _ in runs}
+        # one line per run: the median run's tokens/s (the loss is the same every run)
+        figures = {}
+        for name, _ in runs:
+            lines = [json.loads(line) for line in results_file[name].read_text().splitlines()]
+            figures[name] = {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in lines),
+                             "tokens_per_s_runs": [round(r["tokens_per_s"], 1) for r in lines], "loss": lines[-1]["loss"]}
     remover(out)()
     ours, peft = figures["ours"], figures["peft"]
     measured = dict(runs)
     emit("train-smollm2", [m for _, m in runs], {
         "steps": args.steps, "tokens_per_step": BATCH * SEQ,
         "tokens_per_s": {name: round(f["tokens_per_s"], 1) for name, f in figures.items()},
+        "tokens_per_s_runs": {name: f["tokens_per_s_runs"] for name, f in figures.items()},
         "last_loss": {name: round(f["loss"], 4) for name, f in figures.items()},
         "speedup_vs_peft": round(ours["tokens_per_s"] / peft["tokens_per_s"], 2),
         "rss_ratio_vs_peft": round(measured["ours"].peak_rss_mb / measured["peft"].peak_rss_mb, 3),

@@ -248,17 +248,24 @@ class _LoraUpdate(torch.autograd.Function):
         flat = grad.to(lora_b.dtype).flatten(0, -2)  # (N, out)
         grad_b = flat.T @ hidden.to(lora_b.dtype).flatten(0, -2)  # (out, N) @ (N, r)
         grad_hidden = (flat @ lora_b).mul_(ctx.factor)  # type: ignore[attr-defined]  # the gradient of dropout(x) A^T
-        grad_a = grad_hidden.T @ _drop(x, keep).to(lora_a.dtype).flatten(0, -2)  # (r, N) @ (N, in)
+        kept = None if keep is None else _as_float(keep, x.dtype)  # converted once for both uses
+        grad_a = grad_hidden.T @ _drop(x, kept).to(lora_a.dtype).flatten(0, -2)  # (r, N) @ (N, in)
         grad_x = None
         if ctx.needs_input_grad[1]:  # type: ignore[attr-defined]
-            grad_x = _drop((grad_hidden @ lora_a).view(x.shape), keep).to(x.dtype)
+            grad_x = (grad_hidden @ lora_a).view(x.shape).to(x.dtype)
+            if kept is not None:
+                grad_x.mul_(kept)
         return grad, grad_x, grad_a, grad_b, None, None
 
 
 def _drop(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    """x with the dropped elements zeroed (not yet rescaled)."""
-    # through uint8 -> float: torch's bool -> float multiply takes a slow, unvectorised path
-    return x if keep is None else x * keep.view(torch.uint8).to(x.dtype)
+    """x with the dropped elements zeroed (not yet rescaled); ``keep`` a bool mask or its float form."""
+    return x if keep is None else x * (keep if keep.dtype == x.dtype else _as_float(keep, x.dtype))
+
+
+def _as_float(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # through uint8: torch's bool -> float multiply and cast take slow, unvectorised paths
+    return keep.view(torch.uint8).to(dtype)
 
 
 class FrozenLinear(nn.Module):
