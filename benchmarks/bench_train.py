@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from bench_io import CACHE, smollm2
-from harness import emit, measure, remover
+from harness import emit, measure_alternating, remover
 
 BATCH, SEQ = 4, 256
 WORDS = ("the model reads each shard once and writes the merged weights while the adapter stays small "
@@ -93,33 +93,37 @@ def main() -> None:
                      "--seq-len", str(SEQ), "--batch-size", str(BATCH), "--packing", "--max-steps", str(args.steps),
                      "--lr", "2e-4", "--max-grad-norm", "1.0", "--warmup-steps", "0", "--schedule", "constant",
                      "--optim", "adamw", "--device", "cpu", "--json", "--force"]
-        runs = [
-            ("ours", measure(f"adaptertool train (fp32 LoRA r16, {BATCH}x{SEQ}, {args.steps} steps)",
-                             [sys.executable, "-c", OURS, str(results_file["ours"]), str(BATCH * SEQ), *ours_args], runs=args.runs,
-                             before=remover(out))),
-            ("peft", measure("PEFT + transformers loop (same settings)",
-                             [sys.executable, "-c", PEER, str(base), str(data), str(args.steps), str(BATCH), str(SEQ),
-                              str(results_file["peft"])], runs=args.runs)),
+        commands = [
+            ("ours", f"adaptertool train (fp32 LoRA r16, {BATCH}x{SEQ}, {args.steps} steps)",
+             [sys.executable, "-c", OURS, str(results_file["ours"]), str(BATCH * SEQ), *ours_args], remover(out)),
+            ("peft", "PEFT + transformers loop (same settings)",
+             [sys.executable, "-c", PEER, str(base), str(data), str(args.steps), str(BATCH), str(SEQ),
+              str(results_file["peft"])], None),
         ]
         if args.qlora:
-            runs.append(("qlora", measure("adaptertool train --qlora (same settings)",
-                                          [sys.executable, "-c", OURS, str(results_file["qlora"]), str(BATCH * SEQ), *ours_args, "--qlora"],
-                                          runs=args.runs, before=remover(out))))
+            commands.append(("qlora", "adaptertool train --qlora (same settings)",
+                             [sys.executable, "-c", OURS, str(results_file["qlora"]), str(BATCH * SEQ), *ours_args, "--qlora"],
+                             remover(out)))
+        # the sides take turns, run by run, so the VM's speed drifts fall on both
+        measured = dict(zip((name for name, *_ in commands),
+                            measure_alternating([(label, argv, before) for _, label, argv, before in commands], runs=args.runs)))
         # one line per run: the median run's tokens/s (the loss is the same every run)
         figures = {}
-        for name, _ in runs:
+        for name in measured:
             lines = [json.loads(line) for line in results_file[name].read_text().splitlines()]
             figures[name] = {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in lines),
                              "tokens_per_s_runs": [round(r["tokens_per_s"], 1) for r in lines], "loss": lines[-1]["loss"]}
     remover(out)()
     ours, peft = figures["ours"], figures["peft"]
-    measured = dict(runs)
-    emit("train-smollm2", [m for _, m in runs], {
+    # each round's ours / peft ratio: the two ran back to back, under the same machine speed
+    paired = [a / b for a, b in zip(ours["tokens_per_s_runs"], peft["tokens_per_s_runs"])]
+    emit("train-smollm2", list(measured.values()), {
         "steps": args.steps, "tokens_per_step": BATCH * SEQ,
         "tokens_per_s": {name: round(f["tokens_per_s"], 1) for name, f in figures.items()},
         "tokens_per_s_runs": {name: f["tokens_per_s_runs"] for name, f in figures.items()},
         "last_loss": {name: round(f["loss"], 4) for name, f in figures.items()},
-        "speedup_vs_peft": round(ours["tokens_per_s"] / peft["tokens_per_s"], 2),
+        "speedup_vs_peft": round(ours["tokens_per_s"] / peft["tokens_per_s"], 2),  # ratio of the medians
+        "speedup_vs_peft_by_round": [round(r, 2) for r in paired],
         "rss_ratio_vs_peft": round(measured["ours"].peak_rss_mb / measured["peft"].peak_rss_mb, 3),
     })
 

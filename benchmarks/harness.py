@@ -35,23 +35,35 @@ class Measurement:
 
 def measure(label: str, argv: Sequence[str], *, runs: int = 3, before: Callable[[], None] | None = None) -> Measurement:
     """Run ``argv`` ``runs`` times (calling ``before`` and syncing first each time); median seconds and max peak RSS."""
+    return measure_alternating([(label, argv, before)], runs=runs)[0]
+
+
+def measure_alternating(commands: Sequence[tuple[str, Sequence[str], Callable[[], None] | None]], *,
+                        runs: int = 3) -> list[Measurement]:
+    """:func:`measure` for several ``(label, argv, before)`` commands, run in turn ``runs`` rounds over.
+
+    Taking turns lets slow drifts of the machine's speed (10-30 % over minutes on shared VMs) fall
+    on every command alike instead of on whichever ran during a slow spell.
+    """
     if not Path(GNU_TIME).is_file():
         raise SystemExit(f"{GNU_TIME} is missing: apt-get install time")
-    times, peaks = [], []
+    times: list[list[float]] = [[] for _ in commands]
+    peaks: list[list[float]] = [[] for _ in commands]
     with tempfile.TemporaryDirectory() as scratch:
         report = Path(scratch) / "rss"
         for _ in range(runs):
-            if before is not None:
-                before()
-            os.sync()  # no dirty pages from an earlier run: their writeback would land in this run's time
-            start = time.perf_counter()
-            done = subprocess.run([GNU_TIME, "-f", "%M", "-o", str(report), *argv], stdout=subprocess.DEVNULL, check=False)
-            times.append(time.perf_counter() - start)
-            if done.returncode != 0:
-                raise SystemExit(f"benchmark command failed: {' '.join(argv)}")
-            peaks.append(int(report.read_text().split()[-1]) / 1024)  # KiB -> MiB
-    return Measurement(label, " ".join(argv), round(statistics.median(times), 3), [round(t, 3) for t in times],
-                       round(max(peaks), 1))
+            for i, (_, argv, before) in enumerate(commands):
+                if before is not None:
+                    before()
+                os.sync()  # no dirty pages from an earlier run: their writeback would land in this run's time
+                start = time.perf_counter()
+                done = subprocess.run([GNU_TIME, "-f", "%M", "-o", str(report), *argv], stdout=subprocess.DEVNULL, check=False)
+                times[i].append(time.perf_counter() - start)
+                if done.returncode != 0:
+                    raise SystemExit(f"benchmark command failed: {' '.join(argv)}")
+                peaks[i].append(int(report.read_text().split()[-1]) / 1024)  # KiB -> MiB
+    return [Measurement(label, " ".join(argv), round(statistics.median(t), 3), [round(x, 3) for x in t], round(max(p), 1))
+            for (label, argv, _), t, p in zip(commands, times, peaks)]
 
 
 def remover(path: Path) -> Callable[[], None]:

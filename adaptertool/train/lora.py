@@ -217,50 +217,61 @@ def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
 _LOWBIAS32 = ((16, 0x7FEB352D), (15, 0x846CA68B - (1 << 32)), (16, 0))
 
 
-class _LoraUpdate(torch.autograd.Function):
-    """Adds ``scaling * dropout(x) A^T B^T`` to the base output in place; x (.., in), A (r, in), B (out, r).
+class _LoraLinear(torch.autograd.Function):
+    """``base(x) + scaling * dropout(x) A^T B^T`` as one autograd node; x (.., in), A (r, in), B (out, r).
 
     nn.Dropout would keep for the backward a float mask and the dropped-out copy of x, both
     (.., in), in every LoRA layer. This keeps x itself, which q/k/v (and gate/up) share, a
     one-byte mask, and the (.., r) product; A's gradient re-applies the mask. The scalars
-    (scaling, dropout's 1 / (1 - p)) multiply (.., r) products only, and the update accumulates
-    into the base output inside its matmul: no (.., out) temporary and no extra pass over one,
-    forward or backward. Same maths, same RNG draws under gradient checkpointing (which replays
-    the generator state).
+    (scaling, dropout's 1 / (1 - p)) multiply (.., r) products only. The update accumulates into
+    the base output inside its matmul, and the input gradient of the base into the LoRA one:
+    no (.., out) or (.., in) temporaries and no extra passes over them, forward or backward (with
+    separate nodes, autograd would add two fresh (.., in) gradients). Same maths, same RNG draws
+    under gradient checkpointing (which replays the generator state). A 4-bit base is expanded in
+    the forward and again in the backward, as in :class:`_FourBitMatmul`.
     """
 
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, result: torch.Tensor, x: torch.Tensor,
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, base: FrozenLinear,
                 lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, p: float) -> torch.Tensor:
-        keep = dropout_mask(x, p) if p > 0 else None
+        dense = base.dense_weight(base.compute_dtype)
+        result = F.linear(x.to(base.compute_dtype), dense, base.bias)
+        xa = x.to(lora_a.dtype)  # the adapter's dtype (float32)
+        keep = dropout_mask(xa, p) if p > 0 else None
         factor = scaling / (1.0 - p)
-        hidden = F.linear(_drop(x, keep), lora_a).mul_(factor)  # (.., r)
-        ctx.mark_dirty(result)  # type: ignore[attr-defined]
+        hidden = F.linear(_drop(xa, keep), lora_a).mul_(factor)  # (.., r)
         result.view(-1, result.shape[-1]).addmm_(hidden.flatten(0, -2).to(result.dtype), lora_b.T.to(result.dtype))
-        ctx.save_for_backward(x, keep, lora_a, lora_b, hidden)  # type: ignore[attr-defined]
-        ctx.factor = factor  # type: ignore[attr-defined]
+        ctx.save_for_backward(xa, keep, lora_a, lora_b, hidden, None if base.fourbit is not None else dense)  # type: ignore[attr-defined]
+        ctx.base, ctx.factor, ctx.x_dtype = base, factor, x.dtype  # type: ignore[attr-defined]
         return result
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, keep, lora_a, lora_b, hidden = ctx.saved_tensors  # type: ignore[attr-defined]
-        # the backward runs outside autocast: compute in the adapter's dtype (float32)
-        flat = grad.to(lora_b.dtype).flatten(0, -2)  # (N, out)
-        grad_b = flat.T @ hidden.to(lora_b.dtype).flatten(0, -2)  # (out, N) @ (N, r)
-        grad_hidden = (flat @ lora_b).mul_(ctx.factor)  # type: ignore[attr-defined]  # the gradient of dropout(x) A^T
-        kept = None if keep is None else _as_float(keep, x.dtype)  # converted once for both uses
-        grad_a = grad_hidden.T @ _drop(x, kept).to(lora_a.dtype).flatten(0, -2)  # (r, N) @ (N, in)
+        xa, keep, lora_a, lora_b, hidden, dense = ctx.saved_tensors  # type: ignore[attr-defined]
+        flat = grad.flatten(0, -2)  # (N, out)
+        # the backward runs outside autocast: the adapter's gradients in its dtype (float32)
+        wide = flat.to(lora_b.dtype)
+        grad_b = wide.T @ hidden.to(lora_b.dtype).flatten(0, -2)  # (out, N) @ (N, r)
+        grad_hidden = (wide @ lora_b).mul_(ctx.factor)  # type: ignore[attr-defined]  # the gradient of dropout(x) A^T
+        kept = None if keep is None else _as_float(keep, xa.dtype).flatten(0, -2)  # converted once for both uses
+        dropped = xa.flatten(0, -2) if kept is None else xa.flatten(0, -2) * kept
+        grad_a = grad_hidden.T @ dropped  # (r, N) @ (N, in)
         grad_x = None
-        if ctx.needs_input_grad[1]:  # type: ignore[attr-defined]
-            grad_x = (grad_hidden @ lora_a).view(x.shape).to(x.dtype)
-            if kept is not None:
-                grad_x.mul_(kept)
-        return grad, grad_x, grad_a, grad_b, None, None
+        if ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
+            if dense is None:
+                dense = ctx.base.dense_weight(flat.dtype)  # type: ignore[attr-defined]
+            if kept is None:
+                grad_x = grad_hidden @ lora_a  # (N, in)
+            else:  # into the dropped-out copy of x: done with, and still in cache (a fresh buffer is slower)
+                grad_x = torch.mm(grad_hidden, lora_a, out=dropped).mul_(kept)
+            # + grad W, accumulated in the same buffer (no casts in float32)
+            grad_x = grad_x.to(dense.dtype).addmm_(flat.to(dense.dtype), dense).view(xa.shape).to(ctx.x_dtype)  # type: ignore[attr-defined]
+        return grad_x, None, grad_a, grad_b, None, None
 
 
 def _drop(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    """x with the dropped elements zeroed (not yet rescaled); ``keep`` a bool mask or its float form."""
-    return x if keep is None else x * (keep if keep.dtype == x.dtype else _as_float(keep, x.dtype))
+    """x with the dropped elements zeroed (not yet rescaled), ``keep`` a bool mask: one fresh tensor."""
+    return x if keep is None else _as_float(keep, x.dtype).mul_(x)
 
 
 def _as_float(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -326,12 +337,10 @@ class LoRALinear(nn.Module):
             return torch.linalg.norm(dense + self.scaling * delta, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base(x)
-        xa = x.to(self.lora_A.dtype)
         if self.lora_magnitude_vector is None:
             p = self.dropout.p if isinstance(self.dropout, nn.Dropout) and self.training else 0.0
-            return _LoraUpdate.apply(result, xa, self.lora_A, self.lora_B, self.scaling, p)
-        return self._dora(xa, result)
+            return _LoraLinear.apply(x, self.base, self.lora_A, self.lora_B, self.scaling, p)
+        return self._dora(x.to(self.lora_A.dtype), self.base(x))
 
     def _dora(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         # y = (m / ||W + sBA||) * (x W^T + s x A^T B^T) + b, the norm a constant. As PEFT, the

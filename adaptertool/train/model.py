@@ -12,9 +12,10 @@ when they apply). mlp: SwiGLU, ``down(silu(gate(x)) * up(x))``. Module names mir
 
 Every base weight is frozen; the only trainable tensors are the LoRA layers that
 :func:`adaptertool.train.weights.load_decoder` adds. Compute runs in the parameters' dtype.
-Training memory is mostly saved activations, so two small autograd functions keep fewer of them
-than plain autograd would (SwiGLU's silu output; the output layer's (B, T, vocab) logits, which
-:meth:`Decoder.loss_sum` never materialises), with the same gradients.
+RMSNorm, RoPE, SwiGLU and the output layer's cross-entropy are hand-written forward/backward
+pairs (:mod:`adaptertool.train.fused`): the same gradients with fewer saved activations and
+fewer passes over memory than plain autograd (:meth:`Decoder.loss_sum` never materialises the
+(B, T, vocab) logits).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from adaptertool.adapters.peft_keys import PEFT_PREFIX, split_adapter_key
 from adaptertool.errors import AdapterToolError
+from adaptertool.train.fused import head_cross_entropy, rms_norm, rope, swiglu
 from adaptertool.train.lora import ALL_LINEAR, FrozenLinear, LoraSpec, lora_modules
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "Decoder", "DecoderConfig"]
@@ -147,9 +149,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        wide = x.float()
-        wide = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * wide.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_frequencies(config: DecoderConfig, device: torch.device | None = None) -> torch.Tensor:
@@ -176,12 +176,6 @@ def rope_frequencies(config: DecoderConfig, device: torch.device | None = None) 
     return torch.where(medium, blended, scaled)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE in the half-split layout (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin); x (B, H, T, D), cos (B, 1, T, D)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
 class Attention(nn.Module):
     def __init__(self, config: DecoderConfig) -> None:
         super().__init__()
@@ -202,7 +196,7 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
         gqa: dict[str, bool] = {}
         if self.n_kv_head != self.n_head:  # GQA: each k/v head serves n_head / n_kv_head query heads
             if _NATIVE_GQA:
@@ -223,25 +217,7 @@ class MLP(nn.Module):
         self.down_proj = _linear(hidden, c, config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(_SwiGLU.apply(self.gate_proj(x), self.up_proj(x)))
-
-
-class _SwiGLU(torch.autograd.Function):
-    """``silu(gate) * up``, keeping gate and up for the backward but not silu(gate), a third (.., I) tensor.
-
-    The backward recomputes silu(gate) and uses torch's fused ``silu_backward`` (one pass for
-    ``d/dg silu(g) = s (1 + g (1 - s))``, s = sigmoid(g)): four passes over (.., I) instead of nine.
-    """
-
-    @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(gate, up)  # type: ignore[attr-defined]
-        return F.silu(gate).mul_(up)
-
-    @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        gate, up = ctx.saved_tensors  # type: ignore[attr-defined]
-        return torch.ops.aten.silu_backward(grad * up, gate), F.silu(gate).mul_(grad)
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class Block(nn.Module):
@@ -299,7 +275,7 @@ class Decoder(nn.Module):
 
         The same value and gradients as ``F.cross_entropy(forward(...), targets, reduction="sum")``
         (float32), without the ``(B, T, vocab)`` logits: the output layer runs only on positions
-        with a target, ``chunk_tokens`` at a time (see :class:`_HeadCrossEntropy`).
+        with a target, ``chunk_tokens`` at a time (see :func:`~adaptertool.train.fused.head_cross_entropy`).
 
         Args:
             targets: ``(B, T)`` int64, aligned with the positions: ``targets[:, t]`` is the token
@@ -310,7 +286,7 @@ class Decoder(nn.Module):
         hidden = self._hidden(input_ids, attention_mask, position_ids)  # (B, T, C)
         keep = targets != ignore_index
         assert self.lm_head.weight is not None  # the output embedding is never 4-bit
-        return _HeadCrossEntropy.apply(hidden[keep], self.lm_head.weight, targets[keep], chunk_tokens)
+        return head_cross_entropy(hidden[keep], self.lm_head.weight, targets[keep], chunk_tokens)
 
     def _hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                 position_ids: torch.Tensor | None) -> torch.Tensor:
@@ -387,44 +363,6 @@ class Decoder(nn.Module):
         """Names of the block Linear layers (LoRA's candidates), in module order."""
         return [f"model.layers.{i}.{group}.{leaf}" for i in range(self.config.num_hidden_layers)
                 for group, leaves in (("self_attn", _ATTENTION), ("mlp", _MLP)) for leaf in leaves]
-
-
-class _HeadCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of ``h W^T`` (h: (N, C) hidden states, W: (V, C) frozen output embedding).
-
-    With W frozen, the gradient w.r.t. h is ``(softmax(h W^T) - onehot(target)) W``: computed chunk
-    by chunk in the forward, it leaves an (N, C) tensor behind instead of (N, V) logits, their
-    log-softmax and its gradient (for SmolLM2 at 4 x 256 tokens: 2 MB instead of ~600 MB). Every
-    chunk's logits go through one reused buffer, worked on in place: a fresh (n, V) tensor per
-    chunk would be mapped and faulted in anew each time (tens of MB, above malloc's mmap threshold).
-    """
-
-    @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, hidden: torch.Tensor, weight: torch.Tensor,
-                targets: torch.Tensor, chunk: int) -> torch.Tensor:
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None  # type: ignore[attr-defined]
-        buffer = torch.empty(min(chunk, hidden.shape[0]), weight.shape[0], dtype=hidden.dtype, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk):
-            rows = slice(start, start + chunk)
-            logits = torch.matmul(hidden[rows], weight.T, out=buffer[: hidden[rows].shape[0]])  # (n, V)
-            wide = logits.float()  # the buffer itself for float32 models
-            picked = targets[rows].unsqueeze(1)
-            top = wide.amax(dim=-1, keepdim=True)  # (n, 1)
-            chosen = wide.gather(1, picked)
-            exps = wide.sub_(top).exp_()  # in place: exp(logit - max)
-            sums = exps.sum(dim=-1, keepdim=True)
-            total += (sums.log() + top - chosen).sum()  # logsumexp - chosen logit
-            if grad is not None:
-                probs = exps.div_(sums).scatter_add_(1, picked, torch.full_like(sums, -1.0))  # softmax - onehot
-                grad[rows] = probs.to(hidden.dtype) @ weight.to(hidden.dtype)  # (n, V) @ (V, C)
-        ctx.save_for_backward(grad)  # type: ignore[attr-defined]
-        return total
-
-    @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        (grad,) = ctx.saved_tensors  # type: ignore[attr-defined]
-        return (None if grad is None else grad * grad_total), None, None, None
 
 
 def _linear(in_features: int, out_features: int, bias: bool) -> FrozenLinear:
