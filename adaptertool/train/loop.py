@@ -77,7 +77,7 @@ def make_optimizer(name: str, params: list[torch.nn.Parameter], *, lr: float, we
     """
     import torch
 
-    if name == "adamw":  # fused: one kernel over all tensors (on the CPU a step takes 1/5 of the loop's time)
+    if name == "adamw":  # fused: one kernel over all tensors, a fifth of the for-loop version's time on the CPU
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
