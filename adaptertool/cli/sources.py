@@ -18,7 +18,7 @@ import click
 
 from adaptertool.errors import AdapterToolError
 
-__all__ = ["SourcePath", "WeightedSource", "split_weight"]
+__all__ = ["HubId", "SourcePath", "WeightedSource", "split_weight"]
 
 
 def _looks_like_hub_id(text: str) -> bool:
@@ -56,6 +56,21 @@ class SourcePath(click.ParamType):
                 raise
             # A mistyped relative path (models/llama) looks like a Hub id: say both were tried.
             raise AdapterToolError(f"{value} is neither a local path nor a Hub repo: {err}") from err
+
+
+class HubId(click.ParamType):
+    """``org/name`` or ``org/name@revision``, checked when parsed so a malformed id is a usage error (exit 2)."""
+
+    name = "repo_id"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from adaptertool.io.hub import parse_hub_id
+
+        try:
+            parse_hub_id(value)
+        except AdapterToolError as err:
+            self.fail(str(err), param, ctx)
+        return str(value)
 
 
 class WeightedSource(click.ParamType):

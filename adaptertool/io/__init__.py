@@ -3,6 +3,7 @@
 from adaptertool.io.adapter_files import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
+    is_adapter,
     open_adapter,
     write_adapter,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "code_of_name",
     "copy_side_files",
     "dtype_code",
+    "is_adapter",
     "is_unfinished",
     "open_adapter",
     "open_checkpoint",

@@ -16,10 +16,16 @@ from adaptertool.io.writer import CheckpointWriter
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "open_adapter", "write_adapter"]
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "is_adapter", "open_adapter", "write_adapter"]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def is_adapter(path: Path) -> bool:
+    """Whether ``path`` is a PEFT adapter folder (or a file inside one): it has adapter_config.json."""
+    folder = path if path.is_dir() else path.parent
+    return path.exists() and (folder / ADAPTER_CONFIG).is_file()
 
 
 def open_adapter(path: Path) -> tuple[dict[str, Any], Checkpoint, Path]:

@@ -144,6 +144,7 @@ def read_card(repo_id: str, *, revision: str | None = None, endpoint: str | None
               token: str | None = None) -> str | None:
     """``repo_id``'s README.md on branch ``revision`` (or, if that branch does not exist yet, the
     default branch), or None when there is no such repo or file yet. Nothing is left in the cache.
+    It is the first call of a push, so failures are worded for one.
 
     Raises:
         AdapterToolError: auth, no connection (with what to do).
@@ -159,7 +160,7 @@ def read_card(repo_id: str, *, revision: str | None = None, endpoint: str | None
         except (errors.RepositoryNotFoundError, errors.RemoteEntryNotFoundError):
             return None
         except _FAILURES as err:
-            raise _hub_error(err, HubRef(repo_id, rev), endpoint=endpoint, token=token) from err
+            raise _hub_error(err, HubRef(repo_id, rev), endpoint=endpoint, token=token, writing=True) from err
     return None
 
 
@@ -229,6 +230,9 @@ def _hub_error(err: OSError | httpx2.TransportError | errors.XetDownloadError, r
     if isinstance(err, errors.LocalEntryNotFoundError) and isinstance(cause, OSError | httpx2.TransportError) and not \
             isinstance(cause, errors.OfflineModeIsEnabled):
         return _hub_error(cause, ref, endpoint=endpoint, token=token, cache_dir=cache_dir, writing=writing)
+    if writing and isinstance(err, errors.LocalEntryNotFoundError | errors.OfflineModeIsEnabled):
+        return AdapterToolError(f"uploading to {ref.repo_id} needs the network, and HF_HUB_OFFLINE is set; "
+                                "unset HF_HUB_OFFLINE to push")
     if isinstance(err, errors.LocalEntryNotFoundError | errors.OfflineModeIsEnabled):
         cache = cache_dir or constants.HF_HUB_CACHE
         return AdapterToolError(f"{ref} is not (fully) in the cache {cache} and downloads are off (HF_HUB_OFFLINE); "

@@ -28,6 +28,7 @@ from adaptertool.io import (
     check_output,
     code_of_name,
     dtype_code,
+    is_adapter,
     open_checkpoint,
     read_json,
     scratch_prefix,
@@ -81,7 +82,7 @@ class MergeReport:
     merged: int  # tensors updated by an adapter
     replaced: int  # tensors replaced outright (modules_to_save)
     copied: int  # tensors copied byte for byte
-    cast: int  # untouched tensors converted: to the output dtype, or dequantised from 4-bit
+    cast: int  # untouched tensors cast: to the output dtype, or dequantised from 4-bit
     dtype: str  # output float dtype, or "as base"
     device: str
     side_files: list[str]
@@ -101,6 +102,7 @@ def merge(cfg: MergeConfig, *, progress: bool = False) -> MergeReport:
     Raises:
         AdapterToolError: an adapter that does not fit the base, is broken, or cannot be undone.
     """
+    _check_order(cfg)
     if cfg.requantize:
         return _merge_requantized(cfg, progress=progress)
     import torch
@@ -150,6 +152,14 @@ def _metadata(base: dict[str, str], cfg: MergeConfig) -> dict[str, str]:
     adapters = [f"{source_name(path)}:{weight * cfg.scale:g}" for path, weight in cfg.adapters]
     return {**kept, "format": "pt", f"{_PROVENANCE}base_model": source_name(cfg.base),
             f"{_PROVENANCE}adapters": json.dumps(adapters)}
+
+
+def _check_order(cfg: MergeConfig) -> None:
+    # BASE and ADAPTER given the other way round would otherwise fail on "no adapter_config.json".
+    first = cfg.adapters[0][0]
+    if is_adapter(cfg.base) and not is_adapter(first) and first.exists():
+        usage = "subtract MODEL ADAPTER OUT" if cfg.subtract else "merge BASE ADAPTER OUT"
+        raise AdapterToolError(f"{cfg.base} is a PEFT adapter and {first} is not: are they swapped? the order is {usage}")
 
 
 def _merge_requantized(cfg: MergeConfig, *, progress: bool) -> MergeReport:
