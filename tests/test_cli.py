@@ -124,6 +124,6 @@ def test_merge_and_subtract_cli(tmp_path: Path) -> None:
     with open_checkpoint(base) as a, open_checkpoint(tmp_path / "m") as b:
         assert max((a.read(n) - b.read(n)).abs().max().item() for n in a) < 1e-6
     code, out, _ = _run("subtract", str(tmp_path / "m"), str(tmp_path / "lora"), str(tmp_path / "s"), "--dtype", "bf16")
-    assert code == 0 and out.startswith("subtracted 1 adapter(s) into") and "4 tensors changed, 17 converted to bfloat16;" in out
+    assert code == 0 and out.startswith("subtracted 1 adapter(s) into") and "4 tensors changed, 17 cast to bfloat16;" in out
     code, _, err = _run("merge", str(base), str(tmp_path / "nothing"), str(tmp_path / "x"))
     assert code == 1 and err == f"error: {tmp_path / 'nothing'} does not exist; check the adapter path\n"

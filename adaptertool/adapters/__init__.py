@@ -8,5 +8,5 @@ __all__, __getattr__ = lazy_exports(__name__, {
              "pissa_factors"),
     "modules": ("ADDITIVE_KINDS", "ModuleUpdate", "ia3_fits", "plan_module"),
     "peft_config": ("SUPPORTED_PEFT_TYPES", "AdapterSettings", "match_pattern"),
-    "peft_keys": ("ADAPTER_PARTS", "PEFT_PREFIX", "full_tensor_name", "split_adapter_key"),
+    "peft_keys": ("ADAPTER_PARTS", "PEFT_PREFIX", "full_tensor_name", "module_order", "split_adapter_key"),
 })

@@ -8,7 +8,9 @@ adapter name (``lora_A.default.weight``). Internally the maths sees ``("model.la
 
 from __future__ import annotations
 
-__all__ = ["ADAPTER_PARTS", "PEFT_PREFIX", "full_tensor_name", "split_adapter_key"]
+import re
+
+__all__ = ["ADAPTER_PARTS", "PEFT_PREFIX", "full_tensor_name", "module_order", "split_adapter_key"]
 
 PEFT_PREFIX = "base_model.model."
 
@@ -40,3 +42,17 @@ def full_tensor_name(key: str) -> str:
     """
     tokens = key.removeprefix(PEFT_PREFIX).split(".")
     return ".".join(t for t in tokens if t not in ("base_layer", "modules_to_save", "default"))
+
+
+_DIGITS = re.compile(r"(\d+)")
+
+
+def module_order(name: str) -> tuple[str | int, ...]:
+    """Sort key for module and tensor paths that orders layer numbers by value: ``layers.2`` before ``layers.10``.
+
+    Plain string order puts ``layers.10`` between ``layers.1`` and ``layers.2``; reports sort with
+    this key so that they read in model order.
+    """
+    # split() with a group alternates text and digit runs, so two keys compare text with text and
+    # numbers with numbers at every position.
+    return tuple(int(chunk) if i % 2 else chunk for i, chunk in enumerate(_DIGITS.split(name)))

@@ -25,7 +25,7 @@ from adaptertool.errors import AdapterToolError
 from adaptertool.io import parse_size
 
 __all__ = [
-    "DTYPE_CODES", "cli", "emit", "force_option", "human_bytes", "human_count", "json_option", "main",
+    "DTYPE_CODES", "alpha_option", "cli", "emit", "force_option", "human_bytes", "human_count", "json_option", "main",
     "progress_enabled", "quiet_option", "shard_bytes", "shard_option",
 ]
 
@@ -64,15 +64,24 @@ def cli(debug: bool, verbose: int, threads: int | None) -> None:
 
 
 def json_option(f: F) -> F:
-    return click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a summary.")(f)
+    return click.option("--json/--no-json", "as_json", default=False, show_default=True,
+                        help="Print one JSON object instead of a summary.")(f)
 
 
 def quiet_option(f: F) -> F:
-    return click.option("-q", "--quiet", is_flag=True, help="No progress bars.")(f)
+    return click.option("-q", "--quiet/--no-quiet", default=False, show_default=True, help="No progress bars.")(f)
 
 
 def force_option(f: F) -> F:
-    return click.option("--force", is_flag=True, help="Replace OUT if it exists (only once the new one is complete).")(f)
+    return click.option("--force/--no-force", default=False, show_default=True,
+                        help="Replace OUT if it exists (only once the new one is complete).")(f)
+
+
+def alpha_option(f: F) -> F:
+    # One default for every command that writes a fresh adapter: extract, convert and combine write
+    # r == lora_alpha too, so adapters from any command merge at the same strength.
+    return click.option("--alpha", type=float, default=None,
+                        help="lora_alpha [default: the rank, so the scaling alpha/r is 1].")(f)
 
 
 def shard_option(f: F) -> F:

@@ -26,8 +26,13 @@ _METHODS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_lin
 
 
 @cli.command("combine")
-@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[:WEIGHT]...")
-@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output adapter folder.")
+# OUT is the last positional, as in every command; -o/--out is kept as an alias, and with it every
+# positional is an adapter. click fills ADAPTER... from the front and OUT from the back. OUT stays
+# text until then: a Path would drop the trailing "/" that keeps "run:7/" from reading as weight 7.
+@click.argument("adapters", nargs=-1, metavar="ADAPTER[:WEIGHT]...")
+@click.argument("out", required=False, metavar="OUT")
+@click.option("-o", "--out", "out_option", type=click.Path(path_type=Path), default=None,
+              help="Output adapter folder, instead of the last positional argument (all positionals are then adapters).")
 @click.option("--method", type=click.Choice(_METHODS), default="linear", show_default=True,
               help="linear/cat: exact weighted sum (stacked factors); svd and the ties/dare/magnitude_prune "
                    "family: weighted full deltas, re-factored at --rank.")
@@ -46,22 +51,35 @@ _METHODS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_lin
 @force_option
 @json_option
 @quiet_option
-def combine_cmd(adapters: tuple[str, ...], out: Path, method: str, weights: str | None, density: float | None,
-                rank: int | None, majority_sign: str | None, seed: int, svd: str, dtype: str, force: bool,
-                as_json: bool, quiet: bool) -> None:
+def combine_cmd(adapters: tuple[str, ...], out: str | None, out_option: Path | None, method: str,
+                weights: str | None, density: float | None, rank: int | None, majority_sign: str | None, seed: int,
+                svd: str, dtype: str, force: bool, as_json: bool, quiet: bool) -> None:
     """Combine several adapters for one base into one LoRA adapter (weighted sum, TIES, DARE...).
 
-    Example: adaptertool combine ./sft:0.7 ./dpo:0.3 -o ./mixed --method svd --rank 16
+    The last argument is OUT, the output adapter folder (or give it as -o OUT).
+
+    Example: adaptertool combine ./sft:0.7 ./dpo:0.3 ./mixed --method svd --rank 16
     """
     from adaptertool.io import torch_dtype
     from adaptertool.ops.combine import CombineConfig, combine
 
-    paths, weight_list = _parse_adapters(adapters, weights)
+    sources, out_path = _split_out(adapters, out, out_option)
+    paths, weight_list = _parse_adapters(sources, weights)
     cfg = CombineConfig(
-        adapters=paths, out=out, weights=weight_list, method=method, density=density, rank=rank,
+        adapters=paths, out=out_path, weights=weight_list, method=method, density=density, rank=rank,
         majority_sign=majority_sign, seed=seed, svd=svd, dtype=torch_dtype(DTYPE_CODES[dtype]), force=force,
     )
     emit(combine(cfg, progress=progress_enabled(quiet, as_json)), as_json, _combine_text)
+
+
+def _split_out(adapters: tuple[str, ...], out: str | None, out_option: Path | None) -> tuple[tuple[str, ...], Path]:
+    """(adapter arguments, OUT) from the positionals and -o: with -o, the positional OUT is one more adapter."""
+    if out_option is not None and out is not None:
+        adapters, out = (*adapters, out), None
+    if not adapters or (out is None and out_option is None):
+        raise click.UsageError("give at least one ADAPTER and then OUT, e.g. combine ./a:0.7 ./b:0.3 ./mixed",
+                               ctx=click.get_current_context())
+    return adapters, out_option if out_option is not None else Path(str(out))
 
 
 def _parse_adapters(adapters: tuple[str, ...], weights: str | None) -> tuple[tuple[Path, ...], tuple[float, ...] | None]:

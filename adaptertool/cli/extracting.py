@@ -28,7 +28,7 @@ from adaptertool.io import torch_dtype
 @click.option("--rank", type=int, default=16, show_default=True, help="Rank of every module (the fixed rule).")
 @click.option("--energy", type=float, default=None,
               help="Per-module rule instead: smallest rank keeping this fraction of ||delta||_F^2, in (0, 1].")
-@click.option("--auto-rank", is_flag=True,
+@click.option("--auto-rank/--no-auto-rank", default=False, show_default=True,
               help="Per-module rule instead: keep singular values above the bf16/fp16 rounding-noise edge.")
 @click.option("--max-rank", type=int, default=None,
               help="Cap on every module's rank [default: --rank, or 128 with --energy/--auto-rank].")

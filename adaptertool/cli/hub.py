@@ -24,7 +24,7 @@ from adaptertool.cli.app import (
 @click.option("--include", multiple=True, metavar="PATTERN",
               help="Download only repo files matching PATTERN (fnmatch, e.g. '*.json'; repeatable) "
                    "[default: safetensors, index, configs, tokenizer files, README.md].")
-@click.option("--allow-pickle", is_flag=True,
+@click.option("--allow-pickle/--no-allow-pickle", default=False, show_default=True,
               help="Also download pickle files (*.bin, *.pt, ...). They can run code when loaded; adaptertool never loads them.")
 @force_option
 @json_option
@@ -53,10 +53,11 @@ def pull_cmd(repo_id: str, out: Path | None, revision: str | None, include: tupl
 @cli.command("push")
 @click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("repo_id")
-@click.option("--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility).")
+@click.option("--private/--no-private", default=False, show_default=True, help="Create the repo private (an existing repo keeps its visibility).")
 @click.option("--revision", default=None, metavar="BRANCH", help="Commit to this branch (created if missing) or to an open pull request's refs/pr/N [default: main].")
 @click.option("--message", "-m", default=None, help="Commit message [default: 'Upload <what> with adaptertool'].")
-@click.option("--create-pr", is_flag=True, help="Open a pull request with the commit instead of committing to the branch.")
+@click.option("--create-pr/--no-create-pr", default=False, show_default=True,
+              help="Open a pull request with the commit instead of committing to the branch.")
 @json_option
 @quiet_option
 def push_cmd(path: Path, repo_id: str, private: bool, revision: str | None, message: str | None, create_pr: bool,

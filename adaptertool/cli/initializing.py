@@ -9,6 +9,7 @@ import click
 
 from adaptertool.cli.app import (
     DTYPE_CODES,
+    alpha_option,
     cli,
     emit,
     force_option,
@@ -27,12 +28,13 @@ from adaptertool.io import torch_dtype
 @click.argument("base", type=SourcePath())
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--rank", type=int, default=16, show_default=True, help="LoRA rank r of every module.")
-@click.option("--alpha", type=float, default=None, help="lora_alpha [default: the rank, so the scaling is 1].")
+@alpha_option
 @click.option("--targets", multiple=True, default=("all-linear",), show_default=True, metavar="NAME",
               help="all-linear (every Linear but the output head, as PEFT), or names matched as PEFT target_modules "
                    "(repeatable; embeddings get an embedding LoRA).")
-@click.option("--rslora", is_flag=True, help="rsLoRA scaling alpha/sqrt(r) instead of alpha/r.")
-@click.option("--dora", is_flag=True, help="DoRA: also write the magnitude vectors (norms of the weights).")
+@click.option("--rslora/--no-rslora", default=False, show_default=True, help="rsLoRA scaling alpha/sqrt(r) instead of alpha/r.")
+@click.option("--dora/--no-dora", default=False, show_default=True,
+              help="DoRA: also write the magnitude vectors (norms of the weights).")
 @click.option("--method", type=click.Choice(["default", "gaussian", "pissa", "olora"]), default="default",
               show_default=True, help="PEFT's initialisation; pissa/olora also write --residual-base.")
 @click.option("--pissa-niter", type=int, default=None,
@@ -67,11 +69,12 @@ def _init_text(r: Any) -> str:
     lines = [
         *(f"note: {note}" for note in r.notes),
         (f"wrote {r.out}: {r.method} LoRA on {r.modules} modules ({', '.join(r.target_modules)}), r={r.rank}, "
-         f"alpha={r.alpha:g}, scaling {r.scaling:g}, {human_bytes(r.adapter_bytes)} in {r.seconds:.1f} s"),
+         f"alpha={r.alpha:g}, scaling {r.scaling:g}, {human_bytes(r.adapter_bytes)} in {r.seconds:.1f} s, "
+         f"peak memory {human_bytes(r.peak_rss_bytes)}"),
     ]
     if r.residual_base is not None:
         lines.append(f"wrote residual base {r.residual_base} ({r.copied} tensors copied unchanged); residual + adapter "
-                     f"reproduces the base to a relative error of {r.reconstruction_error:.1e} (rounding to the base's dtype)")
+                     f"reproduces the base to a relative error of {r.reconstruction_error:.4f} (rounding to the base's dtype)")
     return "\n".join(lines)
 
 
@@ -88,7 +91,7 @@ def _init_text(r: Any) -> str:
 @click.option("--max-rank", type=int, default=None, help="Cap on the resized ranks [default: --rank, or 128 with --energy].")
 @click.option("--svd", type=click.Choice(["randomized", "exact"]), default="randomized", show_default=True,
               help="Randomized SVD (fast, seeded) or the exact SVD, for a resize.")
-@click.option("--export", is_flag=True,
+@click.option("--export/--no-export", default=False, show_default=True,
               help="Fold the scaling into B: one r == lora_alpha, no rsLoRA, no patterns (llama.cpp/vLLM-style loaders).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD.")
 @click.option("--dtype", type=click.Choice(["auto", *sorted(DTYPE_CODES)]), default="auto", show_default=True,
@@ -116,9 +119,9 @@ def convert_cmd(adapter: Path, out: Path, from_pissa: Path | None, from_olora: P
 def _convert_text(r: Any) -> str:
     ranks = sorted({m.rank for m in r.modules})
     shown = f"r={r.rank}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]} (r={r.rank}, others in rank_pattern)"
-    error = f", relative Frobenius error {r.rel_error:.2e}" if "resize" in r.steps else ""
+    error = f", relative Frobenius error {r.rel_error:.4f}" if "resize" in r.steps else ""
     return "\n".join([
         *(f"note: {note}" for note in r.notes),
         (f"wrote {r.out} ({' + '.join(r.steps)}): {len(r.modules)} modules, {shown}, alpha={r.alpha:g}{error}; "
-         f"{human_bytes(r.adapter_bytes)} in {r.seconds:.1f} s"),
+         f"{human_bytes(r.adapter_bytes)} in {r.seconds:.1f} s, peak memory {human_bytes(r.peak_rss_bytes)}"),
     ])

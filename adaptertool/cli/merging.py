@@ -31,7 +31,7 @@ def _merge_options(f: F) -> F:
         click.option("--scale", type=float, default=1.0, show_default=True, help="Multiply every adapter's weight by this."),
         click.option("--dtype", type=click.Choice(["auto", *sorted(DTYPE_CODES)]), default="auto", show_default=True,
                      help="Output float dtype; auto keeps the base's."),
-        click.option("--requantize", is_flag=True,
+        click.option("--requantize/--no-requantize", default=False, show_default=True,
                      help="4-bit base: quantise the result again with the base's settings [default: write 16-bit]."),
         shard_option,
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True,
@@ -44,8 +44,9 @@ def _merge_options(f: F) -> F:
 
 def _merge_summary(verb: str) -> Callable[[Any], str]:
     def render(r: Any) -> str:
+        cast = f"{r.cast} cast " + (f"to {r.dtype}" if r.dtype != "as base" else "from 4-bit")
         counts = [f"{r.merged} tensors changed", f"{r.replaced} replaced" if r.replaced else "",
-                  f"{r.copied} copied" if r.copied else "", (f"{r.cast} converted" + (f" to {r.dtype}" if r.dtype != "as base" else " from 4-bit")) if r.cast else ""]
+                  f"{r.copied} copied" if r.copied else "", cast if r.cast else ""]
         return "\n".join([
             *(f"note: {note}" for note in r.notes),
             (f"{verb} {len(r.adapters)} adapter(s) into {r.out}: {', '.join(c for c in counts if c)}; "

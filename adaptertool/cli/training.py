@@ -8,10 +8,12 @@ from typing import Any
 import click
 
 from adaptertool.cli.app import (
+    alpha_option,
     cli,
     emit,
     force_option,
     human_bytes,
+    human_count,
     json_option,
     progress_enabled,
     quiet_option,
@@ -26,7 +28,7 @@ from adaptertool.cli.sources import SourcePath
 @click.option("--eval", "eval_data", type=click.Path(path_type=Path), default=None,
               help="Held-out JSONL: eval loss every --eval-every steps and at the end.")
 @click.option("--rank", type=int, default=16, show_default=True, help="LoRA rank r.")
-@click.option("--alpha", type=float, default=None, help="LoRA alpha [default: 2 x rank].")
+@alpha_option
 @click.option("--dropout", type=float, default=0.05, show_default=True, help="LoRA dropout on the layer input.")
 @click.option("--targets", multiple=True, default=("all-linear",), show_default=True, metavar="NAME",
               help="Modules to train: all-linear, or names matched as PEFT target_modules (repeatable).")
@@ -103,7 +105,7 @@ def _train_text(r: Any) -> str:
         evals = f", eval loss {start}{r.eval_loss:.4f}"
     lines = [
         f"data: {d.records} records, {d.tokens} tokens ({d.target_tokens} trained on) in {d.batches} batches{cut}",
-        (f"trained {r.trainable_params} parameters for {r.steps} steps ({r.epochs:g} epochs, {r.tokens} tokens) "
+        (f"trained {human_count(r.trainable_params)} parameters for {r.steps} steps ({r.epochs:g} epochs, {r.tokens} tokens) "
          f"on {r.device}: train loss {r.train_loss:.4f}{evals}"),
         *(f"note: {note}" for note in r.notes),
         (f"wrote {r.out} ({', '.join(r.files)}) in {r.seconds:.1f} s, {r.tokens_per_s:.0f} tokens/s, "

@@ -35,7 +35,7 @@ from adaptertool.adapters.combine import (
     stack_factors,
 )
 from adaptertool.adapters.modules import ModuleUpdate
-from adaptertool.adapters.peft_keys import PEFT_PREFIX
+from adaptertool.adapters.peft_keys import PEFT_PREFIX, module_order
 from adaptertool.adapters.svd import RankPolicy, factor_delta
 from adaptertool.errors import AdapterToolError
 from adaptertool.io import (
@@ -176,8 +176,9 @@ def combine(cfg: CombineConfig, *, progress: bool = False) -> CombineReport:
     return CombineReport(
         out=str(cfg.out), files=[f.name for f in writer.files], method=cfg.method,
         adapters=[str(p) for p in cfg.adapters], weights=cfg.weight_list(), rank=int(config["r"]),
-        modules=[r.report for r in results.values()], dropped=dropped,
-        modules_to_save=sorted(config.get("modules_to_save") or []),
+        modules=sorted((r.report for r in results.values()), key=lambda m: module_order(m.module)),
+        dropped=sorted(dropped, key=module_order),
+        modules_to_save=sorted(config.get("modules_to_save") or [], key=module_order),
         rel_error=math.sqrt(residual / energy) if energy else 0.0, adapter_bytes=writer.total_bytes,
         notes=plan.notes, seconds=clock.seconds, peak_rss_bytes=peak_rss_bytes(),
     )

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from adaptertool.adapters.lora import linear_delta
 from adaptertool.adapters.modules import ModuleUpdate, plan_module
-from adaptertool.adapters.peft_keys import PEFT_PREFIX, split_adapter_key
+from adaptertool.adapters.peft_keys import PEFT_PREFIX, module_order, split_adapter_key
 from adaptertool.adapters.svd import RankPolicy, factor_delta
 from adaptertool.errors import AdapterToolError
 from adaptertool.io import (
@@ -192,7 +192,8 @@ def convert(cfg: ConvertConfig, *, progress: bool = False) -> ConvertReport:
     energy = sum(m.energy for m in modules.values())
     error = sum(m.error_energy for m in modules.values())
     changes = [ModuleChange(module=m.name, rank_in=m.rank_in, rank=m.rank,
-                            rel_error=math.sqrt(m.error_energy / m.energy) if m.energy else 0.0) for m in modules.values()]
+                            rel_error=math.sqrt(m.error_energy / m.energy) if m.energy else 0.0)
+               for m in sorted(modules.values(), key=lambda m: module_order(m.name))]
     return ConvertReport(
         out=str(cfg.out), files=[f.name for f in writer.files], steps=steps, rank=int(config["r"]),
         alpha=float(config["lora_alpha"]), modules=changes, rel_error=math.sqrt(error / energy) if energy else 0.0,

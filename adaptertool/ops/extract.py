@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from tqdm import tqdm
 
+from adaptertool.adapters.peft_keys import module_order
 from adaptertool.adapters.svd import RankPolicy, factor_delta, rounding_noise_std
 from adaptertool.errors import AdapterToolError
 from adaptertool.io import (
@@ -185,7 +186,8 @@ def extract(cfg: ExtractConfig, *, progress: bool = False) -> ExtractReport:
     total = sum(m.delta_norm**2 for m in modules)
     report = ExtractReport(
         out=str(cfg.out), files=[f.name for f in writer.files], svd=cfg.svd, device=device, rank=int(config["r"]),
-        modules=modules, unchanged=unchanged, modules_to_save=sorted(config.get("modules_to_save") or []),
+        modules=sorted(modules, key=lambda m: module_order(m.module)), unchanged=sorted(unchanged, key=module_order),
+        modules_to_save=sorted(config.get("modules_to_save") or [], key=module_order),
         retained=kept / total if total else 1.0, rel_error=max(0.0, 1.0 - kept / total) ** 0.5 if total else 0.0,
         adapter_bytes=writer.total_bytes, delta_bytes=delta_bytes, notes=notes,
         seconds=clock.seconds, peak_rss_bytes=peak_rss_bytes(),

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adaptertool.adapters.peft_keys import split_adapter_key
+from adaptertool.adapters.peft_keys import module_order, split_adapter_key
 from adaptertool.io import Checkpoint, open_checkpoint, read_json
 
 if TYPE_CHECKING:
@@ -101,7 +101,7 @@ def _adapter_summary(config: dict[str, Any], ckpt: Checkpoint) -> AdapterSummary
         ranks=sorted(ranks),
         rslora=bool(config.get("use_rslora", False)),
         dora=bool(config.get("use_dora", False)),
-        targets=sorted({m.rsplit(".", 1)[-1] for m in modules}),
+        targets=sorted({m.rsplit(".", 1)[-1] for m in modules}, key=module_order),
         modules=len(modules),
-        modules_to_save=list(config.get("modules_to_save") or []),
+        modules_to_save=sorted(config.get("modules_to_save") or [], key=module_order),
     )

@@ -37,7 +37,7 @@ from adaptertool.adapters.init import (
     pissa_factors,
 )
 from adaptertool.adapters.lora import embedding_delta, linear_delta, lora_scaling
-from adaptertool.adapters.peft_keys import PEFT_PREFIX
+from adaptertool.adapters.peft_keys import PEFT_PREFIX, module_order
 from adaptertool.errors import AdapterToolError
 from adaptertool.io import (
     DEFAULT_MAX_SHARD_BYTES,
@@ -175,7 +175,8 @@ def init_adapter(cfg: InitConfig, *, progress: bool = False) -> InitReport:
                      f"{cfg.method} applies to the Linear modules")
     return InitReport(
         out=str(cfg.out), files=[f.name for f in writer.files], method=_method_name(cfg), rank=cfg.rank,
-        alpha=cfg.lora_alpha, scaling=cfg.scaling, modules=len(targets), target_modules=list(config["target_modules"]),
+        alpha=cfg.lora_alpha, scaling=cfg.scaling, modules=len(targets),
+        target_modules=sorted(config["target_modules"], key=module_order),
         adapter_bytes=writer.total_bytes, residual_base=None if cfg.residual_base is None else str(cfg.residual_base),
         residual_files=residual_files, copied=copied, reconstruction_error=error, notes=notes,
         seconds=clock.seconds, peak_rss_bytes=peak_rss_bytes(),

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from adaptertool.adapters.peft_keys import module_order
 from adaptertool.errors import AdapterToolError
 from adaptertool.io import (
     DEFAULT_MAX_SHARD_BYTES,
@@ -159,7 +160,7 @@ def quantize(cfg: QuantConfig, *, progress: bool = False) -> QuantReport:
         bytes_in = sum(s.nbytes for s in source.specs())
     return QuantReport(
         out=str(cfg.out), files=[f.name for f in writer.files], quant_type=cfg.quant_type, blocksize=cfg.blocksize,
-        double_quant=cfg.double_quant, quantized=len(dtypes), kept=selection.kept, copied=copied,
+        double_quant=cfg.double_quant, quantized=len(dtypes), kept=sorted(selection.kept, key=module_order), copied=copied,
         cast=len(specs) - len(entries) - copied, bytes_in=bytes_in, bytes_written=writer.total_bytes,
         side_files=sorted([*side, _CONFIG]), seconds=clock.seconds, peak_rss_bytes=peak_rss_bytes(),
     )

@@ -72,7 +72,7 @@ class TrainConfig:
     out: Path
     eval_data: Path | None = None
     rank: int = 16
-    alpha: float | None = None  # None: 2 * rank, the practitioners' default
+    alpha: float | None = None  # None: the rank (scaling 1), as init writes and extract/convert/combine produce
     dropout: float = 0.05
     targets: tuple[str, ...] = ("all-linear",)
     rslora: bool = False
@@ -128,7 +128,7 @@ class TrainConfig:
     def lora(self) -> LoraSpec:
         from adaptertool.train.lora import LoraSpec
 
-        return LoraSpec(rank=self.rank, alpha=float(self.alpha if self.alpha is not None else 2 * self.rank),
+        return LoraSpec(rank=self.rank, alpha=float(self.alpha if self.alpha is not None else self.rank),
                         dropout=self.dropout, targets=tuple(self.targets), rslora=self.rslora, dora=self.dora)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from adaptertool.adapters.peft_keys import module_order
 from adaptertool.io import Checkpoint, open_checkpoint, read_json
 from adaptertool.ops.measure import Stopwatch
 
@@ -96,4 +97,4 @@ def _scan(ckpt: Checkpoint, *, progress: bool) -> list[NonFinite]:
             if nans or infs:
                 found.append(NonFinite(name, nans, infs))
             bar.update(info.nbytes)
-    return found
+    return sorted(found, key=lambda bad: module_order(bad.tensor))

@@ -58,7 +58,7 @@ class LoraSpec:
     """
 
     rank: int = 16
-    alpha: float = 32.0  # practitioners' default: 2 * rank
+    alpha: float = 16.0  # = the default rank, so scaling 1, as train defaults alpha to the rank
     dropout: float = 0.05
     targets: tuple[str, ...] = (ALL_LINEAR,)
     rslora: bool = False

@@ -21,6 +21,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from adaptertool import AdapterToolError
+from adaptertool.adapters.peft_keys import module_order
 from adaptertool.cli import cli
 from adaptertool.io import open_checkpoint
 from adaptertool.ops.combine import CombineConfig, combine
@@ -368,8 +369,8 @@ def _refused(match: str, *args: str | Path) -> None:
 def test_adapters_for_different_shapes(zoo: Zoo, tmp_path: Path) -> None:
     wider = _edited(zoo, "d", tmp_path / "wider", tensors=lambda w: {k: torch.cat([v, v], -1) if "lora_A" in k else v for k, v in w.items()})
     _refused("wider: module model.layers.0.self_attn.q_proj implies weight shape [32, 64] but", zoo["a"], wider,
-             "-o", tmp_path / "out")
-    _refused("implies [32, 32]; the adapters were made for different base models", zoo["a"], wider, "-o", tmp_path / "out")
+             tmp_path / "out")
+    _refused("implies [32, 32]; the adapters were made for different base models", zoo["a"], wider, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -378,11 +379,11 @@ def test_adapters_for_different_shapes(zoo: Zoo, tmp_path: Path) -> None:
     ("ia3", "is a IA3 update, which rescales weights instead of adding a delta"),
 ])
 def test_non_additive_adapters_are_refused(zoo: Zoo, tmp_path: Path, name: str, message: str) -> None:
-    _refused(message, zoo["a"], zoo[name], "-o", tmp_path / "out", "--method", "svd")
+    _refused(message, zoo["a"], zoo[name], tmp_path / "out", "--method", "svd")
 
 
 def test_loha_cannot_be_stacked(zoo: Zoo, tmp_path: Path) -> None:
-    _refused("is LOHA, which has no LoRA factors to stack for --method cat; use --method svd", zoo["loha"], "-o",
+    _refused("is LOHA, which has no LoRA factors to stack for --method cat; use --method svd", zoo["loha"],
              tmp_path / "out", "--method", "cat")
 
 
@@ -398,23 +399,34 @@ def test_loha_cannot_be_stacked(zoo: Zoo, tmp_path: Path) -> None:
     (["--method", "svd", "--majority-sign", "frequency"], "--majority-sign applies to ties and dare_ties"),
 ])
 def test_bad_options(zoo: Zoo, tmp_path: Path, options: list[str], message: str) -> None:
-    _refused(message, zoo["a"], zoo["d"], "-o", tmp_path / "out", *options)
+    _refused(message, zoo["a"], zoo["d"], tmp_path / "out", *options)
 
 
 def test_weights_both_ways_and_all_zero(zoo: Zoo, tmp_path: Path) -> None:
     _refused("give weights either as ADAPTER:WEIGHT or with --weights, not both", f"{zoo['a']}:0.5", zoo["d"],
-             "-o", tmp_path / "out", "--weights", "1,2")
-    _refused("every combined update is zero; nothing to write", f"{zoo['a']}:0", f"{zoo['d']}:0", "-o", tmp_path / "out")
+             tmp_path / "out", "--weights", "1,2")
+    _refused("every combined update is zero; nothing to write", f"{zoo['a']}:0", f"{zoo['d']}:0", tmp_path / "out")
 
 
 def test_cli_json_and_weights(zoo: Zoo, tmp_path: Path) -> None:
-    code, out, err = _cli("combine", f"{zoo['a']}:0.7", f"{zoo['d']}:-0.3", "-o", tmp_path / "out", "--method", "svd",
+    code, out, err = _cli("combine", f"{zoo['a']}:0.7", f"{zoo['d']}:-0.3", tmp_path / "out", "--method", "svd",
                           "--rank", "8", "--svd", "exact", "--json")
     assert code == 0 and err == "", err
     report = json.loads(out)
     assert report["weights"] == [0.7, -0.3] and report["rank"] == 8 and report["rel_error"] < 1e-5
+    # -o/--out is an alias for the positional OUT; with it every positional is an adapter.
     code, out, _ = _cli("combine", zoo["a"], zoo["d"], "-o", tmp_path / "out2", "--weights", "0.7,-0.3", "--method", "cat")
     assert code == 0 and "total: 6 modules (r=8)" in out and out.rstrip().splitlines()[-1].startswith("wrote ")
+    # Modules are listed in model order, layer numbers by value.
+    listed = [line.split()[0] for line in out.splitlines()[1:7]]
+    assert listed == sorted(listed, key=module_order) and len(listed) == 6
+
+
+def test_cli_needs_an_adapter_and_out(zoo: Zoo, tmp_path: Path) -> None:
+    for args in ([zoo["a"]], ["-o", tmp_path / "out"], []):
+        code, out, err = _cli("combine", *args)
+        assert code == 2 and out == "" and "give at least one ADAPTER and then OUT" in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_lists_every_method() -> None:

@@ -132,7 +132,7 @@ def test_saved_adapter_loads_in_peft(llama: Path, tmp_path: Path, variant: str) 
 def test_adapter_config_names_what_peft_would(llama: Path) -> None:
     config = load_decoder(llama, lora=LoraSpec()).adapter_config(base_model_name_or_path="org/model")
     assert config["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
-    assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (16, 32.0, 0.05)
+    assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (16, 16.0, 0.05)
     assert config["base_model_name_or_path"] == "org/model"
     # every key is a LoraConfig field, so PEFT neither warns about nor drops any
     assert set(config) <= set(peft.LoraConfig().to_dict())
