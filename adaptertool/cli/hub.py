@@ -15,10 +15,11 @@ from adaptertool.cli.app import (
     progress_enabled,
     quiet_option,
 )
+from adaptertool.cli.sources import HubId
 
 
 @cli.command("pull")
-@click.argument("repo_id")
+@click.argument("repo_id", type=HubId())
 @click.argument("out", type=click.Path(path_type=Path), required=False)
 @click.option("--revision", default=None, metavar="REV", help="Branch, tag or commit [default: the repo's default branch].")
 @click.option("--include", multiple=True, metavar="PATTERN",
@@ -52,7 +53,7 @@ def pull_cmd(repo_id: str, out: Path | None, revision: str | None, include: tupl
 
 @cli.command("push")
 @click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.argument("repo_id")
+@click.argument("repo_id", type=HubId())
 @click.option("--private/--no-private", default=False, show_default=True, help="Create the repo private (an existing repo keeps its visibility).")
 @click.option("--revision", default=None, metavar="BRANCH", help="Commit to this branch (created if missing) or to an open pull request's refs/pr/N [default: main].")
 @click.option("--message", "-m", default=None, help="Commit message [default: 'Upload <what> with adaptertool'].")

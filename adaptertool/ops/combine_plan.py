@@ -77,7 +77,7 @@ def plan_combine(inputs: list[LoadedAdapter], *, exact_method: str | None = None
         if module in plan.modules and plan.modules[module].parts and ".base_layer." not in key:
             raise AdapterToolError(f"{inputs[index].path}: saves {name} whole while another adapter adapts {module}; "
                                    "the two cannot be combined into one adapter")
-    bases = sorted({str(i.settings.base_model) for i in inputs})
+    bases = sorted({str(i.settings.base_model) for i in inputs if i.settings.base_model})  # naming none is no conflict
     if len(bases) > 1:
         plan.notes.append(f"the adapters name different base models ({', '.join(bases)}); their shapes agree, so they are "
                           "combined; check that they were trained on the same weights")

@@ -171,6 +171,7 @@ def train(cfg: TrainConfig, *, progress: bool = False) -> TrainReport:
     clock = Stopwatch()
     device = _device(cfg.device)
     inputs = [p for p in (cfg.base, cfg.data, cfg.eval_data) if p is not None]
+    _check_order(cfg)
     check_output(cfg.out, force=cfg.force, inputs=inputs)
     model_config, tok = _tokenizer(cfg.base)
     _check_seq_len(cfg, model_config)
@@ -267,6 +268,13 @@ def _check_seq_len(cfg: TrainConfig, model_config: dict[str, Any]) -> None:
     limit = model_config.get("max_position_embeddings")
     if isinstance(limit, int) and cfg.seq_len > limit:
         raise AdapterToolError(f"--seq-len {cfg.seq_len} is longer than the model's max_position_embeddings ({limit})")
+
+
+def _check_order(cfg: TrainConfig) -> None:
+    # `train BASE OUT DATA` would otherwise say OUT exists and suggest --force, which replaces the data file.
+    if not cfg.data.exists() and cfg.out.is_file():
+        raise AdapterToolError(f"DATA {cfg.data} does not exist and OUT {cfg.out} is a file: are they swapped? "
+                               "the order is train BASE DATA OUT")
 
 
 def _dataset(path: Path, tok: TextTokenizer, cfg: TrainConfig, *, shuffle_seed: int) -> Dataset:

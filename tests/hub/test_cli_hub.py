@@ -136,6 +136,16 @@ def test_hub_id_syntax_errors_are_usage_errors(hub_env: dict[str, str], tmp_path
     for bad in ("me/na..me", "me/name@", "me/-name"):
         done = run_cli(hub_env, "info", bad)
         assert done.code == 2 and "neither an existing path nor a Hub id (org/name[@revision])" in done.err
+    for command in (["pull", "me/na..me"], ["push", str(tmp_path), "me/na..me"]):
+        done = run_cli(hub_env, *command)
+        assert done.code == 2 and "'me/na..me' is not a Hub id; expected org/name or org/name@revision" in done.err
+
+
+def test_push_offline_says_push_needs_the_network(hub: FakeHub, hub_env: dict[str, str], tmp_path: Path) -> None:
+    write_llama(tmp_path / "base", TINY)
+    done = run_cli(hub_env, "push", str(tmp_path / "base"), "me/base", HF_HUB_OFFLINE="1")
+    assert done.code == 1 and done.err == "error: uploading to me/base needs the network, and HF_HUB_OFFLINE is set; unset HF_HUB_OFFLINE to push\n"
+    assert hub.requests == []
 
 
 def test_a_local_path_wins_and_needs_no_hub(hub: FakeHub, hub_env: dict[str, str], models: dict[str, Path],

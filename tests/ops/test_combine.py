@@ -346,9 +346,14 @@ def test_conflicting_modules_to_save_are_refused(zoo: Zoo, tmp_path: Path) -> No
 
 
 def test_different_base_names_with_equal_shapes_is_a_note(zoo: Zoo, tmp_path: Path) -> None:
+    named = _edited(zoo, "a", tmp_path / "named", config=lambda c: {**c, "base_model_name_or_path": "org/base"})
     renamed = _edited(zoo, "d", tmp_path / "renamed", config=lambda c: {**c, "base_model_name_or_path": "org/other"})
-    report = combine(CombineConfig(adapters=(zoo["a"], renamed), out=tmp_path / "out"))
-    assert any("different base models" in note for note in report.notes)
+    report = combine(CombineConfig(adapters=(named, renamed), out=tmp_path / "out"))
+    assert any("different base models (org/base, org/other)" in note for note in report.notes)
+    # An adapter that names no base cannot disagree with one that does.
+    unnamed = _edited(zoo, "a", tmp_path / "unnamed", config=lambda c: {**c, "base_model_name_or_path": None})
+    report = combine(CombineConfig(adapters=(unnamed, renamed), out=tmp_path / "out2"))
+    assert not any("different base models" in note for note in report.notes)
 
 
 # --- bad inputs: one-line errors, exit code 1, nothing written -------------------------------------

@@ -306,3 +306,15 @@ def test_qlora_uses_less_memory_than_lora_with_a_close_loss_curve(smollm2: Path,
     # most of that gap (measured: 0.51 vs 0.38 at step 4, with alpha = rank).
     gaps = [abs(a - b) for a, b in zip(curves["lora"], curves["qlora"])]
     assert gaps[-1] < 0.5 * gaps[0] and curves["qlora"][-1] < 0.5 * curves["qlora"][0], curves
+
+
+def test_data_and_out_given_the_other_way_round_are_caught(tiny: dict[str, Path], tmp_path: Path) -> None:
+    # `train BASE OUT DATA`: without the check, the message suggested --force, which replaces the data file.
+    data = tmp_path / "data.jsonl"
+    data.write_bytes(tiny["train"].read_bytes())
+    for extra in ([], ["--force"]):
+        result = CliRunner().invoke(cli, ["train", str(tiny["base"]), str(tmp_path / "adapter"), str(data), *extra])
+        assert result.exit_code == 1
+        assert (f"error: DATA {tmp_path / 'adapter'} does not exist and OUT {data} is a file: are they swapped? "
+                "the order is train BASE DATA OUT") in result.stderr
+        assert data.read_bytes() == tiny["train"].read_bytes()
