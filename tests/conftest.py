@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -12,6 +14,35 @@ import torch
 from adaptertool.ops.examples import TINY, write_llama, write_lora_adapter
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+# Hugging Face settings a user may have exported (offline mode, a token, another cache or endpoint).
+_HF_VARIABLES = ("HF_", "HUGGINGFACE_", "HUGGING_FACE_", "TRANSFORMERS_OFFLINE")
+
+
+@pytest.fixture(autouse=True)
+def _no_user_hugging_face_settings(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Every test sees a clean Hugging Face environment with an empty HF_HOME of its own.
+
+    Without this, HF_HUB_OFFLINE=1, HF_TOKEN, HF_HOME, HF_HUB_CACHE or HF_ENDPOINT in the user's shell
+    change what the Hub tests see (13 of them failed so). huggingface_hub reads these variables once,
+    into ``huggingface_hub.constants``, when it is first imported, so changing os.environ is not
+    enough: its constants are recomputed from the cleaned environment and patched for the test.
+    """
+    for key in list(os.environ):
+        if key.upper().startswith(_HF_VARIABLES):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("HF_HOME", str(tmp_path_factory.mktemp("hf-home")))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is None:
+        return  # not imported yet: it will read the environment set above
+    spec = importlib.util.spec_from_file_location("_huggingface_hub_constants_now", constants.__file__)
+    assert spec is not None and spec.loader is not None
+    fresh = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fresh)  # the module only reads os.environ (standard library imports)
+    for name, value in vars(fresh).items():
+        if name.isupper() and getattr(constants, name, value) != value:
+            monkeypatch.setattr(constants, name, value)
 
 
 @pytest.fixture(scope="session")

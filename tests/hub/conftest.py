@@ -2,7 +2,8 @@
 
 huggingface_hub reads HF_ENDPOINT, HF_HOME and HF_HUB_OFFLINE when it is imported, so end-to-end
 cases run ``python -m adaptertool`` with them in the environment; library-level cases pass
-``endpoint=``, ``cache_dir=`` and ``token=`` explicitly instead.
+``endpoint=``, ``cache_dir=`` and ``token=`` explicitly instead. The user's own HF_* settings are
+cleared for every test by tests/conftest.py.
 """
 
 from __future__ import annotations

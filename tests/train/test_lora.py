@@ -29,6 +29,7 @@ from adaptertool.train import (
     load_decoder,
 )
 from adaptertool.train.lora import dropout_mask
+from tests.quant.fourbit_reference import decode_quant_state
 from tests.train import batch, load_hf_model, write_hf_model
 
 peft = pytest.importorskip("peft")
@@ -297,14 +298,31 @@ def test_bf16_autocast_trains(fourbit: dict[str, Path], qlora: bool, dora: bool)
 
 def test_transformers_fourbit_checkpoint(fourbit: dict[str, Path], tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
-    pytest.importorskip("bitsandbytes")
+    bnb = pytest.importorskip("bitsandbytes")
     settings = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                                bnb_4bit_compute_dtype=torch.float32)
     hf = transformers.AutoModelForCausalLM.from_pretrained(fourbit["base"], quantization_config=settings,
                                                            dtype=torch.float32).eval()
     hf.save_pretrained(tmp_path / "hf-nf4")
     ours = load_decoder(tmp_path / "hf-nf4", lora=LoraSpec(dropout=0.0)).eval()
-    assert sum(isinstance(m, FourBitWeight) for m in ours.modules()) == 14
+    fourbits = {name.removesuffix(".base.fourbit"): m for name, m in ours.named_modules() if isinstance(m, FourBitWeight)}
+    assert len(fourbits) == 14
+    # bitsandbytes' CPU forward is no oracle: on CPUs with AVX512-BF16, Linear4bit's inference path
+    # repacks each weight for a fused kernel that needs in_features to be a multiple of the blocksize
+    # (here 32: "shape '[32, 0]' is invalid") and rounds absmax to bf16; with AVX-512F its
+    # dequantise kernel misreads absmax on 32-wide rows (tests/quant/fourbit_reference.py). So each
+    # 4-bit weight transformers quantised and saved is decoded by the format's definition from
+    # bitsandbytes' stored codes and tables: our loader must give exactly those weights, and
+    # transformers' model, run with them, the same logits as ours.
+    for name, module in list(hf.named_modules()):
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        weight = decode_quant_state(module.weight.data, module.weight.quant_state, torch.float32)
+        assert torch.equal(fourbits.pop(name).dequantize(torch.float32), weight), name
+        dense = torch.nn.Linear(module.in_features, module.out_features, bias=False)
+        dense.weight = torch.nn.Parameter(weight, requires_grad=False)
+        hf.set_submodule(name, dense)
+    assert not fourbits, sorted(fourbits)
     ids, mask = batch(TINY.vocab, seed=1)
     with torch.no_grad():
         torch.testing.assert_close(ours(ids, attention_mask=mask)[mask],
