@@ -15,9 +15,11 @@ from typing import Any
 
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from adaptertool import AdapterToolError
+from adaptertool.cli import cli
 from adaptertool.io import open_checkpoint
 from adaptertool.ops.examples import TINY
 from adaptertool.ops.merge import MergeConfig, merge, subtract
@@ -365,3 +367,13 @@ def test_requantize_keeps_the_4bit_layout_and_loads(tmp_path: Path) -> None:
         assert error < 0.12, name  # NF4's rounding of the merged weights (about 0.1 relative)
     with pytest.raises(AdapterToolError, match="--requantize needs a bitsandbytes 4-bit base"):
         merge(MergeConfig(base=base16, adapters=((adapter, 1.0),), out=tmp_path / "x", requantize=True))
+
+
+@pytest.mark.parametrize("command", ["merge", "subtract"])
+def test_base_and_adapter_given_the_other_way_round_are_caught(tiny_sharded: Path, tiny_adapter: Path, tmp_path: Path,
+                                                               command: str) -> None:
+    result = CliRunner().invoke(cli, [command, str(tiny_adapter), str(tiny_sharded), str(tmp_path / "out")])
+    usage = "subtract MODEL ADAPTER OUT" if command == "subtract" else "merge BASE ADAPTER OUT"
+    assert result.exit_code == 1
+    assert result.stderr == f"error: {tiny_adapter} is a PEFT adapter and {tiny_sharded} is not: are they swapped? the order is {usage}\n"
+    assert not (tmp_path / "out").exists()
