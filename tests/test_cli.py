@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -83,6 +84,17 @@ def test_reshard_cli(tiny_sharded: Path, tmp_path: Path) -> None:
     assert code == 0 and report["files"] == ["model.safetensors"] and report["copied"] == 21
     code, _, err = _run("reshard", str(tiny_sharded), str(tmp_path / "o"))
     assert code == 1 and "already exists; pass --force" in err
+    assert (tmp_path / "o" / "config.json").read_bytes() == (tiny_sharded / "config.json").read_bytes()
+
+
+def test_reshard_dtype_rewrites_the_config_dtype(tiny_sharded: Path, tmp_path: Path) -> None:
+    # docs/commands/reshard.md: with --dtype the config names the stored dtype, as transformers reads it.
+    from transformers import AutoConfig
+
+    code, _, err = _run("reshard", str(tiny_sharded), str(tmp_path / "o"), "--dtype", "fp16")
+    assert code == 0, err
+    assert str(AutoConfig.from_pretrained(tmp_path / "o").dtype) == "torch.float16"
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["torch_dtype"] == "float16"
 
 
 def test_demo_runs_and_module_entry_point(tmp_path: Path) -> None:
@@ -127,3 +139,22 @@ def test_merge_and_subtract_cli(tmp_path: Path) -> None:
     assert code == 0 and out.startswith("subtracted 1 adapter(s) into") and "4 tensors changed, 17 cast to bfloat16;" in out
     code, _, err = _run("merge", str(base), str(tmp_path / "nothing"), str(tmp_path / "x"))
     assert code == 1 and err == f"error: {tmp_path / 'nothing'} does not exist; check the adapter path\n"
+
+
+def test_threads_and_debug_are_taken_after_the_command_too(tiny_sharded: Path, tiny_adapter: Path, tmp_path: Path) -> None:
+    # The console script itself: its OpenMP wait policy is set before torch loads, unless exported.
+    code = (
+        "import os, sys, torch; from adaptertool.cli import main; "
+        "sys.argv = ['adaptertool', *sys.argv[1:]]\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
+        "print(torch.get_num_threads(), os.environ['OMP_WAIT_POLICY'])"
+    )
+    for env, policy in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
+        environ = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        if env is not None:
+            environ["OMP_WAIT_POLICY"] = env
+        out = tmp_path / f"m-{policy}"
+        done = subprocess.run([sys.executable, "-c", code, "merge", str(tiny_sharded), str(tiny_adapter), str(out),
+                               "--threads", "1", "--debug", "-q"], env=environ, capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines()[-1] == f"1 {policy}" and out.is_dir()

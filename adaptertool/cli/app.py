@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import signal
 import sys
 import traceback
@@ -51,8 +52,7 @@ class _Group(click.Group):
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (-v info, -vv debug).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="CPU threads for tensor maths [default: torch's, one per core]. 1 is far faster on a machine "
-                   "whose cores are busy with other work: torch's threads then wait on each other.")
+              help="CPU threads for tensor maths [default: torch's, one per core]; accepted anywhere on the line.")
 def cli(debug: bool, verbose: int, threads: int | None) -> None:
     """Model surgery and adapter management over safetensors checkpoints, streamed shard by shard."""
     level = logging.WARNING - 10 * min(verbose, 2)
@@ -120,8 +120,31 @@ def main() -> None:
     """Console entry point."""
     # SIGTERM becomes SystemExit so staged outputs are cleaned up as for Ctrl-C.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    args = sys.argv[1:]
-    if "--debug" in args:  # accepted anywhere, though click wants group options first
-        args.remove("--debug")
-        args.insert(0, "--debug")
-    cli(args, prog_name="adaptertool")
+    # Idle OpenMP threads sleep instead of spinning. Spinning threads on a machine whose cores are
+    # busy with other work keep each other from running: 2-8x slower merges, converts and extracts
+    # (benchmarks/bench_threads.py); sleeping costs nothing measurable on an idle machine. It must be
+    # set before torch loads the OpenMP runtime; a value the user exported wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    cli(_group_options_first(sys.argv[1:]), prog_name="adaptertool")
+
+
+def _group_options_first(args: list[str]) -> list[str]:
+    """Move --debug and --threads N (or --threads=N) to the front: click wants group options before
+    the command, people write them anywhere."""
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            rest += args[i:]
+            break
+        if arg == "--debug" or arg.startswith("--threads="):
+            front.append(arg)
+        elif arg == "--threads" and i + 1 < len(args):
+            front += args[i:i + 2]
+            i += 1
+        else:
+            rest.append(arg)
+        i += 1
+    return front + rest
