@@ -3,6 +3,8 @@
 from adaptertool.cli import (  # noqa: F401  (importing registers the commands)
     checkpoints,
     combining,
+    converting,
+    demo,
     extracting,
     hub,
     initializing,

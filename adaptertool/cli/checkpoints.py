@@ -1,4 +1,4 @@
-"""Commands over whole checkpoints: info, verify, reshard, and the demo."""
+"""Commands over whole checkpoints: info, verify and reshard."""
 
 from __future__ import annotations
 
@@ -117,19 +117,3 @@ def reshard_cmd(source: Path, out: Path, max_shard_size: str, dtype: str | None,
         f"wrote {r.out}: {len(r.files)} file(s), {r.tensors} tensors ({r.copied} copied, {r.cast} cast), "
         f"{human_bytes(r.bytes_written)} in {r.seconds:.1f} s, peak memory {human_bytes(r.peak_rss_bytes)}"
     ))
-
-
-@cli.command("demo")
-@click.argument("out", type=click.Path(path_type=Path), default=Path("adaptertool-demo"))
-@force_option
-@json_option
-def demo_cmd(out: Path, force: bool, as_json: bool) -> None:
-    """Make a tiny model and LoRA adapter, merge them, and check the result.
-
-    OUT defaults to ./adaptertool-demo. Example: adaptertool demo ./demo
-    """
-    from adaptertool.ops.demo import DemoConfig, demo
-
-    emit(demo(DemoConfig(out=out, force=force)), as_json, lambda r: "\n".join(r.steps))
-
-
