@@ -1,4 +1,10 @@
-"""Checkpoint I/O: the only code that touches disk (and, later, the network)."""
+"""Checkpoint I/O: the safetensors and PEFT file formats, the streaming reader and sharded writer,
+staged outputs (built in a scratch folder, renamed into place when complete) and Hub access.
+
+Checkpoints and adapters are read and written only through this package, and io/hub.py alone talks
+to the network. Other layers write only small side files themselves: an edited config.json, the
+training log, state and loss plot, a JSON report.
+"""
 
 from adaptertool.io.adapter_files import (
     ADAPTER_CONFIG,

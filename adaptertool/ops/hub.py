@@ -202,7 +202,8 @@ def _push_files(folder: Path) -> list[str]:
 _PIPELINES = {"CAUSAL_LM": "text-generation", "SEQ_2_SEQ_LM": "text2text-generation", "SEQ_CLS": "text-classification",
               "TOKEN_CLS": "token-classification", "QUESTION_ANS": "question-answering",
               "FEATURE_EXTRACTION": "feature-extraction"}
-# Proposed provenance keys in a checkpoint's safetensors metadata (merge/quantize do not write them yet: issue 8).
+# Provenance keys merge writes into the safetensors metadata (ops/merge.py); quantize writes none, so a
+# quantised model's base comes from config.json's _name_or_path.
 _BASE_KEY, _ADAPTERS_KEY = "adaptertool.base_model", "adaptertool.adapters"
 
 

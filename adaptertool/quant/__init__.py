@@ -1,4 +1,4 @@
-"""NF4/FP4 quantisation maths and the bitsandbytes 4-bit checkpoint layout (pure tensors; issue #4)."""
+"""NF4/FP4 quantisation maths and the bitsandbytes 4-bit checkpoint layout (pure tensors)."""
 
 from adaptertool.quant.bnb_format import (
     FLOAT_DTYPES,

@@ -1,4 +1,4 @@
-"""The minimal LoRA/QLoRA training loop (issue #7): a native decoder, LoRA layers and their loader.
+"""The minimal LoRA/QLoRA training loop: a native decoder, LoRA layers and their loader.
 
 Names load on first use, so importing the package does not import torch.
 """
