@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save
 
+from adaptertool.errors import AdapterToolError
 from adaptertool.io import DTYPES as FORMAT_DTYPES
 from adaptertool.io import (
     CheckpointWriter,
@@ -133,12 +134,40 @@ def test_parse_size() -> None:
             parse_size(bad)
 
 
-def test_dtype_codes_round_trip() -> None:
-    for code, (itemsize, name) in FORMAT_DTYPES.items():
-        dtype = getattr(torch, name, None)
-        if dtype is not None:
-            assert dtype_code(dtype) == code and torch_dtype(code) == dtype
-            assert torch.empty(0, dtype=dtype).element_size() == itemsize
+# Every dtype torch defines; safetensors' own torch binding decides which have a code.
+TORCH_DTYPES = sorted({v for v in vars(torch).values() if isinstance(v, torch.dtype)}, key=str)
+
+
+def _safetensors_code(dtype: torch.dtype) -> tuple[str, int] | None:
+    """(header dtype, bytes per element) that safetensors.torch.save writes for ``dtype``; None if it refuses."""
+    try:
+        data = save({"t": torch.empty(4, dtype=dtype)})
+    except KeyError:  # safetensors.torch has no code for this dtype
+        return None
+    (size,) = struct.unpack("<Q", data[:8])
+    entry = json.loads(data[8:8 + size])["t"]
+    start, end = entry["data_offsets"]
+    return entry["dtype"], (end - start) // 4
+
+
+@pytest.mark.parametrize("dtype", TORCH_DTYPES, ids=[str(d).removeprefix("torch.") for d in TORCH_DTYPES])
+def test_dtype_codes_match_safetensors(dtype: torch.dtype) -> None:
+    # Oracles: the header safetensors.torch writes, and torch's own itemsize.
+    written = _safetensors_code(dtype)
+    if written is None or written[0] not in FORMAT_DTYPES:
+        # Not in our table (sub-byte ints, quantised, FNUZ/E8M0 floats, F4): refused, never guessed.
+        with pytest.raises(AdapterToolError, match="has no safetensors code"):
+            dtype_code(dtype)
+        return
+    code, itemsize = written
+    assert dtype_code(dtype) == code
+    assert torch_dtype(code) is dtype
+    assert FORMAT_DTYPES[code][0] == itemsize == torch.empty(0, dtype=dtype).itemsize
+
+
+def test_every_dtype_code_is_one_safetensors_writes() -> None:
+    written = {found[0] for d in TORCH_DTYPES if (found := _safetensors_code(d)) is not None}
+    assert set(FORMAT_DTYPES) <= written
 
 
 def test_reshard_keeps_user_metadata(tmp_path: Path) -> None:
