@@ -1,4 +1,4 @@
-"""Every command's parameters follow the conventions of style.md section 5, so the CLI stays one surface.
+"""Every command's parameters follow the conventions README.md states under "Commands", so the CLI stays one surface.
 
 The rules: a boolean is a ``--x/--no-x`` pair (a bare ``is_flag`` leaves no way to turn a default
 off, nor to say so explicitly); every option has help, and shows its default when it has one; a

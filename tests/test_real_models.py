@@ -37,7 +37,7 @@ SMOLLM2_LAYOUTS = {"keep": 100_000_000, "single": None, "small": 20_000_000}
 # layers; a 45 MB budget therefore gives exactly 3 shards.
 MINILM_SHARD_BYTES = 45_000_000
 
-PROMPT = "The capital of France is"  # SmolLM2 answers " Paris." (shared/reference/real-models.md)
+PROMPT = "The capital of France is"  # the builder checks that SmolLM2 answers Paris (fixtures/build_real_models.py)
 NEW_TOKENS = 20
 SENTENCE = "Streaming checkpoints shard by shard keeps memory flat."
 
@@ -178,13 +178,6 @@ def test_smollm2_reshard_layout(layout: str, smollm2_rewrites: dict[str, tuple[P
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert index["weight_map"] == _tensor_files(out)
     assert index["metadata"]["total_size"] == report.bytes_written
-
-
-def test_smollm2_reference_answers_paris(smollm2: Path, smollm2_reference: list[int]) -> None:
-    from transformers import AutoTokenizer
-
-    text = AutoTokenizer.from_pretrained(smollm2).decode(smollm2_reference)
-    assert text.startswith(" Paris"), text
 
 
 @pytest.mark.parametrize("layout", ["single", "small"])

@@ -4,8 +4,10 @@ bitsandbytes 0.50.2's CPU ``dequantize_4bit`` is not a portable oracle: with AVX
 vectorised C path (last dimension a multiple of 16) that assumes every 64-block lies inside one row,
 so it reads the wrong absmax whenever the last dimension is not a multiple of the blocksize (e.g.
 (48, 80): off by 0.031; (32, 32): every row reads absmax[0]), while AVX2-only CPUs take its correct
-scalar path. What the format defines (shared/reference/nf4-format.md) is simple enough to compute
-here, from the codes and tables bitsandbytes (or transformers through it) actually stored:
+scalar path. What the format defines (blockwise absmax quantisation with double quantisation, QLoRA
+paper, Dettmers et al. 2023, https://arxiv.org/abs/2305.14314; the stored fields are those of
+bitsandbytes' ``QuantState`` in bitsandbytes/functional.py) is simple enough to compute here, from
+the codes and tables bitsandbytes (or transformers through it) actually stored:
 
     w[i]   = to_dtype(float32(quant_map[code[i]] * absmax[i // blocksize]))
     absmax = float32(float32(nested_map[q[j]] * nested_absmax[j // 256]) + offset)   (double quant)

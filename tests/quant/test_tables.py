@@ -1,8 +1,9 @@
 """Code tables and the lookup table behind fast coding.
 
-Oracles: bitsandbytes 0.50.2's own tables (``get_4bit_type``, ``create_dynamic_map``), the float32
-bit patterns in shared/reference/nf4-format.md, and a check of every entry of the 2**20-entry lookup
-table against the exact rule (one binary search per input, ``Codebook.exact_codes``).
+Oracles: bitsandbytes 0.50.2's own tables (``get_4bit_type``, ``create_dynamic_map`` in
+bitsandbytes/functional.py), the float32 bit patterns of the 16 NF4 values that the QLoRA paper lists
+(Dettmers et al. 2023, https://arxiv.org/abs/2305.14314, appendix), and a check of every entry of the
+2**20-entry lookup table against the exact rule (one binary search per input, ``Codebook.exact_codes``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from adaptertool.quant.lookup import KEY_BITS, KEY_SHIFT
 
 F = pytest.importorskip("bitsandbytes.functional")
 
-# From nf4-format.md (checked there against bitsandbytes 0.50.2).
+# The QLoRA paper's NF4 values as float32 bit patterns, code 0..15 (bitsandbytes 0.50.2 holds the same).
 NF4_BITS = "bf800000 bf3239b1 bf066b30 beca32a0 be91a24d be3d353f bdba7871 00000000 3da2faff 3e24cae3 3e7c04dd 3ead033a 3ee1a4b8 3f1007ab 3f3913b3 3f800000"
 DYNAMIC_MAP_SHA256 = "e732639a65f497b4ad684bb166a4467708255edd5207757de8b8f0c7e1fda89c"
 
