@@ -4,16 +4,61 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import sys
+from collections.abc import Generator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
+from pytest import CollectReport, TestReport
 
 from adaptertool.ops.examples import TINY, write_llama, write_lora_adapter
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+# The owning libraries the tests compare against (the test extra). Without them the suite's
+# pytest.importorskip calls would skip some 30 modules and tests quietly and the run would pass
+# having compared nothing, so a missing or broken oracle fails the run instead.
+ORACLES = ("peft", "transformers", "bitsandbytes")
+INSTALL = "pip install -c constraints.txt -e '.[test]'"
+_ORACLE_SKIP = re.compile(r"(?:Skipped: )?could not import '((%s)(?:\.[\w.]+)?)': (.*)" % "|".join(ORACLES))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # find_spec only looks the packages up: importing all three costs seconds that a run of one
+    # test file should not pay. A package that is present but fails to import is caught where a
+    # test imports it (the two hooks below).
+    missing = [name for name in ORACLES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise pytest.UsageError(f"test oracles not installed: {', '.join(missing)}; run: {INSTALL}")
+
+
+def _fail_oracle_skip(report: CollectReport | TestReport) -> None:
+    """Turn an importorskip skip on a missing or broken oracle into a failure that names the fix."""
+    if not (report.skipped and isinstance(report.longrepr, tuple)):
+        return
+    found = _ORACLE_SKIP.match(report.longrepr[2])
+    if found is not None:
+        module, _, error = found.groups()
+        report.outcome = "failed"
+        report.longrepr = f"test oracle {module} could not be imported ({error}); run: {INSTALL}"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Generator[None, CollectReport, CollectReport]:
+    report = yield  # a module-level importorskip skips the whole module here
+    _fail_oracle_skip(report)
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, TestReport, TestReport]:
+    report = yield  # an importorskip inside a test or fixture
+    _fail_oracle_skip(report)
+    return report
+
 
 # Hugging Face settings a user may have exported (offline mode, a token, another cache or endpoint).
 _HF_VARIABLES = ("HF_", "HUGGINGFACE_", "HUGGING_FACE_", "TRANSFORMERS_OFFLINE")
