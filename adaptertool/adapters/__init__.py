@@ -7,6 +7,7 @@ __all__, __getattr__ = lazy_exports(__name__, {
     "init": ("default_factors", "dora_magnitude", "embedding_factors", "gaussian_factors", "olora_factors",
              "pissa_factors"),
     "modules": ("ADDITIVE_KINDS", "ModuleUpdate", "ia3_fits", "plan_module"),
-    "peft_config": ("SUPPORTED_PEFT_TYPES", "AdapterSettings", "match_pattern"),
-    "peft_keys": ("ADAPTER_PARTS", "PEFT_PREFIX", "full_tensor_name", "module_order", "split_adapter_key"),
+    "peft_config": ("SUPPORTED_PEFT_TYPES", "AdapterSettings", "match_pattern", "uniform_scaling"),
+    "peft_keys": ("ADAPTER_PARTS", "PEFT_PREFIX", "LoraKeys", "full_tensor_name", "lora_keys", "module_order",
+                  "split_adapter_key"),
 })

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from adaptertool.adapters.lora import lora_scaling
 from adaptertool.errors import AdapterToolError
 
-__all__ = ["SUPPORTED_PEFT_TYPES", "AdapterSettings", "match_pattern"]
+__all__ = ["SUPPORTED_PEFT_TYPES", "AdapterSettings", "match_pattern", "uniform_scaling"]
 
 SUPPORTED_PEFT_TYPES = ("LORA", "LOHA", "LOKR", "ADALORA", "IA3")
 
@@ -21,6 +23,30 @@ def match_pattern(patterns: dict[str, Any], module: str) -> Any | None:
         if re.match(rf"(.*\.)?({key})$", module):
             return value
     return None
+
+
+def uniform_scaling(ranks: Mapping[str, int], *, default_rank: int) -> dict[str, Any]:
+    """The config keys that give every module scaling 1 at its own rank.
+
+    ``r`` is the most common rank (the larger on a tie; ``default_rank`` when there is none) and
+    ``lora_alpha == r``; modules of another rank get ``rank_pattern`` and ``alpha_pattern`` entries
+    equal to their rank, keyed by the escaped full module name so each matches that module only.
+
+    Args:
+        ranks: module path -> rank, in the order the patterns should list them.
+        default_rank: ``r`` when ``ranks`` is empty.
+
+    Returns:
+        ``{"r", "lora_alpha"}`` plus ``{"rank_pattern", "alpha_pattern"}`` when some rank differs.
+    """
+    counts = Counter(ranks.values())
+    r = max(counts, key=lambda k: (counts[k], k)) if counts else default_rank
+    pattern = {re.escape(module): rank for module, rank in ranks.items() if rank != r}
+    config: dict[str, Any] = {"r": r, "lora_alpha": r}
+    if pattern:
+        config["rank_pattern"] = pattern
+        config["alpha_pattern"] = dict(pattern)
+    return config
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -9,8 +9,10 @@ adapter name (``lora_A.default.weight``). Internally the maths sees ``("model.la
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
-__all__ = ["ADAPTER_PARTS", "PEFT_PREFIX", "full_tensor_name", "module_order", "split_adapter_key"]
+__all__ = ["ADAPTER_PARTS", "PEFT_PREFIX", "LoraKeys", "full_tensor_name", "lora_keys", "module_order",
+           "split_adapter_key"]
 
 PEFT_PREFIX = "base_model.model."
 
@@ -31,6 +33,24 @@ def split_adapter_key(key: str) -> tuple[str, str] | None:
             is_bias = len(tokens) > i + 1 and tokens[-1] == "bias"
             return ".".join(tokens[:i]), f"{token}.bias" if is_bias else token
     return None
+
+
+@dataclass(frozen=True)
+class LoraKeys:
+    """The full on-disk keys of one LoRA module's tensors, as PEFT saves them."""
+
+    a: str
+    b: str
+    bias: str  # lora_B.bias (lora_bias)
+    magnitude: str  # DoRA's lora_magnitude_vector
+
+
+def lora_keys(module: str, *, embedding: bool) -> LoraKeys:
+    """The keys a LoRA on ``module`` is saved under; ``embedding`` for an nn.Embedding's LoRA."""
+    key = PEFT_PREFIX + module
+    # PEFT stores the embedding factors as bare parameters (lora_embedding_A), without ".weight".
+    a, b = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
+    return LoraKeys(f"{key}.{a}", f"{key}.{b}", f"{key}.lora_B.bias", f"{key}.lora_magnitude_vector")
 
 
 def full_tensor_name(key: str) -> str:
