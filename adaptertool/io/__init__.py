@@ -24,6 +24,7 @@ from adaptertool.io.format import (
 )
 from adaptertool.io.reader import Checkpoint, TensorInfo, open_checkpoint
 from adaptertool.io.sidefiles import SIDE_FILES, copy_side_files, read_json
+from adaptertool.io.source import TensorSource
 from adaptertool.io.staging import (
     check_output,
     is_unfinished,
@@ -42,6 +43,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointWriter",
     "TensorInfo",
+    "TensorSource",
     "TensorSpec",
     "cast_specs",
     "check_output",

@@ -1,0 +1,52 @@
+"""What a streaming pipeline reads tensors from: a checkpoint, or a view that stands for one.
+
+:class:`~adaptertool.io.reader.Checkpoint` is one; a 4-bit checkpoint seen as the 16-bit model it
+encodes is another (its quantised weights decode when read). Pipelines typed against this protocol
+take either without asking which it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO, Protocol
+
+from adaptertool.io.format import TensorSpec
+from adaptertool.io.reader import TensorInfo
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["TensorSource"]
+
+
+class TensorSource(Protocol):
+    """Named tensors with specs from headers, read one at a time."""
+
+    @property
+    def path(self) -> Path:
+        """What the user named: a file or folder, for messages."""
+
+    @property
+    def root(self) -> Path | None:
+        """The folder whose side files (config.json...) go with the tensors; None for a bare file."""
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The safetensors header metadata."""
+
+    def __contains__(self, name: object) -> bool: ...
+
+    def __iter__(self) -> Iterator[str]: ...
+
+    def __getitem__(self, name: str) -> TensorInfo:
+        """The spec (dtype and shape as read) of tensor ``name``."""
+
+    def specs(self) -> list[TensorSpec]:
+        """Every tensor's spec, in storage order."""
+
+    def read(self, name: str, *, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """Tensor ``name`` as a CPU tensor of its spec; ``buffer`` (uint8) may be reused for the bytes."""
+
+    def copy_bytes(self, name: str, dst: BinaryIO) -> None:
+        """Append tensor ``name``'s stored bytes to ``dst``; only for tensors stored as their spec says."""
