@@ -18,9 +18,7 @@ Biases (``lora_B.bias``) are summed with their weights and scalings for every me
 from __future__ import annotations
 
 import math
-import re
 import zlib
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,7 +33,8 @@ from adaptertool.adapters.combine import (
     stack_factors,
 )
 from adaptertool.adapters.modules import ModuleUpdate
-from adaptertool.adapters.peft_keys import PEFT_PREFIX, module_order
+from adaptertool.adapters.peft_config import uniform_scaling
+from adaptertool.adapters.peft_keys import lora_keys, module_order
 from adaptertool.adapters.svd import RankPolicy, factor_delta
 from adaptertool.errors import AdapterToolError
 from adaptertool.io import (
@@ -47,9 +46,9 @@ from adaptertool.io import (
     staged_output,
     write_adapter,
 )
+from adaptertool.ops.adapter_inputs import LoadedAdapter, load_adapter, read_checked
 from adaptertool.ops.combine_plan import CombinePlan, ModulePlan, plan_combine
 from adaptertool.ops.measure import Stopwatch, peak_rss_bytes
-from adaptertool.ops.merge_plan import LoadedAdapter, load_adapter
 
 if TYPE_CHECKING:
     import torch
@@ -170,7 +169,7 @@ def combine(cfg: CombineConfig, *, progress: bool = False) -> CombineReport:
             writer = _write(tmp, config, results, plan, inputs, cfg)
     finally:
         for item in inputs:
-            item.weights.close()
+            item.close()
     energy = sum(r.energy for r in results.values())
     residual = sum(r.energy * r.report.rel_error**2 for r in results.values())
     return CombineReport(
@@ -262,15 +261,7 @@ def _sum_rank_bound(module: ModulePlan) -> int | None:
 
 
 def _read(item: LoadedAdapter, update: ModuleUpdate) -> dict[str, torch.Tensor]:
-    import torch
-
-    tensors = {}
-    for part, key in update.keys.items():
-        tensor = item.weights.read(key)
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise AdapterToolError(f"{item.path}: tensor {key} holds NaN or Inf values; the adapter is broken")
-        tensors[part] = tensor
-    return tensors
+    return {part: read_checked(item, key) for part, key in update.keys.items()}
 
 
 def _factor_space(update: ModuleUpdate, delta: torch.Tensor) -> torch.Tensor:
@@ -299,25 +290,19 @@ def _seed(seed: int, module: str, stream: str) -> int:
 
 def _adapter_config(inputs: list[LoadedAdapter], plan: CombinePlan, results: dict[str, _Result]) -> dict[str, Any]:
     """A plain LoRA config: scaling 1 everywhere, every module named in full."""
-    ranks = Counter(r.report.rank for r in results.values())
-    # The most common rank (the larger on a tie) is r; r == lora_alpha everywhere, so scaling is 1.
-    r = max(ranks, key=lambda k: (ranks[k], k)) if ranks else 1
-    pattern = {re.escape(name): res.report.rank for name, res in results.items() if res.report.rank != r}
     contributing = [i for i in inputs if i.weight != 0.0]
     task_types = {i.config.get("task_type") for i in contributing} - {None}
     if len(task_types) > 1:
         plan.notes.append(f"the adapters have different task types ({', '.join(sorted(task_types))}); the output has none")
     saved = sorted({m for i in contributing for m in i.settings.modules_to_save})
     config: dict[str, Any] = {
-        "peft_type": "LORA", "r": r, "lora_alpha": r, "lora_dropout": 0.0, "target_modules": sorted(results),
+        "peft_type": "LORA", **uniform_scaling({name: res.report.rank for name, res in results.items()}, default_rank=1),
+        "lora_dropout": 0.0, "target_modules": sorted(results),
         "bias": "none", "use_rslora": False, "use_dora": False, "inference_mode": True, "init_lora_weights": True,
         "fan_in_fan_out": bool(plan.fan_in_fan_out),
         "base_model_name_or_path": contributing[0].settings.base_model if contributing else None,
         "task_type": task_types.pop() if len(task_types) == 1 else None,
     }
-    if pattern:
-        config["rank_pattern"] = pattern
-        config["alpha_pattern"] = dict(pattern)
     if any(res.bias is not None for res in results.values()):
         config["lora_bias"] = True
     if plan.whole and saved:
@@ -334,11 +319,11 @@ def _write(folder: Path, config: dict[str, Any], results: dict[str, _Result], pl
     code = dtype_code(out_dtype)
     tensors: dict[str, torch.Tensor] = {}
     for name, res in results.items():
-        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if plan.modules[name].embedding else ("lora_A.weight", "lora_B.weight")
-        tensors[f"{PEFT_PREFIX}{name}.{a_key}"] = res.a.to(out_dtype).contiguous()
-        tensors[f"{PEFT_PREFIX}{name}.{b_key}"] = res.b.to(out_dtype).contiguous()
+        keys = lora_keys(name, embedding=plan.modules[name].embedding)
+        tensors[keys.a] = res.a.to(out_dtype).contiguous()
+        tensors[keys.b] = res.b.to(out_dtype).contiguous()
         if res.bias is not None:
-            tensors[f"{PEFT_PREFIX}{name}.lora_B.bias"] = res.bias.to(out_dtype)
+            tensors[keys.bias] = res.bias.to(out_dtype)
     specs = [TensorSpec(key, code, tuple(t.shape)) for key, t in tensors.items()]
     copies = {key: inputs[index].weights for index, key in plan.whole.values()}
     specs += [TensorSpec(key, source[key].dtype, source[key].shape) for key, source in copies.items()]

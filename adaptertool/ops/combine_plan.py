@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from adaptertool.adapters.modules import ModuleUpdate, plan_module
+from adaptertool.adapters.modules import ModuleUpdate
 from adaptertool.adapters.peft_config import AdapterSettings
-from adaptertool.adapters.peft_keys import full_tensor_name, split_adapter_key
+from adaptertool.adapters.peft_keys import full_tensor_name
 from adaptertool.errors import AdapterToolError
-from adaptertool.ops.merge_plan import LoadedAdapter
+from adaptertool.ops.adapter_inputs import AdapterModule, LoadedAdapter, plan_adapter
 
 __all__ = ["CombinePlan", "ModulePlan", "Part", "plan_combine"]
 
@@ -61,15 +61,11 @@ def plan_combine(inputs: list[LoadedAdapter], *, exact_method: str | None = None
     """
     plan = CombinePlan()
     for index, item in enumerate(inputs):
-        modules: dict[str, dict[str, str]] = {}
-        for key in item.weights:
-            split = split_adapter_key(key)
-            if split is None:
-                _add_whole(plan, inputs, index, key)
-            else:
-                modules.setdefault(split[0], {})[split[1]] = key
-        for module, keys in modules.items():
-            _add_part(plan, inputs, index, module, keys, exact_method)
+        whole, modules = plan_adapter(item)
+        for key in whole:
+            _add_whole(plan, inputs, index, key)
+        for planned in modules.values():
+            _add_part(plan, inputs, index, planned, exact_method)
     for name, (index, key) in plan.whole.items():
         module = name.rpartition(".")[0]
         # PEFT saves an adapted embedding's own base weight (".base_layer.") beside its LoRA: that is
@@ -87,14 +83,10 @@ def plan_combine(inputs: list[LoadedAdapter], *, exact_method: str | None = None
     return plan
 
 
-def _add_part(plan: CombinePlan, inputs: list[LoadedAdapter], index: int, module: str, keys: dict[str, str],
+def _add_part(plan: CombinePlan, inputs: list[LoadedAdapter], index: int, planned: AdapterModule,
               exact_method: str | None) -> None:
     item = inputs[index]
-    shapes = {part: item.weights[key].shape for part, key in keys.items()}
-    try:
-        update, shape = plan_module(module, keys, shapes, item.settings)
-    except AdapterToolError as err:
-        raise AdapterToolError(f"{item.path}: {err}") from None
+    module, update, shape, shapes = planned.name, planned.update, planned.shape, planned.shapes
     if not update.additive:
         what = "DoRA" if update.dora else update.kind.upper()
         raise AdapterToolError(f"{item.path}: module {module} is a {what} update, which rescales weights instead of "

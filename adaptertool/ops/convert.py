@@ -27,8 +27,6 @@ The adapters are read tensor by tensor; the new adapter is held in memory until 
 from __future__ import annotations
 
 import math
-import re
-from collections import Counter
 from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -38,8 +36,9 @@ from typing import TYPE_CHECKING, Any
 from tqdm import tqdm
 
 from adaptertool.adapters.lora import linear_delta
-from adaptertool.adapters.modules import ModuleUpdate, plan_module
-from adaptertool.adapters.peft_keys import PEFT_PREFIX, module_order, split_adapter_key
+from adaptertool.adapters.modules import ModuleUpdate
+from adaptertool.adapters.peft_config import uniform_scaling
+from adaptertool.adapters.peft_keys import lora_keys, module_order, split_adapter_key
 from adaptertool.adapters.svd import RankPolicy, factor_delta
 from adaptertool.errors import AdapterToolError
 from adaptertool.io import (
@@ -51,8 +50,8 @@ from adaptertool.io import (
     torch_dtype,
     write_adapter,
 )
+from adaptertool.ops.adapter_inputs import AdapterModule, LoadedAdapter, load_adapter, plan_adapter
 from adaptertool.ops.measure import Stopwatch, peak_rss_bytes
-from adaptertool.ops.merge_plan import LoadedAdapter, load_adapter
 from adaptertool.ops.targets import module_seed
 
 if TYPE_CHECKING:
@@ -169,7 +168,8 @@ def convert(cfg: ConvertConfig, *, progress: bool = False) -> ConvertReport:
     notes: list[str] = []
     steps: list[str] = []
     with closing(load_adapter(cfg.adapter, 1.0)) as adapter:
-        modules = _load_modules(adapter, need_factors=cfg.initial is not None or not cfg.resize)
+        full, planned = plan_adapter(adapter)
+        modules = _load_modules(adapter, planned, need_factors=cfg.initial is not None or not cfg.resize)
         if cfg.initial is not None:
             steps.append("from-pissa" if cfg.from_pissa is not None else "from-olora")
             with closing(load_adapter(cfg.initial, 1.0)) as initial:
@@ -177,7 +177,6 @@ def convert(cfg: ConvertConfig, *, progress: bool = False) -> ConvertReport:
         if cfg.resize:
             steps.append("resize")
             _resize(modules, cfg, notes, progress=progress)
-        full = [key for key in adapter.weights if split_adapter_key(key) is None]
         if cfg.export:
             steps.append("export")
             _export(modules, adapter, notes)
@@ -201,25 +200,16 @@ def convert(cfg: ConvertConfig, *, progress: bool = False) -> ConvertReport:
     )
 
 
-def _load_modules(adapter: LoadedAdapter, *, need_factors: bool) -> dict[str, _Module]:
+def _load_modules(adapter: LoadedAdapter, planned: dict[str, AdapterModule], *, need_factors: bool) -> dict[str, _Module]:
     """Every adapted module as LoRA factors (float32), or, for LoHa/LoKr, a delta computed on demand."""
     import torch
 
-    groups: dict[str, dict[str, str]] = {}
-    for key in adapter.weights:
-        split = split_adapter_key(key)
-        if split is not None:
-            groups.setdefault(split[0], {})[split[1]] = key
-    if not groups:
+    if not planned:
         raise AdapterToolError(f"{adapter.path}: holds no adapter module (only full tensors); there is nothing to convert")
     modules: dict[str, _Module] = {}
-    for name, keys in groups.items():
-        shapes = {part: adapter.weights[key].shape for part, key in keys.items()}
-        try:
-            update, _ = plan_module(name, keys, shapes, adapter.settings)
-        except AdapterToolError as err:
-            raise AdapterToolError(f"{adapter.path}: {err}") from None
-        read = {part: adapter.weights.read(key) for part, key in keys.items()}
+    for name, module in planned.items():
+        update = module.update
+        read = {part: adapter.weights.read(key) for part, key in update.keys.items()}
         if update.kind == "ia3":
             raise AdapterToolError(f"{adapter.path}: module {name} is IA3, which rescales weights instead of adding a delta; "
                                    "convert takes LoRA-family adapters only")
@@ -263,7 +253,7 @@ def _add_initial(modules: dict[str, _Module], adapter: LoadedAdapter, initial: L
     for opened in (adapter, initial):
         if opened.settings.peft_type != "LORA":
             raise AdapterToolError(f"{opened.path}: is {opened.settings.peft_type}; PiSSA/OLoRA adapters are LORA")
-    start = _load_modules(initial, need_factors=True)
+    start = _load_modules(initial, plan_adapter(initial)[1], need_factors=True)
     extra = sorted(set(modules) ^ set(start))
     if extra:
         owner = initial.path if extra[0] in start else adapter.path
@@ -365,16 +355,12 @@ def _output_config(adapter: LoadedAdapter, modules: dict[str, _Module], cfg: Con
         if settings.alpha_pattern:
             config["alpha_pattern"] = {k: _number(v * factor) for k, v in settings.alpha_pattern.items()}
     if cfg.resize or cfg.export:
-        # Every module now has scaling 1: r == lora_alpha, the most common rank (the larger on a tie), patterns for the rest.
-        ranks = Counter(m.rank for m in modules.values())
-        r = max(ranks, key=lambda k: (ranks[k], k))
-        pattern = {re.escape(m.name): m.rank for m in modules.values() if m.rank != r}
-        config.update(r=r, lora_alpha=r, use_rslora=False)
+        # Every module now has scaling 1; the input's patterns described the old ranks and scalings.
         config.pop("rank_pattern", None)
         config.pop("alpha_pattern", None)
-        if pattern:
-            config["rank_pattern"] = pattern
-            config["alpha_pattern"] = dict(pattern)
+        # Never empty: _load_modules refuses an adapter without modules, so the default is unused.
+        ranks = {m.name: m.rank for m in modules.values()}
+        config.update(uniform_scaling(ranks, default_rank=1), use_rslora=False)
     # The factors are what they are: loading must not re-run a PiSSA/OLoRA decomposition on the base.
     config.update(init_lora_weights=True, inference_mode=True)
     return config
@@ -383,14 +369,13 @@ def _output_config(adapter: LoadedAdapter, modules: dict[str, _Module], cfg: Con
 def _output_tensors(modules: dict[str, _Module], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for m in modules.values():
-        key = PEFT_PREFIX + m.name
-        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if m.embedding else ("lora_A.weight", "lora_B.weight")
-        tensors[f"{key}.{a_key}"] = m.a.contiguous().to(dtype)
-        tensors[f"{key}.{b_key}"] = m.b.contiguous().to(dtype)
+        keys = lora_keys(m.name, embedding=m.embedding)
+        tensors[keys.a] = m.a.contiguous().to(dtype)
+        tensors[keys.b] = m.b.contiguous().to(dtype)
         if m.bias is not None:
-            tensors[f"{key}.lora_B.bias"] = m.bias.to(dtype)
+            tensors[keys.bias] = m.bias.to(dtype)
         if m.magnitude is not None:
-            tensors[f"{key}.lora_magnitude_vector"] = m.magnitude.to(dtype)
+            tensors[keys.magnitude] = m.magnitude.to(dtype)
     return tensors
 
 

@@ -37,7 +37,7 @@ from adaptertool.adapters.init import (
     pissa_factors,
 )
 from adaptertool.adapters.lora import embedding_delta, linear_delta, lora_scaling
-from adaptertool.adapters.peft_keys import PEFT_PREFIX, module_order
+from adaptertool.adapters.peft_keys import lora_keys, module_order
 from adaptertool.errors import AdapterToolError
 from adaptertool.io import (
     DEFAULT_MAX_SHARD_BYTES,
@@ -237,17 +237,15 @@ def _add_module(tensors: dict[str, torch.Tensor], module: str, factors: InitFact
     import torch
 
     out_dtype = cfg.dtype or torch.float32
-    key = PEFT_PREFIX + module
-    parts = ("lora_embedding_A", "lora_embedding_B") if target.embedding else ("lora_A.weight", "lora_B.weight")
-    tensors[f"{key}.{parts[0]}"] = factors.a.to(out_dtype)
-    tensors[f"{key}.{parts[1]}"] = factors.b.to(out_dtype)
+    keys = lora_keys(module, embedding=target.embedding)
+    a = tensors[keys.a] = factors.a.to(out_dtype)
+    b = tensors[keys.b] = factors.b.to(out_dtype)
     if cfg.dora:
         # As PEFT computes it when it creates the layer: from the factors (as stored) on the weight
         # the adapter sits on (the stored residual for PiSSA/OLoRA), so the adapter starts as a no-op.
-        a, b = tensors[f"{key}.{parts[0]}"], tensors[f"{key}.{parts[1]}"]
         delta = embedding_delta(a, b, cfg.scaling) if target.embedding else linear_delta(a, b, cfg.scaling)
         weight = stored if stored is not None else base.read(target.weight)
-        tensors[f"{key}.lora_magnitude_vector"] = dora_magnitude(weight, delta, dim=0 if target.embedding else 1).to(out_dtype)
+        tensors[keys.magnitude] = dora_magnitude(weight, delta, dim=0 if target.embedding else 1).to(out_dtype)
 
 
 def _write_residual(tmp: Path, base: Checkpoint, targets: dict[str, _Target], tensors: dict[str, torch.Tensor],

@@ -36,9 +36,10 @@ from adaptertool.io import (
     torch_dtype,
 )
 from adaptertool.io.hub_ids import source_name
+from adaptertool.ops.adapter_inputs import LoadedAdapter, load_adapter
 from adaptertool.ops.fourbit_view import FourBitView, open_fourbit_view
 from adaptertool.ops.measure import Stopwatch, peak_rss_bytes
-from adaptertool.ops.merge_plan import LoadedAdapter, Step, load_adapter, plan_targets
+from adaptertool.ops.merge_plan import Step, plan_targets
 from adaptertool.ops.model_files import write_model_files
 
 if TYPE_CHECKING:
@@ -134,7 +135,7 @@ def merge(cfg: MergeConfig, *, progress: bool = False) -> MergeReport:
                                          drop_quantization=fourbit is not None)
     finally:
         for adapter in adapters:
-            adapter.weights.close()
+            adapter.close()
     return MergeReport(
         out=str(cfg.out), files=[f.name for f in writer.files], adapters=[str(a.path) for a in adapters],
         merged=counts["merged"], replaced=counts["replaced"], copied=counts["copied"], cast=counts["cast"],

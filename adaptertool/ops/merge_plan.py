@@ -3,30 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
-from adaptertool.adapters.modules import ModuleUpdate, ia3_fits, plan_module
-from adaptertool.adapters.peft_config import AdapterSettings
-from adaptertool.adapters.peft_keys import full_tensor_name, split_adapter_key
+from adaptertool.adapters.modules import ModuleUpdate, ia3_fits
+from adaptertool.adapters.peft_keys import full_tensor_name
 from adaptertool.errors import AdapterToolError
-from adaptertool.io import FLOAT_CODES, Checkpoint, open_adapter, read_json
+from adaptertool.io import Checkpoint, read_json
+from adaptertool.ops.adapter_inputs import AdapterModule, LoadedAdapter, check_finite, plan_adapter
 
-__all__ = ["LoadedAdapter", "MergePlan", "Step", "load_adapter", "plan_targets"]
-
-_NAN_CHUNK = 1 << 24
-
-
-@dataclass
-class LoadedAdapter:
-    path: Path
-    weight: float
-    settings: AdapterSettings
-    weights: Checkpoint
-    config: dict[str, Any] = field(default_factory=dict)  # adapter_config.json as read
-
-    def close(self) -> None:
-        self.weights.close()
+__all__ = ["MergePlan", "Step", "plan_targets"]
 
 
 @dataclass(frozen=True)
@@ -47,17 +31,6 @@ class MergePlan:
     notes: list[str] = field(default_factory=list)
 
 
-def load_adapter(path: Path, weight: float) -> LoadedAdapter:
-    """Open a PEFT adapter folder and read its config."""
-    config, weights, config_path = open_adapter(path)
-    try:
-        settings = AdapterSettings.from_config(config, source=str(config_path))
-    except AdapterToolError:
-        weights.close()
-        raise
-    return LoadedAdapter(path, weight, settings, weights, config)
-
-
 def plan_targets(base: Checkpoint, adapters: list[LoadedAdapter], *, subtract: bool) -> MergePlan:
     """Map every adapter tensor onto the output tensor it changes, in adapter order.
 
@@ -68,26 +41,18 @@ def plan_targets(base: Checkpoint, adapters: list[LoadedAdapter], *, subtract: b
     plan = MergePlan()
     tied = _tied_embedding(base)
     for index, adapter in enumerate(adapters):
-        _check_finite(adapter)
-        modules: dict[str, dict[str, str]] = {}
-        for key in adapter.weights:
-            split = split_adapter_key(key)
-            if split is None:
-                _add_replacement(plan, base, tied, index, adapter, key, subtract)
-            else:
-                modules.setdefault(split[0], {})[split[1]] = key
-        for module, keys in modules.items():
-            _add_module(plan, base, tied, index, adapter, module, keys, subtract)
+        check_finite(adapter)
+        whole, modules = plan_adapter(adapter)
+        for key in whole:
+            _add_replacement(plan, base, tied, index, adapter, key, subtract)
+        for module in modules.values():
+            _add_module(plan, base, tied, index, adapter, module, subtract)
     return plan
 
 
 def _add_module(plan: MergePlan, base: Checkpoint, tied: str | None, index: int, adapter: LoadedAdapter,
-                module: str, keys: dict[str, str], subtract: bool) -> None:
-    shapes = {part: adapter.weights[key].shape for part, key in keys.items()}
-    try:
-        update, shape = plan_module(module, keys, shapes, adapter.settings)
-    except AdapterToolError as err:
-        raise AdapterToolError(f"{adapter.path}: {err}") from None
+                planned: AdapterModule, subtract: bool) -> None:
+    module, update, shape, shapes = planned.name, planned.update, planned.shape, planned.shapes
     target = _target(plan, base, tied, f"{module}.weight", adapter)
     base_shape = base[_source(plan, target)].shape
     fits = ia3_fits(shapes["ia3_l"], base_shape, fan_in_fan_out=update.fan_in_fan_out) if shape is None else shape == base_shape
@@ -179,14 +144,3 @@ def _tied_embedding(base: Checkpoint) -> str | None:
         return None
     return next((n for n in ("model.embed_tokens.weight", "embed_tokens.weight", "transformer.wte.weight") if n in base), None)
 
-
-def _check_finite(adapter: LoadedAdapter) -> None:
-    import torch
-
-    for key in adapter.weights:
-        if adapter.weights[key].dtype not in FLOAT_CODES:
-            continue
-        flat = adapter.weights.read(key).reshape(-1)
-        for start in range(0, flat.numel(), _NAN_CHUNK):
-            if not torch.isfinite(flat[start : start + _NAN_CHUNK]).all():
-                raise AdapterToolError(f"{adapter.path}: tensor {key} holds NaN or Inf values; the adapter is broken")
