@@ -4,7 +4,6 @@ from adaptertool.quant.bnb_format import (
     FLOAT_DTYPES,
     FourBitState,
     QuantizedKeys,
-    dequantize_weight,
     entry_layout,
     find_quantized_weights,
     quant_state_key,
@@ -28,6 +27,16 @@ from adaptertool.quant.nested import (
     quantize_absmax,
 )
 from adaptertool.quant.selection import Selection, matches_module, select_weights
+from adaptertool.quant.stored import (
+    QuantizedWeight,
+    StoredWeight,
+    check_entries,
+    dequantize_stored,
+    dequantize_weight,
+    quantize_weight,
+    read_state,
+    read_stored,
+)
 from adaptertool.quant.tables import (
     QUANT_TYPES,
     Codebook,
@@ -46,12 +55,16 @@ __all__ = [
     "NestedAbsmax",
     "NestedCodebook",
     "QuantizedKeys",
+    "QuantizedWeight",
     "Selection",
+    "StoredWeight",
     "block_absmax",
     "block_count",
+    "check_entries",
     "codebook",
     "dequantize_4bit",
     "dequantize_absmax",
+    "dequantize_stored",
     "dequantize_weight",
     "dynamic_map",
     "entry_layout",
@@ -65,5 +78,8 @@ __all__ = [
     "quantization_config",
     "quantize_4bit",
     "quantize_absmax",
+    "quantize_weight",
+    "read_state",
+    "read_stored",
     "select_weights",
 ]

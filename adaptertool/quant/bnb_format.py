@@ -18,27 +18,21 @@ nested_offset (a float32 value printed as a Python float). ``fp4`` replaces ``nf
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from adaptertool.errors import AdapterToolError
-from adaptertool.quant.fourbit import (
-    BLOCKSIZES,
-    block_count,
-    dequantize_4bit,
-    packed_size,
-)
-from adaptertool.quant.nested import NESTED_BLOCKSIZE, dequantize_absmax
+from adaptertool.quant.fourbit import BLOCKSIZES, block_count, packed_size
+from adaptertool.quant.nested import NESTED_BLOCKSIZE
 from adaptertool.quant.tables import QUANT_TYPES
 
 __all__ = [
     "FLOAT_DTYPES",
     "FourBitState",
     "QuantizedKeys",
-    "dequantize_weight",
     "entry_layout",
     "find_quantized_weights",
     "quant_state_key",
@@ -106,6 +100,11 @@ class FourBitState:
         if problem:
             raise AdapterToolError(f"{source}: quant_state {key} has {problem}; adaptertool reads bitsandbytes 4-bit checkpoints only")
         return state
+
+    @classmethod
+    def from_tensor(cls, blob: torch.Tensor, *, key: str, source: str = "checkpoint") -> FourBitState:
+        """:meth:`from_json` of a stored quant_state entry (uint8, the JSON's UTF-8 bytes)."""
+        return cls.from_json(bytes(blob.reshape(-1).tolist()), key=key, source=source)
 
     def _problem(self) -> str | None:
         if self.quant_type not in QUANT_TYPES:
@@ -188,51 +187,6 @@ def find_quantized_weights(names: Iterable[str], *, source: str = "checkpoint") 
         if base is not None and base in present and name not in claimed:
             raise AdapterToolError(f"{source}: tensor {name} belongs to a 4-bit weight but {base} has no quant_state; the checkpoint is incomplete")
     return found
-
-
-def dequantize_weight(tensors: Mapping[str, torch.Tensor], keys: QuantizedKeys, *,
-                      dtype: torch.dtype | None = torch.float32, source: str = "checkpoint") -> torch.Tensor:
-    """Dequantise one weight from its stored entries, using the stored code tables (never constants).
-
-    Args:
-        tensors: at least the entries named by ``keys`` (as read from the checkpoint).
-        keys: from :func:`find_quantized_weights`.
-        dtype: output dtype; None for the dtype recorded when the weight was quantised.
-        source: names the checkpoint in error messages.
-
-    Returns:
-        A new tensor of the weight's original shape: ``float32(quant_map[code] * absmax)``, cast once.
-
-    Raises:
-        AdapterToolError: a malformed quant_state or entries whose sizes do not fit it.
-    """
-    state = FourBitState.from_json(bytes(tensors[keys.quant_state].reshape(-1).tolist()), key=keys.quant_state, source=source)
-    if state.quant_type != keys.quant_type:
-        raise AdapterToolError(f"{source}: {keys.quant_state} says quant_type {state.quant_type}; the checkpoint is corrupt")
-    if state.nested != keys.nested:
-        raise AdapterToolError(f"{source}: {keys.quant_state} and the stored entries disagree on double quantisation")
-    blocks = block_count(state.numel, state.blocksize)
-    expected = {keys.weight: (torch.uint8, packed_size(state.numel)), keys.quant_map: (torch.float32, 16),
-                keys.absmax: (torch.uint8 if state.nested else torch.float32, blocks)}
-    if state.nested:
-        assert keys.nested_absmax is not None and keys.nested_quant_map is not None
-        expected[keys.nested_absmax] = (torch.float32, block_count(blocks, state.nested_blocksize or NESTED_BLOCKSIZE))
-        expected[keys.nested_quant_map] = (torch.float32, 256)
-    for key, (want_dtype, want_numel) in expected.items():
-        got = tensors[key]
-        if got.dtype != want_dtype or got.numel() != want_numel:
-            raise AdapterToolError(
-                f"{source}: {key} is {got.dtype} x{got.numel()} but the quant_state for shape {list(state.shape)} "
-                f"needs {want_dtype} x{want_numel}; the checkpoint is corrupt"
-            )
-    absmax = tensors[keys.absmax]
-    if state.nested:
-        assert keys.nested_absmax is not None and keys.nested_quant_map is not None and state.nested_offset is not None
-        absmax = dequantize_absmax(absmax, tensors[keys.nested_absmax], tensors[keys.nested_quant_map],
-                                   state.nested_offset, blocksize=state.nested_blocksize or NESTED_BLOCKSIZE)
-    out_dtype = dtype if dtype is not None else getattr(torch, state.dtype)
-    return dequantize_4bit(tensors[keys.weight], absmax, tensors[keys.quant_map], shape=state.shape,
-                           blocksize=state.blocksize, dtype=out_dtype)
 
 
 def entry_layout(weight: str, shape: tuple[int, ...], *, quant_type: str, blocksize: int, double_quant: bool,
