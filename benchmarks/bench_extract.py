@@ -10,6 +10,9 @@ its short real full fine-tune (fixtures/build_real_models.py smollm2-tuned).
 The peer is the exact method: read both tensors, torch.linalg.svd(delta) in float32, keep rank r
 (what mergekit-extract-lora does per module), streamed one module at a time like ours. Both write
 each module's relative Frobenius error; "excess" is ours / exact - 1 (exact is the optimum).
+End to end (smollm2 only: it has a model to run): KL(tuned || base + adapter) per token on held-out
+text, the adapter merged by adaptertool, with the changed norms kept (the default) and with
+--no-norms, beside the base's own KL as the scale.
 """
 
 from __future__ import annotations
@@ -92,6 +95,53 @@ report.write_text(json.dumps(errors))
 """
 
 
+# The end-to-end figure, in a child process so that the timed runs never share it with transformers.
+QUALITY = """
+import json, sys, torch, transformers
+from pathlib import Path
+from adaptertool.ops.extract import ExtractConfig, extract
+from adaptertool.ops.merge import MergeConfig, merge
+base, tuned, scratch, rank = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
+texts = json.loads(sys.argv[5])
+tokenizer = transformers.AutoTokenizer.from_pretrained(base)
+def log_probs(path):
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        return [model(torch.tensor([tokenizer(t).input_ids])).logits[0].double().log_softmax(-1) for t in texts]
+def kl(p, q):  # per text: the mean over its tokens of KL(p || q)
+    return [float((a.exp() * (a - b)).sum(-1).mean()) for a, b in zip(p, q)]
+want = log_probs(tuned)
+per_text = {"base": kl(want, log_probs(base))}
+for label, norms in (("norms_kept", True), ("no_norms", False)):
+    extract(ExtractConfig(base=base, tuned=tuned, out=scratch / label, rank=rank, norms=norms, force=True))
+    merged = scratch / f"{label}-merged"
+    merge(MergeConfig(base=base, adapters=((scratch / label, 1.0),), out=merged, dtype=torch.float32, force=True))
+    per_text[label] = kl(want, log_probs(merged))
+# Means over texts, and on how many texts keeping the norms is closer: one text can dominate a mean.
+result = {label: round(sum(v) / len(v), 5) for label, v in per_text.items()}
+wins = sum(k < d for k, d in zip(per_text["norms_kept"], per_text["no_norms"], strict=True))
+print(json.dumps({**result, "norms_kept_closer_on": f"{wins}/{len(texts)} texts"}))
+"""
+
+# Held out: none of it is like the fine-tune's text (fixtures/build_real_models.py TUNE_TEXT).
+HELD_OUT = [
+    "The river flooded the valley after three days of rain, and the farmers moved their animals to the hills.",
+    "To bake bread, mix flour, water, salt and yeast, let the dough rise, then shape it and bake it in a hot oven.",
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))",
+    "The committee met on Tuesday and agreed to postpone the vote until the budget figures were checked.",
+    "Photosynthesis turns light, water and carbon dioxide into sugar and oxygen inside the leaves of plants.",
+    "She tuned the old guitar, played a few chords, and decided that the third string needed replacing.",
+    "In 1969 two astronauts walked on the Moon while a third orbited above them in the command module.",
+    "Q: What is the capital of Japan?\nA: The capital of Japan is Tokyo.",
+    "The train to Edinburgh leaves at half past nine from platform four, and it stops at York and Newcastle.",
+    "import numpy as np\nx = np.linspace(0, 1, 11)\nprint(x.mean())",
+    "Dear Sam, thank you for the lovely flowers. The garden looks wonderful this spring. Love, Ann",
+    "The patient reported a mild headache and was advised to rest and drink plenty of water.",
+    "A checkpoint stores the weights of a neural network so that training can resume later.",
+    "Low-rank adapters add a small trainable product of two matrices to each frozen weight.",
+]
+
+
 def tuned_for(name: str, base: Path) -> Path:
     path = CACHE / f"extract-tuned-{name}"
     if not path.exists():
@@ -122,7 +172,14 @@ def bench(name: str, base: Path, tuned: Path, rank: int, runs: int) -> None:
     exact = json.loads(exact_json.read_text())
     excess = {module: ours[module] / exact[module] - 1 for module in exact}
     fast, slow = results[0], results[1]
-    emit(f"extract-{name}", results, {
+    quality = {}
+    if name == "smollm2":
+        scratch = CACHE / "extract-smollm2-quality"
+        done = subprocess.run([sys.executable, "-c", QUALITY, str(base), str(tuned), str(scratch), str(rank),
+                               json.dumps(HELD_OUT)], check=True, capture_output=True, text=True)
+        quality = {"kl_to_tuned_heldout": json.loads(done.stdout.strip().splitlines()[-1])}
+        remover(scratch)()
+    emit(f"extract-{name}", results, {**quality,
         "rank": rank, "modules": len(exact), "speedup_vs_exact": round(slow.median_s / fast.median_s, 2),
         "rss_ratio_vs_exact": round(fast.peak_rss_mb / slow.peak_rss_mb, 3),
         "max_excess_error_vs_exact": round(max(excess.values()), 5),

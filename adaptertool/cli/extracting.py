@@ -40,6 +40,8 @@ from adaptertool.io import torch_dtype
 @click.option("--oversample", type=int, default=16, show_default=True, help="Extra sketch columns of the randomized SVD.")
 @click.option("--embeddings", type=click.Choice(["auto", "skip", "save", "lora"]), default="auto", show_default=True,
               help="Changed embeddings/lm_head: auto/save them as modules_to_save (only when changed), skip them, or factor them (lora).")
+@click.option("--norms/--no-norms", default=True, show_default=True,
+              help="Save changed norm layers (RMSNorm/LayerNorm weights and biases) whole as modules_to_save.")
 @click.option("--report", "report_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the full report (every module) as JSON to this file.")
 @click.option("--dtype", type=click.Choice(sorted(DTYPE_CODES)), default="fp32", show_default=True,
@@ -52,7 +54,7 @@ from adaptertool.io import torch_dtype
 @quiet_option
 def extract_cmd(base: Path, tuned: Path, out: Path, rank: int, energy: float | None, auto_rank: bool,
                 max_rank: int | None, targets: tuple[str, ...], svd: str, niter: int, oversample: int,
-                embeddings: str, report_file: Path | None, dtype: str, device: str, seed: int, force: bool,
+                embeddings: str, norms: bool, report_file: Path | None, dtype: str, device: str, seed: int, force: bool,
                 as_json: bool, quiet: bool) -> None:
     """Extract a LoRA adapter approximating a full fine-tune (truncated SVD of TUNED - BASE).
 
@@ -62,7 +64,7 @@ def extract_cmd(base: Path, tuned: Path, out: Path, rank: int, energy: float | N
 
     cfg = ExtractConfig(
         base=base, tuned=tuned, out=out, rank=rank, energy=energy, auto_rank=auto_rank, max_rank=max_rank,
-        targets=tuple(targets), svd=svd, niter=niter, oversample=oversample, embeddings=embeddings,
+        targets=tuple(targets), svd=svd, niter=niter, oversample=oversample, embeddings=embeddings, norms=norms,
         report=report_file, dtype=torch_dtype(DTYPE_CODES[dtype]), device=device, seed=seed, force=force,
     )
     emit(extract(cfg, progress=progress_enabled(quiet, as_json)), as_json, _extract_text)
@@ -72,15 +74,27 @@ def _extract_text(r: Any) -> str:
     width = max((len(m.module) for m in r.modules), default=6)
     lines = [f"{'module':<{width}}  rank  retained  rel.error"]
     for m in r.modules:
-        flags = (" capped" if m.capped else "") + (" +bias" if m.bias else "")
+        flags = (" capped" if m.capped else "") + (" (size)" if m.size_capped else "") + (" +bias" if m.bias else "")
         lines.append(f"{m.module:<{width}}  {m.rank:>4}  {m.retained:>8.4f}  {m.rel_error:>9.4f}{flags}")
-    saved = f"; modules_to_save: {', '.join(r.modules_to_save)}" if r.modules_to_save else ""
+    norm_modules = {n.module for n in r.norms}
+    whole = [m for m in r.modules_to_save if m not in norm_modules]
+    saved = f"; modules_to_save: {', '.join(whole)}" if whole else ""
     lines += [
         f"total: {len(r.modules)} modules (r={r.rank}), {len(r.unchanged)} unchanged skipped{saved}",
         (f"  retained energy {r.retained:.4f}, relative Frobenius error {r.rel_error:.4f} "
          "(1 - retained is the share of the fine-tune's change the adapter leaves out)"),
+        *_norms_lines(r.norms),
         f"  adapter {human_bytes(r.adapter_bytes)} vs full delta {human_bytes(r.delta_bytes)}",
         *(f"note: {note}" for note in r.notes),
         f"wrote {r.out} ({r.svd} SVD on {r.device}) in {r.seconds:.1f} s, peak memory {human_bytes(r.peak_rss_bytes)}",
     ]
     return "\n".join(lines)
+
+
+def _norms_lines(norms: list[Any]) -> list[str]:
+    if not norms:
+        return []
+    largest = max(norms, key=lambda n: n.rel_change)
+    low = min(n.rel_change for n in norms)
+    return [f"  norms: {len(norms)} changed modules saved whole (modules_to_save, {human_bytes(sum(n.bytes for n in norms))}), "
+            f"relative change {low:.4f}-{largest.rel_change:.4f} (largest {largest.module})"]

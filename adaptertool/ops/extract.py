@@ -11,6 +11,7 @@ The adapter has ``r == lora_alpha`` (scaling 1, no rsLoRA); modules whose rank d
 common one get ``rank_pattern`` and ``alpha_pattern`` entries. Changed biases of extracted modules go
 to ``lora_B.bias`` with ``lora_bias: true``; changed embeddings / lm_head are saved whole as
 ``modules_to_save`` (never when unchanged), and a tied head is saved beside a changed embedding;
+changed norms (modules holding only 1-D tensors) are saved whole as ``modules_to_save`` too (``norms``);
 ``--embeddings lora`` factors them instead: the head as a Linear LoRA, input embeddings as PEFT's
 embedding LoRA (``lora_embedding_A`` (r, vocab), ``lora_embedding_B`` (dim, r), the transpose of a
 Linear's layout). GPT-2's Conv1D weights are stored (in, out): they are factored transposed and the
@@ -20,6 +21,7 @@ adapter says ``fan_in_fan_out``.
 from __future__ import annotations
 
 import json
+import math
 import re
 import tempfile
 from collections import Counter
@@ -31,7 +33,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from tqdm import tqdm
 
 from adaptertool.adapters.peft_keys import module_order
-from adaptertool.adapters.svd import RankPolicy, factor_delta, rounding_noise_std
+from adaptertool.adapters.svd import RankPolicy, break_even_rank, factor_delta, rounding_noise_std
 from adaptertool.errors import AdapterToolError
 from adaptertool.io import (
     FLOAT_CODES,
@@ -64,6 +66,8 @@ __all__ = ["ExtractConfig", "ExtractReport", "ModuleReport", "extract"]
 _PREFIX = "base_model.model."
 _EMBEDDING_MODES = ("auto", "skip", "save", "lora")
 _TIED_INPUTS = ("embed_tokens", "wte", "word_embeddings")  # input embeddings a missing head is tied to
+_DTYPE_NAMES = {"F32": "fp32", "BF16": "bf16", "F16": "fp16", "F64": "fp64"}  # as --dtype spells them
+_NOISE_DOMINATES = 0.5  # share of the residual energy above which rounding noise "is" the error
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,6 +86,7 @@ class ExtractConfig:
     niter: int = 6
     oversample: int = 16
     embeddings: str = "auto"  # auto/save: modules_to_save when changed; skip: never; lora: factored
+    norms: bool = True  # changed norm modules (only 1-D tensors) saved whole as modules_to_save
     report: Path | None = None  # also write the report as JSON here
     device: str = "cpu"
     seed: int = 0
@@ -117,6 +122,18 @@ class ModuleReport:
     delta_norm: float  # ||delta||_F
     capped: bool  # the rank rule wanted more than --max-rank or the break-even point allowed
     bias: bool = False
+    size_capped: bool = False  # capped at the break-even point: a higher rank would not be smaller than the delta
+    noise_floor: float = 0.0  # rel_error that the tuned side's bf16/fp16 rounding alone leaves (an estimate)
+
+
+@dataclass(frozen=True, kw_only=True)
+class NormReport:
+    """A changed norm module saved whole (modules_to_save)."""
+
+    module: str
+    tensors: list[str]
+    rel_change: float  # ||tuned - base||_F / ||base||_F over the module's tensors
+    bytes: int
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -128,11 +145,13 @@ class ExtractReport:
     rank: int  # the adapter's r (= lora_alpha); other ranks are in rank_pattern
     modules: list[ModuleReport]
     unchanged: list[str]  # targeted modules skipped because tuned == base
-    modules_to_save: list[str]
+    modules_to_save: list[str]  # every module saved whole: embeddings / head and the norms
+    norms: list[NormReport]  # the changed norm modules among them
     retained: float  # whole model: sum of kept energy / sum of delta energy, over extracted modules
     rel_error: float
+    noise_floor: float  # whole-model rel_error that 16-bit rounding of TUNED alone leaves (0 for float32)
     adapter_bytes: int
-    delta_bytes: int  # the extracted modules' deltas at the tuned checkpoint's dtype
+    delta_bytes: int  # the extracted modules' deltas and the tensors saved whole, at the tuned checkpoint's dtype
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     peak_rss_bytes: int = 0
@@ -145,6 +164,7 @@ class _Plan:
     embedding_lora: set[str] = field(default_factory=set)  # written with PEFT's lora_embedding_A/B names
     embeddings: list[str] = field(default_factory=list)  # embedding / head weight tensor names
     others: list[str] = field(default_factory=list)  # every other tensor (norms, unmatched biases...)
+    norms: dict[str, list[str]] = field(default_factory=dict)  # module holding only 1-D tensors -> its tensors
     tied_head: bool = False  # lm_head.weight absent: the head is the input embedding
 
 
@@ -173,22 +193,29 @@ def extract(cfg: ExtractConfig, *, progress: bool = False) -> ExtractReport:
                                                           out_dtype=out_dtype, progress=progress)
             saved = _changed_embeddings(base, tuned, plan, cfg, notes)
             changed_others = [n for n in plan.others if _changed(base, tuned, n)]
-            if changed_others:
-                notes.append(f"{len(changed_others)} changed tensors are not linear weights and are not in the adapter "
-                             f"(e.g. {changed_others[0]}); the adapter cannot reproduce them")
-            if not modules and not saved:
+            norms = _changed_norms(base, tuned, plan, set(changed_others)) if cfg.norms else []
+            kept = {t for n in norms for t in n.tensors}
+            notes += _dropped_notes([n for n in changed_others if n not in kept], base, plan)
+            if not modules and not saved:  # norms alone make no LoRA adapter
                 what = "BASE and TUNED hold identical tensors" if not changed_others else "no targeted module changed"
                 raise AdapterToolError(f"{cfg.tuned}: {what}; nothing to extract (are they the same model?)")
+            saved.update((t, t) for t in sorted(kept))
+            # What a dense delta would hold too: the tensors saved whole (a tied head's once).
+            delta_bytes += sum(tuned[src].nbytes for src in set(saved.values()))
+            notes += _rank_notes(modules, tuned, plan, cfg, out_dtype)
             config = _adapter_config(cfg, base, plan, modules, saved)
             with staged_output(cfg.out, force=cfg.force, inputs=[cfg.base, cfg.tuned]) as tmp:
                 writer = _write_adapter(tmp, config, spool, tuned, {_PREFIX + key: src for key, src in saved.items()})
-    kept = sum(m.retained * m.delta_norm**2 for m in modules)
+    kept_energy = sum(m.retained * m.delta_norm**2 for m in modules)
     total = sum(m.delta_norm**2 for m in modules)
+    noise = sum((m.noise_floor * m.delta_norm) ** 2 for m in modules)
     report = ExtractReport(
         out=str(cfg.out), files=[f.name for f in writer.files], svd=cfg.svd, device=device, rank=int(config["r"]),
         modules=sorted(modules, key=lambda m: module_order(m.module)), unchanged=sorted(unchanged, key=module_order),
         modules_to_save=sorted(config.get("modules_to_save") or [], key=module_order),
-        retained=kept / total if total else 1.0, rel_error=max(0.0, 1.0 - kept / total) ** 0.5 if total else 0.0,
+        norms=norms, retained=kept_energy / total if total else 1.0,
+        rel_error=max(0.0, 1.0 - kept_energy / total) ** 0.5 if total else 0.0,
+        noise_floor=(noise / total) ** 0.5 if total else 0.0,
         adapter_bytes=writer.total_bytes, delta_bytes=delta_bytes, notes=notes,
         seconds=clock.seconds, peak_rss_bytes=peak_rss_bytes(),
     )
@@ -231,11 +258,29 @@ def _plan(base: Checkpoint, tuned: Checkpoint, cfg: ExtractConfig) -> _Plan:
             plan.others.append(name)
     # A bias can precede its weight in storage order: reclaim those wrongly filed as "others".
     plan.others = [n for n in plan.others if n.rpartition(".")[0] not in plan.linear or not n.endswith(".bias")]
+    plan.norms = _norm_modules(base, plan.others)
     if "all-linear" not in cfg.targets:
         for target in cfg.targets:
             if not any(targeted(module, (target,)) for module in plan.linear):
                 raise AdapterToolError(f"{cfg.base}: --targets {target} matches no 2-D weight; check the module names (e.g. q_proj)")
     return plan
+
+
+def _norm_modules(base: Checkpoint, others: list[str]) -> dict[str, list[str]]:
+    """{module: its tensors} for the modules among ``others`` that hold only 1-D float tensors, no
+    submodule with bigger ones: norms (RMSNorm, LayerNorm). PEFT's modules_to_save copies a whole
+    module, so only these are cheap to save whole; a Linear's bias alone cannot be saved that way."""
+    heavy: set[str] = set()  # every module (and its ancestors) holding a tensor that is not 1-D float
+    for name in base:
+        if len(base[name].shape) != 1 or base[name].dtype not in FLOAT_CODES:
+            parts = name.split(".")
+            heavy.update(".".join(parts[:i]) for i in range(1, len(parts)))
+    norms: dict[str, list[str]] = {}
+    for name in others:
+        module = name.rpartition(".")[0]
+        if module and module not in heavy and len(base[name].shape) == 1 and base[name].dtype in FLOAT_CODES:
+            norms.setdefault(module, []).append(name)
+    return norms
 
 
 def _refuse_tied_embedding_lora(base: Checkpoint, tuned: Checkpoint, plan: _Plan) -> None:
@@ -297,7 +342,8 @@ def _factor_all(base: Checkpoint, tuned: Checkpoint, plan: _Plan, cfg: ExtractCo
             bias_name = f"{module}.bias"
             bias_changed = bias_name in base and _changed(base, tuned, bias_name)
             transpose = module in plan.transposed
-            factored = _factor_module(base.read(name), tuned.read(name), module, cfg, device=device, transpose=transpose)
+            factored = _factor_module(base.read(name), tuned.read(name), module, cfg, device=device, transpose=transpose,
+                                      factor_bytes=out_dtype.itemsize)
             bar.update(base[name].nbytes)
             if factored is None and not bias_changed:
                 unchanged.append(module)
@@ -307,7 +353,8 @@ def _factor_all(base: Checkpoint, tuned: Checkpoint, plan: _Plan, cfg: ExtractCo
                 # Only the bias changed: PEFT needs a LoRA layer to carry lora_B.bias, and rank 0 is
                 # invalid, so the weight gets a rank-1 zero update.
                 factored = (torch.zeros(out_features, 1), torch.zeros(1, in_features),
-                            {"rank": 1, "retained": 1.0, "rel_error": 0.0, "delta_norm": 0.0, "capped": False})
+                            {"rank": 1, "retained": 1.0, "rel_error": 0.0, "delta_norm": 0.0, "capped": False,
+                             "size_capped": False, "noise_floor": 0.0})
             b, a, figures = factored
             rank = figures["rank"]
             delta_bytes += base[name].nbytes if base[name].dtype == tuned[name].dtype else tuned[name].nbytes
@@ -326,7 +373,8 @@ def _factor_all(base: Checkpoint, tuned: Checkpoint, plan: _Plan, cfg: ExtractCo
 
 
 def _factor_module(base_weight: torch.Tensor, tuned_weight: torch.Tensor, module: str, cfg: ExtractConfig, *,
-                   device: str, transpose: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]] | None:
+                   device: str, transpose: bool,
+                   factor_bytes: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]] | None:
     """(B, A, report figures) for one module's weight delta (its transpose with ``transpose``), or
     None when the weight did not change."""
     import torch
@@ -334,7 +382,13 @@ def _factor_module(base_weight: torch.Tensor, tuned_weight: torch.Tensor, module
     if _equal(base_weight, tuned_weight):
         return None
     policy = cfg.policy()
-    noise = rounding_noise_std(tuned_weight) if policy.auto else 0.0
+    # The rounding noise of a 16-bit TUNED sets the error floor that the report explains (and the
+    # --auto-rank edge); float32 noise is far below anything reported.
+    sixteen_bit = tuned_weight.is_floating_point() and tuned_weight.element_size() == 2
+    noise = rounding_noise_std(tuned_weight) if policy.auto or sixteen_bit else 0.0
+    out_features, in_features = reversed(base_weight.shape) if transpose else base_weight.shape
+    break_even = break_even_rank(out_features, in_features, factor_bytes=factor_bytes,
+                                 delta_bytes=tuned_weight.element_size())
     # In place, with the 16-bit base promoted element by element: one float32 matrix, not three.
     # (tuned_weight may be that very matrix when it is float32 already; it is not used again.)
     delta = tuned_weight.to(device, torch.float32)
@@ -345,9 +399,9 @@ def _factor_module(base_weight: torch.Tensor, tuned_weight: torch.Tensor, module
     # modules came before it or were skipped.
     generator = torch.Generator().manual_seed(module_seed(cfg.seed, module))
     f = factor_delta(delta, policy, method=cfg.svd, generator=generator, niter=cfg.niter,
-                     oversample=cfg.oversample, noise_std=noise)
+                     oversample=cfg.oversample, noise_std=noise, break_even=break_even)
     figures = {"rank": f.rank, "retained": f.retained, "rel_error": f.rel_error, "delta_norm": f.delta_norm,
-               "capped": f.capped}
+               "capped": f.capped, "size_capped": f.size_capped, "noise_floor": f.noise_floor}
     return f.b, f.a, figures
 
 
@@ -405,6 +459,80 @@ def _changed_embeddings(base: Checkpoint, tuned: Checkpoint, plan: _Plan, cfg: E
             saved["lm_head.weight"] = name
             notes.append(f"{name} changed and the head is tied to it: both saved as modules_to_save")
     return saved
+
+
+def _changed_norms(base: Checkpoint, tuned: Checkpoint, plan: _Plan, changed: set[str]) -> list[NormReport]:
+    """The norm modules with a changed tensor, each saved whole (PEFT copies the whole module)."""
+    reports = []
+    for module, names in plan.norms.items():
+        if not changed.intersection(names):
+            continue
+        diff = sum(float((tuned.read(n).double() - base.read(n).double()).square().sum()) for n in names)
+        size = sum(float(base.read(n).double().square().sum()) for n in names)
+        rel = math.sqrt(diff / size) if size else math.inf
+        reports.append(NormReport(module=module, tensors=list(names), rel_change=rel,
+                                  bytes=sum(tuned[n].nbytes for n in names)))
+    return reports
+
+
+def _dropped_notes(dropped: list[str], base: Checkpoint, plan: _Plan) -> list[str]:
+    """One note per kind of changed tensor that the adapter leaves out, saying what would carry it."""
+    kinds: dict[tuple[str, str], list[str]] = {}
+    for name in dropped:
+        module, _, part = name.rpartition(".")
+        if module in plan.norms:
+            kind = ("norm tensors", "--no-norms leaves them out")
+        elif part == "weight" and len(base[name].shape) == 2:
+            kind = ("Linear weights outside --targets", "add their modules to --targets to extract them")
+        elif part == "bias" and f"{module}.weight" in base:
+            kind = ("biases of modules outside --targets",
+                    "add the modules to --targets: a LoRA carries a bias as lora_B.bias")
+        else:
+            kind = ("tensors that a LoRA cannot carry", "the adapter cannot reproduce them")
+        kinds.setdefault(kind, []).append(name)
+    return [f"{len(names)} changed {what} are not in the adapter (e.g. {names[0]}); {hint}"
+            for (what, hint), names in kinds.items()]
+
+
+def _rank_notes(modules: list[ModuleReport], tuned: Checkpoint, plan: _Plan, cfg: ExtractConfig,
+                out_dtype: torch.dtype) -> list[str]:
+    """Why ranks or errors are what they are: the break-even size cap, and a rounding-noise floor."""
+    if not modules:
+        return []
+    delta_code = Counter(tuned[plan.linear[m.module]].dtype for m in modules).most_common(1)[0][0]
+    delta_name, factor_name = (_DTYPE_NAMES.get(c, c) for c in (delta_code, dtype_code(out_dtype)))
+    notes = [_size_cap_note(modules, delta_name, factor_name, out_dtype), _noise_note(modules, delta_name, cfg)]
+    return [note for note in notes if note]
+
+
+def _size_cap_note(modules: list[ModuleReport], delta_name: str, factor_name: str, out_dtype: torch.dtype) -> str:
+    capped = [m for m in modules if m.size_capped]
+    if not capped:
+        return ""
+    groups: dict[tuple[int, ...], tuple[int, set[str], int]] = {}  # shape -> (modules, short names, cap)
+    for m in capped:
+        count, names, _ = groups.get(tuple(m.shape), (0, set(), m.rank))
+        groups[tuple(m.shape)] = (count + 1, names | {m.module.rpartition(".")[2]}, m.rank)
+    where = "; ".join(f"{count} {'/'.join(sorted(names))} {shape[0]}x{shape[1]} at r={rank}"
+                      for shape, (count, names, rank) in groups.items())
+    hint = (" (--dtype bf16 factors halve their size and double the cap)"
+            if out_dtype.itemsize > 2 and delta_name in ("bf16", "fp16") else "")
+    return (f"{len(capped)} modules capped below the requested rank, where their {factor_name} LoRA factors "
+            f"r*(out+in) would be no smaller than the dense {delta_name} delta out*in, so a low rank gains "
+            f"nothing: {where}{hint}")
+
+
+def _noise_note(modules: list[ModuleReport], delta_name: str, cfg: ExtractConfig) -> str:
+    residual = sum((m.rel_error * m.delta_norm) ** 2 for m in modules)
+    noise = sum((m.noise_floor * m.delta_norm) ** 2 for m in modules)
+    if delta_name not in ("bf16", "fp16") or residual == 0 or noise < _NOISE_DOMINATES * residual:
+        return ""
+    total = sum(m.delta_norm**2 for m in modules)
+    advice = ("--auto-rank kept only what rises above that noise" if cfg.auto_rank
+              else "try --auto-rank, which keeps per module only the singular values above that noise")
+    return (f"TUNED is stored in {delta_name}: its rounding noise alone leaves a relative error of about "
+            f"{math.sqrt(noise / total):.2f} of the {math.sqrt(residual / total):.2f}, so most of the error is "
+            f"storage noise in the delta, not fine-tune the adapter misses; {advice}")
 
 
 def _adapter_config(cfg: ExtractConfig, base: Checkpoint, plan: _Plan, modules: list[ModuleReport],

@@ -17,8 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 
-from adaptertool.adapters.svd import RankPolicy, factor_delta
+from adaptertool.adapters import svd
+from adaptertool.adapters.svd import RankPolicy, break_even_rank, factor_delta
+from adaptertool.cli import cli
 from adaptertool.errors import AdapterToolError
 from adaptertool.io import (
     CheckpointWriter,
@@ -101,6 +104,7 @@ def test_merge_of_the_adapter_reproduces_the_fine_tune(small: dict[str, Path], t
     report = extract(ExtractConfig(base=small["base"], tuned=tuned, out=tmp_path / "ad", rank=8, svd="exact"))
     assert report.rel_error < 1e-5 and report.retained > 1 - 1e-9
     assert any("BF16 in BASE but F32 in TUNED" in note for note in report.notes)
+    assert report.noise_floor == 0.0 and not _notes_about(report, "rounding noise")  # float32: no storage noise
     merge(MergeConfig(base=small["base"], adapters=((tmp_path / "ad", 1.0),), out=tmp_path / "merged", dtype=torch.float32))
     with open_checkpoint(tmp_path / "merged") as merged, open_checkpoint(tuned) as want:
         for name in want:
@@ -146,6 +150,104 @@ def test_energy_policy_writes_rank_and_alpha_patterns(small: dict[str, Path], tm
     assert config["r"] == config["lora_alpha"] == 6  # a tie (2 modules each): the larger rank wins
     pattern = {r"model\.layers\.0\.self_attn\.q_proj": 3, r"model\.layers\.1\.self_attn\.q_proj": 3}
     assert config["rank_pattern"] == pattern and config["alpha_pattern"] == pattern
+
+
+def test_rank_past_the_size_break_even_is_capped_in_bytes(small: dict[str, Path], tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """--rank 1000 on bf16 weights: float32 factors stop being smaller than the bf16 delta at half the
+    element break-even. Every module is capped there, with a note, and no SVD looks past the cap."""
+    widths: list[int] = []
+    real = svd.randomized_svd
+    monkeypatch.setattr(svd, "randomized_svd", lambda delta, rank, **kw: widths.append(rank) or real(delta, rank, **kw))
+    report = extract(ExtractConfig(base=small["base"], tuned=small["tuned8"], out=tmp_path / "ad", rank=1000))
+    assert widths == []  # sketches this wide (> 30 % of the matrix) take the exact SVD, at the cap's width
+    with open_checkpoint(tmp_path / "ad") as ckpt:
+        for m in report.modules:
+            out_features, in_features = m.shape
+            assert m.rank == break_even_rank(out_features, in_features, factor_bytes=4, delta_bytes=2), m.module
+            assert m.capped and m.size_capped
+            key = f"base_model.model.{m.module}"
+            factors = ckpt[f"{key}.lora_A.weight"].nbytes + ckpt[f"{key}.lora_B.weight"].nbytes
+            assert factors < out_features * in_features * 2 <= factors + (out_features + in_features) * 4, m.module
+    assert _notes_about(report, "capped below the requested rank") == [
+        "14 modules capped below the requested rank, where their fp32 LoRA factors r*(out+in) would be no smaller "
+        "than the dense bf16 delta out*in, so a low rank gains nothing: 2 down_proj 128x256 at r=42; "
+        "4 gate_proj/up_proj 256x128 at r=42; 4 k_proj/v_proj 64x128 at r=21; 4 o_proj/q_proj 128x128 at r=31 "
+        "(--dtype bf16 factors halve their size and double the cap)"]
+    half = extract(ExtractConfig(base=small["base"], tuned=small["tuned8"], out=tmp_path / "bf16", rank=1000,
+                                 dtype=torch.bfloat16))
+    assert {m.module.rpartition(".")[2]: m.rank for m in half.modules} == {
+        "down_proj": 85, "gate_proj": 85, "up_proj": 85, "k_proj": 42, "v_proj": 42, "o_proj": 63, "q_proj": 63}
+    [note] = _notes_about(half, "capped below")
+    assert "bf16 LoRA factors" in note and "--dtype bf16" not in note
+    assert not _notes_about(extract(ExtractConfig(base=small["base"], tuned=small["tuned8"], out=tmp_path / "r16")),
+                            "capped")
+
+
+def test_bf16_rounding_noise_floor_is_named_with_auto_rank_as_the_way_out(small: dict[str, Path], tmp_path: Path) -> None:
+    """A rank-8 change stored in bf16, extracted at rank 8: the relative error left is the rounding of
+    TUNED, not missed fine-tune, and the report says so."""
+    report = extract(ExtractConfig(base=small["base"], tuned=small["tuned8"], out=tmp_path / "r8", rank=8))
+    [note] = _notes_about(report, "rounding noise alone")
+    assert note == (f"TUNED is stored in bf16: its rounding noise alone leaves a relative error of about "
+                    f"{report.noise_floor:.2f} of the {report.rel_error:.2f}, so most of the error is storage noise in the "
+                    "delta, not fine-tune the adapter misses; try --auto-rank, which keeps per module only the "
+                    "singular values above that noise")
+    assert 0.8 * report.rel_error <= report.noise_floor <= report.rel_error
+    assert all(0.8 * m.rel_error <= m.noise_floor <= m.rel_error for m in report.modules)
+    auto = extract(ExtractConfig(base=small["base"], tuned=small["tuned8"], out=tmp_path / "auto", auto_rank=True))
+    [note] = _notes_about(auto, "rounding noise alone")
+    assert note.endswith("; --auto-rank kept only what rises above that noise")
+    # Rank 2 of a rank-8 change leaves out mostly fine-tune: no such note.
+    low = extract(ExtractConfig(base=small["base"], tuned=small["tuned8"], out=tmp_path / "r2", rank=2))
+    assert low.noise_floor < 0.5 * low.rel_error and not _notes_about(low, "rounding noise")
+
+
+def test_changed_norms_saved_whole_load_in_peft_and_merge(small: dict[str, Path], tmp_path: Path) -> None:
+    """Layer 0's norms and the final norm change beside a rank-8 change: the norms go to
+    modules_to_save whole, PEFT loads them with no missing key, and our merge and PEFT both give the
+    fine-tune back; --no-norms leaves them out with a note, and the logits then miss them."""
+    planted = _planted(8)
+
+    def change(name: str, t: torch.Tensor) -> torch.Tensor:
+        if name.startswith(("model.layers.0.", "model.norm.")) and name.endswith("norm.weight"):
+            return t * 1.5
+        return planted(name, t)
+    tuned = _write_like(small["base"], tmp_path / "tuned", change, dtype=torch.float32)
+    report = extract(ExtractConfig(base=small["base"], tuned=tuned, out=tmp_path / "ad", rank=8, svd="exact"))
+    norms = ["model.layers.0.input_layernorm", "model.layers.0.post_attention_layernorm", "model.norm"]
+    assert sorted(report.modules_to_save) == norms
+    assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["modules_to_save"] == norms
+    assert sorted((n.module, n.tensors, n.bytes) for n in report.norms) == [
+        (m, [f"{m}.weight"], SMALL.hidden * 4) for m in norms]
+    assert all(n.rel_change == pytest.approx(0.5) for n in report.norms)
+    assert not _notes_about(report, "norm")
+    with open_checkpoint(tmp_path / "ad") as ckpt:  # PEFT's own layout: the module's tensors under its path
+        assert ckpt["base_model.model.model.norm.weight"].shape == (SMALL.hidden,)
+    ids = torch.tensor([[1, 5, 17, 33, 60, 2]])
+    theirs, ours = _peft_and_merge_logits(small["base"], tmp_path / "ad", tmp_path, ids)
+    transformers = pytest.importorskip("transformers")
+    with torch.no_grad():
+        want = transformers.AutoModelForCausalLM.from_pretrained(tuned, dtype=torch.float32)(ids).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ours, want, atol=1e-4, rtol=1e-4)
+
+    code, out, _ = _cli("extract", str(small["base"]), str(tuned), str(tmp_path / "dropped"), "--rank", "8", "--no-norms")
+    assert code == 0
+    assert ("note: 3 changed norm tensors are not in the adapter (e.g. model.layers.0.input_layernorm.weight); "
+            "--no-norms leaves them out") in out
+    (tmp_path / "b").mkdir()
+    theirs, _ = _peft_and_merge_logits(small["base"], tmp_path / "dropped", tmp_path / "b", ids)
+    assert (theirs - want).abs().max() > 1e-2
+    code, out, _ = _cli("extract", str(small["base"]), str(tuned), str(tmp_path / "kept"), "--rank", "8")
+    assert ("  norms: 3 changed modules saved whole (modules_to_save, 1.5 KB), relative change 0.5000-0.5000 "
+            "(largest model.layers.0.input_layernorm)") in out.splitlines()
+    assert "modules_to_save:" not in out  # the norms are summed up, not listed on the total line
+
+
+def _cli(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(cli, list(args))
+    return result.exit_code, result.stdout, result.stderr
 
 
 def _peft_and_merge_logits(base: Path, adapter: Path, tmp_path: Path, ids: torch.Tensor,
@@ -251,18 +353,49 @@ def test_gpt2_conv1d_weights_factored_in_peft_layout(tmp_path: Path) -> None:
     config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=96, n_positions=32)
     transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "base")
     projections = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-    tuned = _write_like(tmp_path / "base", tmp_path / "tuned",
-                        lambda n, t: t + _low_rank(n, tuple(t.shape), 4, 0.2) if n.endswith(projections) else t)
+
+    def change(name: str, t: torch.Tensor) -> torch.Tensor:
+        if name.endswith(projections):
+            return t + _low_rank(name, tuple(t.shape), 4, 0.2)
+        # LayerNorms (weight and bias) and a Linear bias change too, as in a real fine-tune.
+        if name in ("transformer.h.0.ln_1.bias", "transformer.h.1.mlp.c_fc.bias"):
+            return t + 0.05
+        return t * 1.1 if name == "transformer.ln_f.weight" else t
+    tuned = _write_like(tmp_path / "base", tmp_path / "tuned", change)
     report = extract(ExtractConfig(base=tmp_path / "base", tuned=tuned, out=tmp_path / "ad", rank=4))
     assert len(report.modules) == 8 and report.rel_error < 1e-5
     assert {tuple(m.shape) for m in report.modules if m.module.endswith("c_attn")} == {(192, 64)}  # [out, in]
     assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    # PEFT copies a modules_to_save module whole: ln_1's unchanged weight goes with its changed bias.
+    assert report.modules_to_save == ["transformer.h.0.ln_1", "transformer.ln_f"]
+    assert {n.module: sorted(n.tensors) for n in report.norms} == {
+        "transformer.h.0.ln_1": ["transformer.h.0.ln_1.bias", "transformer.h.0.ln_1.weight"],
+        "transformer.ln_f": ["transformer.ln_f.bias", "transformer.ln_f.weight"]}
+    ln_f = report.norms[1]  # weight 1 and bias 0 at initialisation: the weight's 10 % is the module's
+    assert ln_f.rel_change == pytest.approx(0.1, rel=1e-5) and ln_f.bytes == 2 * 64 * 4
     ids = torch.tensor([[1, 5, 17, 33, 60, 2]])
     theirs, ours = _peft_and_merge_logits(tmp_path / "base", tmp_path / "ad", tmp_path, ids)
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
     tuned_model = transformers.AutoModelForCausalLM.from_pretrained(tuned, dtype=torch.float32)
     with torch.no_grad():
         torch.testing.assert_close(ours, tuned_model(ids).logits, atol=1e-4, rtol=1e-4)
+    # Left out, each kind of change is named with what would carry it.
+    narrow = extract(ExtractConfig(base=tmp_path / "base", tuned=tuned, out=tmp_path / "narrow", rank=4,
+                                   targets=("c_attn",), norms=False))
+    assert narrow.modules_to_save == [] and narrow.norms == []
+    assert _notes_about(narrow, "Linear weights outside --targets") == [
+        "6 changed Linear weights outside --targets are not in the adapter (e.g. transformer.h.0.attn.c_proj.weight); "
+        "add their modules to --targets to extract them"]
+    assert _notes_about(narrow, "biases of modules outside --targets") == [
+        "1 changed biases of modules outside --targets are not in the adapter (e.g. transformer.h.1.mlp.c_fc.bias); "
+        "add the modules to --targets: a LoRA carries a bias as lora_B.bias"]
+    assert _notes_about(narrow, "norm tensors") == [
+        "2 changed norm tensors are not in the adapter (e.g. transformer.h.0.ln_1.bias); --no-norms leaves them out"]
+    assert not _notes_about(narrow, "not linear weights")
+
+
+def _notes_about(report: object, text: str) -> list[str]:
+    return [note for note in report.notes if text in note]  # type: ignore[attr-defined]
 
 
 def test_embeddings_skip_leaves_them_out_with_a_note(small: dict[str, Path], tmp_path: Path) -> None:
@@ -341,8 +474,13 @@ def test_smollm2_randomized_within_1pct_of_exact_at_8_16_64(smollm2: Path, smoll
 def test_smollm2_adapter_loads_in_peft_and_matches_our_merge(smollm2: Path, smollm2_tuned: Path, tmp_path: Path) -> None:
     report = extract(ExtractConfig(base=smollm2, tuned=smollm2_tuned, out=tmp_path / "ad", rank=16))
     assert len(report.modules) == 210 and all(m.rank == 16 for m in report.modules)
-    assert report.modules_to_save == ["lm_head", "model.embed_tokens"]  # changed and tied
-    assert any("not linear weights" in note for note in report.notes)  # the norms
+    # The tied embedding (with its head) and the 60 layer norms the fine-tune moved (model.norm did not).
+    assert set(report.modules_to_save) == {"lm_head", "model.embed_tokens", *SMOLLM2_NORMS}
+    assert {n.module for n in report.norms} == SMOLLM2_NORMS and all(0 < n.rel_change < 0.05 for n in report.norms)
+    assert not _notes_about(report, "not in the adapter")
+    # At rank 16 most of what is left is the fine-tune's flat spectrum, not bf16 rounding (measured:
+    # rounding is 0.44 of the 0.76, a third of the residual's energy).
+    assert report.noise_floor**2 < 0.5 * report.rel_error**2 and not _notes_about(report, "rounding noise")
     assert 0.0 < report.retained < 1.0 and report.adapter_bytes < report.delta_bytes
     ids = torch.tensor([[1, 504, 3575, 282, 4649, 314]])
     # Both run in float64. In float32, PEFT's unmerged forward (W x + s B(A x)) and the merged one
@@ -355,3 +493,41 @@ def test_smollm2_adapter_loads_in_peft_and_matches_our_merge(smollm2: Path, smol
     # error in the adapter's scaling moves the logits by 1.5e-2.
     theirs, ours = _peft_and_merge_logits(smollm2, tmp_path / "ad", tmp_path, ids, compute=torch.float64)
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
+
+
+SMOLLM2_NORMS = {f"model.layers.{i}.{n}" for i in range(30) for n in ("input_layernorm", "post_attention_layernorm")}
+# Held out: nothing like the fixture's fine-tuning text (fixtures/build_real_models.py TUNE_TEXT).
+HELD_OUT = ("The river flooded the valley after three days of rain, and the farmers moved their animals to the hills.\n\n"
+            "To bake bread, mix flour, water, salt and yeast, let the dough rise, then shape it and bake it in a hot oven.\n\n"
+            "def add(a, b):\n    return a + b\n\nprint(add(2, 3))")
+
+
+@pytest.mark.slow
+def test_smollm2_keeping_the_changed_norms_tracks_the_fine_tune_better(smollm2: Path, smollm2_tuned: Path,
+                                                                     tmp_path: Path) -> None:
+    """End to end, on text the fine-tune never saw: KL(tuned || base + adapter), the adapter loaded by
+    PEFT, is lower with the 60 changed RMSNorm weights saved (the default) than without them."""
+    transformers = pytest.importorskip("transformers")
+    ids = torch.tensor([transformers.AutoTokenizer.from_pretrained(smollm2)(HELD_OUT).input_ids])
+    with torch.no_grad():
+        want = transformers.AutoModelForCausalLM.from_pretrained(smollm2_tuned, dtype=torch.float32)(ids).logits
+        base = transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)(ids).logits
+    kl = {}
+    for norms in (True, False):
+        out = tmp_path / f"norms-{norms}"
+        extract(ExtractConfig(base=smollm2, tuned=smollm2_tuned, out=out, rank=16, norms=norms))
+        (tmp_path / f"merge-{norms}").mkdir()
+        theirs, ours = _peft_and_merge_logits(smollm2, out, tmp_path / f"merge-{norms}", ids)  # no missing keys
+        kl[norms] = _kl(want, theirs)
+        assert _kl(want, ours) == pytest.approx(kl[norms], rel=0.02)  # our merge agrees end to end
+    logging.getLogger(__name__).info("KL to the tuned model: norms kept %.4f, dropped %.4f, base %.4f",
+                                     kl[True], kl[False], _kl(want, base))
+    # Measured: kept 0.0079, dropped 0.0099, the base 0.32.
+    assert kl[True] < 0.95 * kl[False] and kl[False] < 0.1 * _kl(want, base)
+
+
+def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
+    """Mean over positions of KL(p || q), in float64."""
+    p, q = p_logits.double().log_softmax(-1), q_logits.double().log_softmax(-1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
