@@ -6,7 +6,8 @@ Names load on first use, so importing the package does not import torch.
 from adaptertool._lazy import lazy_exports
 
 __all__, __getattr__ = lazy_exports(__name__, {
-    "lora": ("FourBitWeight", "FrozenLinear", "LoRALinear", "LoraSpec"),
+    "fourbit": ("FourBitWeight",),
+    "lora": ("FrozenLinear", "LoRALinear", "LoraSpec"),
     "model": ("SUPPORTED_ARCHITECTURES", "Decoder", "DecoderConfig"),
     "weights": ("load_decoder",),
 })

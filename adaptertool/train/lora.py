@@ -13,14 +13,14 @@ the row norms as constants (the paper's section 4.3; PEFT detaches them too). In
 PEFT's: A ~ kaiming_uniform(a=sqrt(5)), B = 0, so training starts from the base model exactly.
 
 The frozen weight is either a plain tensor or, for QLoRA, bitsandbytes 4-bit codes with their
-absmax (:class:`FourBitWeight`), expanded on the fly in the forward and again in the backward, so
-only the packed data stays resident.
+absmax (:class:`~adaptertool.train.fourbit.FourBitWeight`), expanded on the fly in the forward and
+again in the backward, so only the packed data stays resident.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -29,21 +29,9 @@ from torch import nn
 
 from adaptertool.adapters.lora import lora_scaling
 from adaptertool.errors import AdapterToolError
-from adaptertool.quant import (
-    BLOCKSIZES,
-    Codebook,
-    FourBitState,
-    NestedCodebook,
-    QuantizedKeys,
-    block_count,
-    dequantize_absmax,
-    dynamic_map,
-    packed_size,
-    quantize_4bit,
-    quantize_absmax,
-)
+from adaptertool.train.fourbit import FourBitWeight
 
-__all__ = ["ALL_LINEAR", "FourBitWeight", "FrozenLinear", "LoRALinear", "LoraSpec", "add_lora", "dropout_mask", "lora_modules"]
+__all__ = ["ALL_LINEAR", "FrozenLinear", "LoRALinear", "LoraSpec", "add_lora", "dropout_mask", "lora_modules"]
 
 ALL_LINEAR = "all-linear"
 
@@ -82,91 +70,6 @@ class LoraSpec:
     def matches(self, module: str) -> bool:
         """Whether Linear ``module`` (a block Linear's full name) is a target."""
         return any(t == ALL_LINEAR or module == t or module.endswith("." + t) for t in self.targets)
-
-
-class FourBitWeight(nn.Module):
-    """A frozen weight held as bitsandbytes 4-bit codes (the layout of :mod:`adaptertool.quant.bnb_format`).
-
-    Buffers: ``packed`` uint8 ``(ceil(n/2), 1)``, two codes per byte, high nibble first;
-    ``absmax`` float32 per block, or uint8 codes with ``nested_absmax`` / ``nested_quant_map``
-    under double quantisation; ``quant_map`` the 16 code values. ``W[i] = quant_map[code[i]] *
-    absmax[i // blocksize]`` in float32, cast once.
-    """
-
-    def __init__(self, *, packed: torch.Tensor, absmax: torch.Tensor, quant_map: torch.Tensor, shape: tuple[int, ...],
-                 blocksize: int, nested: tuple[torch.Tensor, torch.Tensor, float, int] | None = None) -> None:
-        super().__init__()
-        self.shape = tuple(shape)
-        self.blocksize = blocksize
-        self.register_buffer("packed", packed)
-        self.register_buffer("absmax", absmax)
-        self.register_buffer("quant_map", quant_map)
-        self.nested_offset: float | None = None
-        self.nested_blocksize = 0
-        if nested is not None:
-            nested_absmax, nested_quant_map, self.nested_offset, self.nested_blocksize = nested
-            self.register_buffer("nested_absmax", nested_absmax)
-            self.register_buffer("nested_quant_map", nested_quant_map)
-
-    @classmethod
-    def from_entries(cls, tensors: Mapping[str, torch.Tensor], keys: QuantizedKeys, state: FourBitState, *,
-                     source: str) -> FourBitWeight:
-        """Wrap one weight's stored entries (as read from a 4-bit checkpoint); sizes are checked against the state."""
-        blocks = block_count(state.numel, state.blocksize)
-        expected = {keys.weight: (torch.uint8, packed_size(state.numel)), keys.quant_map: (torch.float32, 16),
-                    keys.absmax: (torch.uint8 if state.nested else torch.float32, blocks)}
-        if keys.nested_absmax is not None and keys.nested_quant_map is not None and state.nested_blocksize:
-            expected[keys.nested_absmax] = (torch.float32, block_count(blocks, state.nested_blocksize))
-            expected[keys.nested_quant_map] = (torch.float32, 256)
-        if state.nested != keys.nested or state.quant_type != keys.quant_type:
-            raise AdapterToolError(f"{source}: {keys.quant_state} disagrees with the stored entries of {keys.weight}; the checkpoint is corrupt")
-        for key, (dtype, numel) in expected.items():
-            if tensors[key].dtype != dtype or tensors[key].numel() != numel:
-                raise AdapterToolError(f"{source}: {key} is {tensors[key].dtype} x{tensors[key].numel()} but its quant_state "
-                                       f"needs {dtype} x{numel}; the checkpoint is corrupt")
-        nested = None
-        if state.nested:
-            assert keys.nested_absmax is not None and keys.nested_quant_map is not None and state.nested_offset is not None
-            nested = (tensors[keys.nested_absmax].reshape(-1), tensors[keys.nested_quant_map].reshape(-1),
-                      state.nested_offset, state.nested_blocksize or 256)
-        return cls(packed=tensors[keys.weight], absmax=tensors[keys.absmax].reshape(-1),
-                   quant_map=tensors[keys.quant_map].reshape(-1), shape=state.shape, blocksize=state.blocksize, nested=nested)
-
-    @classmethod
-    def quantize(cls, weight: torch.Tensor, book: Codebook, *, code_map: NestedCodebook | None, blocksize: int = 64) -> FourBitWeight:
-        """Quantise a CPU ``weight`` from its own dtype, as ``adaptertool quantize`` does (double quant with ``code_map``)."""
-        if blocksize not in BLOCKSIZES:
-            raise AdapterToolError(f"4-bit blocksize must be one of {BLOCKSIZES}, not {blocksize}")
-        packed, absmax = quantize_4bit(weight, book, blocksize=blocksize)
-        if not bool(torch.isfinite(absmax).all()):
-            raise AdapterToolError("a weight holds NaN or Inf and cannot be quantised (find it with adaptertool verify --nan)")
-        nested = None
-        if code_map is not None:
-            codes = quantize_absmax(absmax, code_map)
-            absmax = codes.codes
-            nested = (codes.scales, dynamic_map(), codes.offset, 256)
-        return cls(packed=packed, absmax=absmax, quant_map=book.values.clone(), shape=tuple(weight.shape),
-                   blocksize=blocksize, nested=nested)
-
-    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        """The dense weight on the buffers' device: ``float32(quant_map[code] * absmax)``, cast once to ``dtype``."""
-        absmax = self.absmax
-        if self.nested_offset is not None:
-            absmax = dequantize_absmax(absmax, self.nested_absmax, self.nested_quant_map, self.nested_offset,
-                                       blocksize=self.nested_blocksize)
-        numel = math.prod(self.shape)
-        # (256,) int64 whose two halves are the float32 values of a byte's high and low nibble:
-        # one gather per byte expands two codes (uint8 indices would be read as a boolean mask).
-        byte = torch.arange(256, device=self.packed.device)
-        pairs = torch.stack((self.quant_map[byte >> 4], self.quant_map[byte & 15]), dim=1).contiguous().view(torch.int64)
-        values = pairs.view(-1)[self.packed.view(-1).int()].view(torch.float32)  # (2 * ceil(n/2),)
-        full = numel - numel % self.blocksize
-        values[:full].view(-1, self.blocksize).mul_(absmax[: full // self.blocksize].unsqueeze(1))
-        values[full:numel].mul_(absmax[-1])
-        return values[:numel].view(self.shape).to(dtype)
-
-    def extra_repr(self) -> str:
-        return f"shape={self.shape}, blocksize={self.blocksize}, double_quant={self.nested_offset is not None}"
 
 
 class _FourBitMatmul(torch.autograd.Function):

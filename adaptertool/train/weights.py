@@ -24,8 +24,11 @@ from adaptertool.quant import (
     codebook,
     find_quantized_weights,
     nested_codebook,
+    read_state,
+    read_stored,
 )
-from adaptertool.train.lora import FourBitWeight, FrozenLinear, LoraSpec, add_lora
+from adaptertool.train.fourbit import FourBitWeight
+from adaptertool.train.lora import FrozenLinear, LoraSpec, add_lora
 from adaptertool.train.model import Decoder, DecoderConfig
 
 __all__ = ["load_decoder"]
@@ -57,14 +60,15 @@ def load_decoder(path: Path, *, lora: LoraSpec, qlora: bool = False, device: str
             raise AdapterToolError(f"{path}: no config.json beside the weights; train needs the model's folder")
         config = DecoderConfig.from_dict(read_json(config_path), source=str(config_path))
         quantized = find_quantized_weights(ckpt, source=str(ckpt.path))
-        states = {name: _state(ckpt, keys) for name, keys in quantized.items()}
+        states = {name: read_state(ckpt.read, keys, source=str(ckpt[keys.quant_state].file))
+                  for name, keys in quantized.items()}
         with torch.device("meta"):
             model = Decoder(config)
         _check_tensors(model, ckpt, quantized, states)
         books = (codebook("nf4"), nested_codebook()) if qlora and not quantized else None
         for name, module in list(model.named_modules()):
             if isinstance(module, FrozenLinear) and name != "lm_head":
-                _set_module(model, name, _read_linear(ckpt, name, quantized, states, books, device, dtype))
+                _set_module(model, name, _read_linear(ckpt, name, quantized, books, device, dtype))
         for name, param in list(model.named_parameters()):
             if param.is_meta and not name.startswith("lm_head."):
                 _set_parameter(model, name, _read(ckpt, name, device, dtype))
@@ -76,11 +80,6 @@ def load_decoder(path: Path, *, lora: LoraSpec, qlora: bool = False, device: str
     model.gradient_checkpointing = gradient_checkpointing
     assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()]), "a placeholder was left unloaded"
     return model
-
-
-def _state(ckpt: Checkpoint, keys: QuantizedKeys) -> FourBitState:
-    blob = bytes(ckpt.read(keys.quant_state).reshape(-1).tolist())
-    return FourBitState.from_json(blob, key=keys.quant_state, source=str(ckpt[keys.quant_state].file))
 
 
 def _check_tensors(model: Decoder, ckpt: Checkpoint, quantized: dict[str, QuantizedKeys],
@@ -109,18 +108,17 @@ def _check_tensors(model: Decoder, ckpt: Checkpoint, quantized: dict[str, Quanti
             raise AdapterToolError(f"{where}: tensor {name} is {ckpt[name].dtype}, not a float; train needs 16/32-bit or 4-bit weights")
 
 
-def _read_linear(ckpt: Checkpoint, name: str, quantized: dict[str, QuantizedKeys], states: dict[str, FourBitState],
+def _read_linear(ckpt: Checkpoint, name: str, quantized: dict[str, QuantizedKeys],
                  books: tuple[Codebook, NestedCodebook] | None, device: torch.device, dtype: torch.dtype) -> FrozenLinear:
     weight_name = name + ".weight"
     bias = _read(ckpt, name + ".bias", device, dtype) if name + ".bias" in ckpt else None
     if weight_name in quantized:
-        keys = quantized[weight_name]
-        entries = {key: ckpt.read(key) for key in keys.keys if key != keys.quant_state}
-        weight: torch.Tensor | FourBitWeight = FourBitWeight.from_entries(
-            entries, keys, states[weight_name], source=str(ckpt[weight_name].file)).to(device)
+        stored = read_stored(ckpt.read, quantized[weight_name], source=str(ckpt[weight_name].file))
+        weight: torch.Tensor | FourBitWeight = FourBitWeight.from_stored(stored).to(device)
     elif books is not None:
         book, code_map = books
-        weight = FourBitWeight.quantize(ckpt.read(weight_name), book, code_map=code_map).to(device)
+        weight = FourBitWeight.quantize(ckpt.read(weight_name), book, code_map=code_map, name=weight_name,
+                                        source=str(ckpt[weight_name].file)).to(device)
     else:
         weight = _read(ckpt, weight_name, device, dtype)
     return FrozenLinear(weight, bias, compute_dtype=dtype)
