@@ -11,7 +11,7 @@ from adaptertool.adapters.peft_keys import module_order, split_adapter_key
 from adaptertool.io import Checkpoint, open_checkpoint, read_json
 
 if TYPE_CHECKING:
-    from adaptertool.ops.quantize import QuantSummary
+    from adaptertool.ops.quantized import QuantSummary
 
 # Only checkpoints holding this marker need the quantisation summary, whose module imports torch.
 _QUANT_MARKER = ".quant_state.bitsandbytes__"
@@ -56,7 +56,7 @@ def info(path: Path) -> InfoReport:
         model_config = config_dir / "config.json"
         quantization = None
         if any(_QUANT_MARKER in name for name in ckpt):
-            from adaptertool.ops.quantize import describe_quantization
+            from adaptertool.ops.quantized import describe_quantization
 
             quantization = describe_quantization(ckpt, read_json(model_config) if model_config.is_file() else None)
         architecture = None

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from adaptertool.errors import AdapterToolError
 from adaptertool.io import (
     DEFAULT_MAX_SHARD_BYTES,
     DTYPES,
+    FLOAT_CODES,
     Checkpoint,
     CheckpointWriter,
     TensorSpec,
@@ -46,31 +46,27 @@ from adaptertool.io import (
     torch_dtype,
 )
 from adaptertool.ops.measure import Stopwatch, peak_rss_bytes
+from adaptertool.ops.quantized import QuantSummary, describe_quantization, read_quantized_state, read_quantized_weight
 from adaptertool.quant import (
     BLOCKSIZES,
-    NESTED_BLOCKSIZE,
+    FLOAT_DTYPES,
     QUANT_TYPES,
-    FourBitState,
-    QuantizedKeys,
     codebook,
-    dequantize_weight,
     dynamic_map,
     entry_layout,
     find_quantized_weights,
     fourbit_values,
     nested_codebook,
     quantization_config,
-    quantize_4bit,
-    quantize_absmax,
+    quantize_weight,
     select_weights,
 )
 
 __all__ = [
     "DequantConfig", "DequantReport", "QuantConfig", "QuantReport", "QuantSummary",
-    "dequantize", "describe_quantization", "quantize", "read_quantized_weight", "read_state",
+    "dequantize", "describe_quantization", "quantize", "read_quantized_weight",
 ]
 
-_FLOAT_CODES = {"F32", "F16", "BF16"}
 _CONFIG = "config.json"
 
 
@@ -93,7 +89,7 @@ class QuantConfig:
         if self.blocksize not in BLOCKSIZES:
             raise AdapterToolError(f"--blocksize must be a power of two from 32 to 4096, not {self.blocksize}")
         for what, dtype in (("--dtype", self.dtype), ("--compute-dtype", self.compute_dtype)):
-            if dtype is not None and dtype_code(dtype) not in _FLOAT_CODES:
+            if dtype is not None and _name(dtype) not in FLOAT_DTYPES:
                 raise AdapterToolError(f"{what} must be bf16, fp16 or fp32, not {dtype}")
 
 
@@ -170,7 +166,7 @@ def _quantized_dtypes(source: Checkpoint, weights: list[str], dtype: torch.dtype
     """weight -> the dtype it is quantised from: --dtype, else its own (transformers casts first, too)."""
     dtypes = {w: dtype or torch_dtype(source[w].dtype) for w in weights}
     for weight, target in dtypes.items():
-        if dtype_code(target) not in _FLOAT_CODES:
+        if _name(target) not in FLOAT_DTYPES:
             raise AdapterToolError(f"{source[weight].file}: tensor {weight} is {target}; bitsandbytes quantises 16/32-bit floats: pass --dtype")
     return dtypes
 
@@ -178,7 +174,7 @@ def _quantized_dtypes(source: Checkpoint, weights: list[str], dtype: torch.dtype
 def _quantize_weights(source: Checkpoint, dtypes: dict[str, torch.dtype], cfg: QuantConfig, spill: Path,
                       progress: bool) -> _Quantized:
     """Pass 1: quantise each weight once; spill packed codes and absmax (as bytes), keep the small parts."""
-    book, code_map = codebook(cfg.quant_type), nested_codebook()
+    book, code_map = codebook(cfg.quant_type), nested_codebook() if cfg.double_quant else None
     specs = []
     for weight in dtypes:
         layout = {key: shape for key, _, shape in _layout(weight, source[weight].shape, cfg, state_bytes=0)}
@@ -196,15 +192,13 @@ def _quantize_weights(source: Checkpoint, dtypes: dict[str, torch.dtype], cfg: Q
                 writer.write(spec.name, pending.pop(spec.name.removesuffix(".absmax")))
                 continue
             weight = spec.name
-            packed, absmax = quantize_4bit(_read(source, weight, dtypes[weight]), book, blocksize=cfg.blocksize)
-            _check_finite(absmax, source, weight)
-            offset = None
-            if cfg.double_quant:
-                nested = quantize_absmax(absmax, code_map)
-                absmax, offset, nested_scales[weight] = nested.codes, nested.offset, nested.scales
-            states[weight] = _state(cfg, source[weight].shape, dtypes[weight], offset).to_json()
-            pending[weight] = absmax.view(torch.uint8)
-            writer.write(weight, packed)
+            done = quantize_weight(_read(source, weight, dtypes[weight]), book, blocksize=cfg.blocksize,
+                                   code_map=code_map, name=weight, source=str(source[weight].file))
+            if done.nested is not None:
+                nested_scales[weight] = done.nested.scales
+            states[weight] = done.state.to_json()
+            pending[weight] = done.absmax.view(torch.uint8)
+            writer.write(weight, done.packed)
     return _Quantized(spill=spill, dtypes=dtypes, nested_scales=nested_scales, states=states)
 
 
@@ -217,7 +211,7 @@ def _output_specs(source: Checkpoint, done: _Quantized, cfg: QuantConfig) -> tup
     entries: dict[str, tuple[str, str]] = {}
     for spec in source.specs():
         if spec.name not in done.dtypes:
-            recast = cfg.dtype is not None and spec.dtype in _FLOAT_CODES
+            recast = cfg.dtype is not None and spec.dtype in FLOAT_CODES
             specs.append(TensorSpec(spec.name, dtype_code(cfg.dtype), spec.shape) if recast else spec)  # type: ignore[arg-type]
             continue
         for key, dtype_name, shape in _layout(spec.name, spec.shape, cfg, state_bytes=len(done.states[spec.name])):
@@ -252,21 +246,6 @@ def _layout(weight: str, shape: tuple[int, ...], cfg: QuantConfig, *, state_byte
 def _read(source: Checkpoint, name: str, dtype: torch.dtype) -> torch.Tensor:
     tensor = source.read(name)
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
-
-
-def _check_finite(absmax: torch.Tensor, source: Checkpoint, weight: str) -> None:
-    # a NaN or Inf anywhere in a block makes its absmax non-finite: one cheap check per weight
-    if not bool(torch.isfinite(absmax).all()):
-        raise AdapterToolError(
-            f"{source[weight].file}: tensor {weight} holds NaN or Inf; it cannot be quantised (find them with adaptertool verify --nan)"
-        )
-
-
-def _state(cfg: QuantConfig, shape: tuple[int, ...], dtype: torch.dtype, offset: float | None) -> FourBitState:
-    nested: dict[str, Any] = {}
-    if offset is not None:
-        nested = {"nested_blocksize": NESTED_BLOCKSIZE, "nested_dtype": "float32", "nested_offset": offset}
-    return FourBitState(quant_type=cfg.quant_type, blocksize=cfg.blocksize, dtype=_name(dtype), shape=shape, **nested)
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -310,7 +289,7 @@ class DequantConfig:
     force: bool = False
 
     def __post_init__(self) -> None:
-        if self.dtype is not None and dtype_code(self.dtype) not in _FLOAT_CODES:
+        if self.dtype is not None and _name(self.dtype) not in FLOAT_DTYPES:
             raise AdapterToolError(f"--dtype must be bf16, fp16 or fp32, not {self.dtype}")
 
 
@@ -338,10 +317,10 @@ def dequantize(cfg: DequantConfig, *, progress: bool = False) -> DequantReport:
         specs: list[TensorSpec] = []
         for spec in source.specs():
             if spec.name in found:
-                state = read_state(source, found[spec.name])
+                state = read_quantized_state(source, found[spec.name])
                 specs.append(TensorSpec(spec.name, dtype_code(cfg.dtype or getattr(torch, state.dtype)), state.shape))
             elif spec.name not in companions:
-                recast = cfg.dtype is not None and spec.dtype in _FLOAT_CODES
+                recast = cfg.dtype is not None and spec.dtype in FLOAT_CODES
                 specs.append(TensorSpec(spec.name, dtype_code(cfg.dtype), spec.shape) if recast else spec)  # type: ignore[arg-type]
         with staged_output(cfg.out, force=cfg.force, inputs=[cfg.source]) as tmp:
             writer = CheckpointWriter(tmp, specs, max_shard_bytes=cfg.max_shard_bytes, metadata={"format": "pt"})
@@ -368,60 +347,4 @@ def dequantize(cfg: DequantConfig, *, progress: bool = False) -> DequantReport:
         out=str(cfg.out), files=[f.name for f in writer.files], dequantized=len(found), copied=copied,
         cast=len(specs) - len(found) - copied, bytes_written=writer.total_bytes, side_files=side,
         seconds=clock.seconds, peak_rss_bytes=peak_rss_bytes(),
-    )
-
-
-def read_quantized_weight(ckpt: Checkpoint, keys: QuantizedKeys, *, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
-    """Read one 4-bit weight's entries from ``ckpt`` and dequantise it with its stored tables.
-
-    Args:
-        ckpt: the opened 4-bit checkpoint.
-        keys: from :func:`adaptertool.quant.find_quantized_weights` over ``ckpt``'s names.
-        dtype: output dtype (float32 by default, for adding deltas); None for the recorded dtype.
-    """
-    tensors = {key: ckpt.read(key) for key in keys.keys}
-    return dequantize_weight(tensors, keys, dtype=dtype, source=str(ckpt[keys.weight].file))
-
-
-def read_state(ckpt: Checkpoint, keys: QuantizedKeys) -> FourBitState:
-    """Parse one 4-bit weight's stored quant_state (a few hundred bytes; the weight is not read)."""
-    blob = bytes(ckpt.read(keys.quant_state).reshape(-1).tolist())
-    return FourBitState.from_json(blob, key=keys.quant_state, source=str(ckpt[keys.quant_state].file))
-
-
-# --- info --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, kw_only=True)
-class QuantSummary:
-    quant_types: dict[str, int]  # "nf4" -> weights
-    blocksizes: dict[int, int]  # blocksize -> weights
-    double_quant: int  # weights with double-quantised absmax
-    weights: int
-    parameters: int  # elements the 4-bit weights stand for
-    stored_bytes: int  # bytes of all their entries
-    original_bytes: int  # bytes at the dtype they were quantised from
-    bytes_saved: int
-    compute_dtype: str | None  # from config.json, where present
-    skip_modules: list[str] | None
-
-
-def describe_quantization(ckpt: Checkpoint, config: dict[str, Any] | None = None) -> QuantSummary | None:
-    """Summarise a checkpoint's bitsandbytes 4-bit weights (reads only their small quant_state entries).
-
-    Returns:
-        None when the checkpoint holds no 4-bit weights.
-    """
-    found = find_quantized_weights(ckpt, source=str(ckpt.path))
-    if not found:
-        return None
-    states = [read_state(ckpt, keys) for keys in found.values()]
-    stored = sum(ckpt[key].nbytes for keys in found.values() for key in keys.keys)
-    original = sum(s.numel * getattr(torch, s.dtype).itemsize for s in states)
-    settings = (config or {}).get("quantization_config") or {}
-    return QuantSummary(
-        quant_types=dict(Counter(s.quant_type for s in states)), blocksizes=dict(Counter(s.blocksize for s in states)),
-        double_quant=sum(s.nested for s in states), weights=len(states), parameters=sum(s.numel for s in states),
-        stored_bytes=stored, original_bytes=original, bytes_saved=original - stored,
-        compute_dtype=settings.get("bnb_4bit_compute_dtype"), skip_modules=settings.get("llm_int8_skip_modules"),
     )

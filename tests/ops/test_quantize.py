@@ -226,6 +226,27 @@ def test_nan_weight_is_refused_and_nothing_is_left(tmp_path: Path, double_quant:
     assert not (tmp_path / "q").exists()
 
 
+def test_float64_tensors_are_cast_by_dtype(tmp_path: Path) -> None:
+    # --dtype casts every float tensor, float64 included (bitsandbytes itself quantises 16/32-bit only)
+    from safetensors.torch import save_file
+
+    source = tmp_path / "f64"
+    write_llama(source, TINY, dtype=torch.bfloat16)
+    tensors = _tensors(source)
+    tensors["model.norm.weight"] = torch.linspace(0.5, 1.5, TINY.hidden, dtype=torch.float64)
+    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    kept = quantize(QuantConfig(source=source, out=tmp_path / "q"))
+    cast = quantize(QuantConfig(source=source, out=tmp_path / "q16", dtype=torch.float16))
+    assert _tensors(tmp_path / "q")["model.norm.weight"].dtype == torch.float64 and kept.cast == 0
+    assert torch.equal(_tensors(tmp_path / "q16")["model.norm.weight"], tensors["model.norm.weight"].half())
+    assert cast.cast == 2 * TINY.layers + 3
+    back = dequantize(DequantConfig(source=tmp_path / "q", out=tmp_path / "d32", dtype=torch.float32))
+    assert torch.equal(_tensors(tmp_path / "d32")["model.norm.weight"], tensors["model.norm.weight"].float())
+    assert back.cast == 2 * TINY.layers + 3
+    with pytest.raises(AdapterToolError, match="--dtype must be bf16, fp16 or fp32"):
+        QuantConfig(source=source, out=tmp_path / "x", dtype=torch.float64)
+
+
 def test_quantize_is_deterministic(tiny_models: dict, tmp_path: Path) -> None:
     source = tiny_models[("fp16", True)]
     for name in ("a", "b"):
