@@ -24,7 +24,9 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -37,12 +39,16 @@ REPO = Path(__file__).resolve().parents[1]
 # Report fields that measure the run rather than the result.
 TIMING_KEYS = frozenset({"seconds", "peak_rss_bytes", "peak_vram_bytes", "tokens_per_s"})
 UNHASHED = frozenset({"loss.png"})  # matplotlib's rendering, not adaptertool's bytes
-# (case, file) -> why it may differ; it must still match once normalised (_normalised).
 _NO_TORCH_DTYPE = "--dtype no longer adds torch_dtype to a config that has only dtype (transformers 5 reads dtype)"
+# (case, file) -> why it may differ; it must still match once normalised (_normalised).
 ALLOWED = {
     ("merged-fp32", "merged-fp32/config.json"): f"merge {_NO_TORCH_DTYPE}",
     ("rs-fp32", "rs-fp32/config.json"): f"reshard {_NO_TORCH_DTYPE}",
+    # Differs from run to run, not between trees: a bug to fix in ops/demo.py, then drop this entry.
+    ("demo", "demo/merged/model.safetensors"): "demo merges inside its staged folder and the merge provenance "
+                                               "records that folder (.demo.adaptertool-PID-RANDOM), gone after the run",
 }
+_SCRATCH = re.compile(r"\.adaptertool-\d+-\w+")  # a staged folder's name, .OUT.adaptertool-PID-RANDOM
 TRAIN_DATA = [{"text": f"Example {i}: streaming checkpoints shard by shard keeps memory flat, and the "
                        f"adapter learns sentence number {i} of this tiny corpus."} for i in range(8)]
 
@@ -66,12 +72,13 @@ def _case(name: str, *args: str, outputs: tuple[str, ...] | None = None) -> Case
 # targets few so that each case takes seconds; together they cover the whole-saved embedding and
 # tied head (ext) and per-module ranks (ext-e) of extract, the PiSSA residual, cast versus copy, the
 # 4-bit view and requantize, FP4 with float32 absmax, the config dtype key, seeded DARE masks and
-# SVDs, and QLoRA training. ext-e skips the embedding so that it can be added to and taken from ext.
+# SVDs, and QLoRA training. ext-e has no whole tensors (embedding, norms), so that it can be merged
+# with ext and subtracted.
 QV = ("--targets", "q_proj", "--targets", "v_proj")
 CASES = (
     _case("ext", "extract", "S", "T", "ext", "--rank", "4"),
     _case("ext-e", "extract", "S", "T", "ext-e", "--energy", "0.5", "--max-rank", "8", *QV, "--embeddings", "skip",
-          "--dtype", "bf16"),
+          "--no-norms", "--dtype", "bf16"),
     _case("init-d", "init", "S", "init-d", "--rank", "4", *QV, "--dora"),
     _case("init-p", "init", "S", "init-p", "--method", "pissa", "--pissa-niter", "2", "--rank", "4", *QV,
           "--residual-base", "res-p", outputs=("init-p", "res-p")),
@@ -124,10 +131,19 @@ def _file_digest(path: Path) -> str:
 
 
 def _normalised(path: Path) -> str:
-    """The digest an allow-listed config.json must keep: its JSON without ``torch_dtype``."""
-    config = json.loads(path.read_text())
-    config.pop("torch_dtype", None)
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    """The digest an allow-listed file must keep: a config.json without ``torch_dtype``, a
+    safetensors file with scratch folder names masked in its header."""
+    if path.suffix != ".safetensors":
+        config = json.loads(path.read_text())
+        config.pop("torch_dtype", None)
+        return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    with path.open("rb") as handle:
+        (size,) = struct.unpack("<Q", handle.read(8))
+        header = _SCRATCH.sub(".adaptertool-SCRATCH", handle.read(size).decode("utf-8"))
+        digest = hashlib.sha256(header.encode())
+        while chunk := handle.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _hash_outputs(case: Case, work: Path) -> tuple[dict[str, str], dict[str, str]]:
