@@ -33,7 +33,7 @@ _NF4_BITS = (
 )
 # FP4 magnitudes for codes 0..7 (exponent/mantissa layout scaled so the largest is 1); codes 8..15
 # are the same with the sign bit set, except that code 8 is stored as +0.0, not -0.0: that is
-# bitsandbytes 0.50's quant_map bit for bit (nf4-format.md lists -0; the library's table has +0).
+# bitsandbytes 0.50's quant_map bit for bit (a sign-bit reading would give -0; the library's table has +0).
 _FP4_MAGNITUDES = (0.0, 1 / 192, 2 / 3, 1.0, 1 / 3, 0.5, 1 / 6, 0.25)
 
 AMBIGUOUS = 0x10  # flag in a lookup entry: a threshold falls inside this key's range
