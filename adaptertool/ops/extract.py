@@ -1,7 +1,7 @@
 """extract: a PEFT LoRA adapter approximating a full fine-tune, by truncated SVD of each weight delta.
 
-Plan from both headers (same tensor names and shapes; float dtypes may differ), then stream the two
-checkpoints in step, one module at a time: ``delta = float32(tuned) - float32(base)``, skip it when
+Plan from both headers (:mod:`adaptertool.ops.extract_plan`: same tensor names and shapes, float
+dtypes may differ; each tensor's role), then stream the two checkpoints in step, one module at a time: ``delta = float32(tuned) - float32(base)``, skip it when
 it is exactly zero, else keep the rank the policy picks (see :mod:`adaptertool.adapters.svd`).
 Ranks are only known after the SVDs, but the writer lays out its header first, so the factors go to
 an anonymous spool file as they are made and are copied into the adapter at the end: memory holds
@@ -22,17 +22,17 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import tempfile
-from collections import Counter
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO
 
+import torch
 from tqdm import tqdm
 
-from adaptertool.adapters.peft_keys import module_order
+from adaptertool.adapters.peft_config import uniform_scaling
+from adaptertool.adapters.peft_keys import PEFT_PREFIX, lora_keys, module_order
 from adaptertool.adapters.svd import RankPolicy, break_even_rank, factor_delta, rounding_noise_std
 from adaptertool.errors import AdapterToolError
 from adaptertool.io import (
@@ -43,31 +43,27 @@ from adaptertool.io import (
     check_output,
     dtype_code,
     open_checkpoint,
-    read_json,
     staged_output,
     torch_dtype,
     write_adapter,
 )
 from adaptertool.io.hub_ids import source_name
-from adaptertool.ops.measure import Stopwatch, peak_rss_bytes
-from adaptertool.ops.targets import (
-    is_embedding,
-    is_head,
-    module_seed,
-    targeted,
-    task_type,
+from adaptertool.ops.extract_plan import (
+    TIED_INPUTS,
+    ExtractPlan,
+    changed,
+    dropped_notes,
+    dtype_notes,
+    plan_extract,
+    rank_notes,
+    same_values,
 )
-
-if TYPE_CHECKING:
-    import torch
+from adaptertool.ops.measure import Stopwatch, peak_rss_bytes
+from adaptertool.ops.targets import module_seed, task_type
 
 __all__ = ["ExtractConfig", "ExtractReport", "ModuleReport", "extract"]
 
-_PREFIX = "base_model.model."
 _EMBEDDING_MODES = ("auto", "skip", "save", "lora")
-_TIED_INPUTS = ("embed_tokens", "wte", "word_embeddings")  # input embeddings a missing head is tied to
-_DTYPE_NAMES = {"F32": "fp32", "BF16": "bf16", "F16": "fp16", "F64": "fp64"}  # as --dtype spells them
-_NOISE_DOMINATES = 0.5  # share of the residual energy above which rounding noise "is" the error
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -157,17 +153,6 @@ class ExtractReport:
     peak_rss_bytes: int = 0
 
 
-@dataclass
-class _Plan:
-    linear: dict[str, str] = field(default_factory=dict)  # module -> weight tensor name, of every factored module
-    transposed: set[str] = field(default_factory=set)  # stored (in, out): Conv1D, and embeddings as LoRA
-    embedding_lora: set[str] = field(default_factory=set)  # written with PEFT's lora_embedding_A/B names
-    embeddings: list[str] = field(default_factory=list)  # embedding / head weight tensor names
-    others: list[str] = field(default_factory=list)  # every other tensor (norms, unmatched biases...)
-    norms: dict[str, list[str]] = field(default_factory=dict)  # module holding only 1-D tensors -> its tensors
-    tied_head: bool = False  # lm_head.weight absent: the head is the input embedding
-
-
 def extract(cfg: ExtractConfig, *, progress: bool = False) -> ExtractReport:
     """Extract a LoRA adapter ``cfg.out`` approximating ``cfg.tuned - cfg.base``.
 
@@ -175,8 +160,6 @@ def extract(cfg: ExtractConfig, *, progress: bool = False) -> ExtractReport:
         AdapterToolError: checkpoints of different architectures or shapes, no module to extract
             (identical models), or an unusable option.
     """
-    import torch
-
     clock = Stopwatch()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     if device == "cuda" and not torch.cuda.is_available():
@@ -185,27 +168,18 @@ def extract(cfg: ExtractConfig, *, progress: bool = False) -> ExtractReport:
     # Refuse an existing OUT now, not after minutes of SVDs (staged_output checks again at the end).
     check_output(cfg.out, force=cfg.force, inputs=[cfg.base, cfg.tuned])
     with open_checkpoint(cfg.base) as base, open_checkpoint(cfg.tuned) as tuned:
-        plan = _plan(base, tuned, cfg)
-        _refuse_tied_embedding_lora(base, tuned, plan)
-        notes = _dtype_notes(base, tuned)
+        plan = plan_extract(base, tuned, cfg)
+        notes = dtype_notes(base, tuned)
         with closing(_Spool(cfg.out.resolve().parent)) as spool:
             modules, unchanged, delta_bytes = _factor_all(base, tuned, plan, cfg, spool, device=device,
                                                           out_dtype=out_dtype, progress=progress)
-            saved = _changed_embeddings(base, tuned, plan, cfg, notes)
-            changed_others = [n for n in plan.others if _changed(base, tuned, n)]
-            norms = _changed_norms(base, tuned, plan, set(changed_others)) if cfg.norms else []
-            kept = {t for n in norms for t in n.tensors}
-            notes += _dropped_notes([n for n in changed_others if n not in kept], base, plan)
-            if not modules and not saved:  # norms alone make no LoRA adapter
-                what = "BASE and TUNED hold identical tensors" if not changed_others else "no targeted module changed"
-                raise AdapterToolError(f"{cfg.tuned}: {what}; nothing to extract (are they the same model?)")
-            saved.update((t, t) for t in sorted(kept))
+            saved, norms = _saved_whole(base, tuned, plan, cfg, notes, extracted=bool(modules))
             # What a dense delta would hold too: the tensors saved whole (a tied head's once).
             delta_bytes += sum(tuned[src].nbytes for src in set(saved.values()))
-            notes += _rank_notes(modules, tuned, plan, cfg, out_dtype)
+            notes += rank_notes(modules, tuned, plan, cfg, out_dtype)
             config = _adapter_config(cfg, base, plan, modules, saved)
             with staged_output(cfg.out, force=cfg.force, inputs=[cfg.base, cfg.tuned]) as tmp:
-                writer = _write_adapter(tmp, config, spool, tuned, {_PREFIX + key: src for key, src in saved.items()})
+                writer = _write_adapter(tmp, config, spool, tuned, {PEFT_PREFIX + key: src for key, src in saved.items()})
     kept_energy = sum(m.retained * m.delta_norm**2 for m in modules)
     total = sum(m.delta_norm**2 for m in modules)
     noise = sum((m.noise_floor * m.delta_norm) ** 2 for m in modules)
@@ -224,123 +198,22 @@ def extract(cfg: ExtractConfig, *, progress: bool = False) -> ExtractReport:
     return report
 
 
-def _plan(base: Checkpoint, tuned: Checkpoint, cfg: ExtractConfig) -> _Plan:
-    """Check that the two checkpoints are one architecture and sort their tensors by role."""
-    for name in base:
-        if name not in tuned:
-            raise AdapterToolError(f"{cfg.tuned}: has no tensor {name}, which {cfg.base} has; are BASE and TUNED the same architecture?")
-        if base[name].shape != tuned[name].shape:
-            raise AdapterToolError(f"{cfg.tuned}: tensor {name} has shape {list(tuned[name].shape)} but "
-                                   f"{list(base[name].shape)} in {cfg.base}; are BASE and TUNED the same architecture?")
-        if (base[name].dtype in FLOAT_CODES) != (tuned[name].dtype in FLOAT_CODES):
-            raise AdapterToolError(f"{cfg.tuned}: tensor {name} is {tuned[name].dtype} but {base[name].dtype} in {cfg.base}; "
-                                   "only float dtypes may differ")
-    extra = next((name for name in tuned if name not in base), None)
-    if extra is not None:
-        raise AdapterToolError(f"{cfg.tuned}: has tensor {extra}, which {cfg.base} lacks; are BASE and TUNED the same architecture?")
-    plan = _Plan(tied_head="lm_head.weight" not in base and any(_is_embedding(n) for n in base))
-    conv1d = _conv1d_layout(base)
-    for name in base:
-        module, _, part = name.rpartition(".")
-        matrix = part == "weight" and len(base[name].shape) == 2 and base[name].dtype in FLOAT_CODES
-        if _is_embedding(name) and matrix and cfg.embeddings == "lora":
-            plan.linear[module] = name
-            if not is_head(module):  # an input embedding: PEFT's Embedding LoRA layout
-                plan.transposed.add(module)
-                plan.embedding_lora.add(module)
-        elif _is_embedding(name):
-            (plan.embeddings if matrix else plan.others).append(name)
-        elif matrix and targeted(module, cfg.targets):
-            plan.linear[module] = name
-            if conv1d:
-                plan.transposed.add(module)
-        elif not (part == "bias" and module in plan.linear):
-            plan.others.append(name)
-    # A bias can precede its weight in storage order: reclaim those wrongly filed as "others".
-    plan.others = [n for n in plan.others if n.rpartition(".")[0] not in plan.linear or not n.endswith(".bias")]
-    plan.norms = _norm_modules(base, plan.others)
-    if "all-linear" not in cfg.targets:
-        for target in cfg.targets:
-            if not any(targeted(module, (target,)) for module in plan.linear):
-                raise AdapterToolError(f"{cfg.base}: --targets {target} matches no 2-D weight; check the module names (e.g. q_proj)")
-    return plan
-
-
-def _norm_modules(base: Checkpoint, others: list[str]) -> dict[str, list[str]]:
-    """{module: its tensors} for the modules among ``others`` that hold only 1-D float tensors, no
-    submodule with bigger ones: norms (RMSNorm, LayerNorm). PEFT's modules_to_save copies a whole
-    module, so only these are cheap to save whole; a Linear's bias alone cannot be saved that way."""
-    heavy: set[str] = set()  # every module (and its ancestors) holding a tensor that is not 1-D float
-    for name in base:
-        if len(base[name].shape) != 1 or base[name].dtype not in FLOAT_CODES:
-            parts = name.split(".")
-            heavy.update(".".join(parts[:i]) for i in range(1, len(parts)))
-    norms: dict[str, list[str]] = {}
-    for name in others:
-        module = name.rpartition(".")[0]
-        if module and module not in heavy and len(base[name].shape) == 1 and base[name].dtype in FLOAT_CODES:
-            norms.setdefault(module, []).append(name)
-    return norms
-
-
-def _refuse_tied_embedding_lora(base: Checkpoint, tuned: Checkpoint, plan: _Plan) -> None:
-    for module in plan.embedding_lora:
-        if plan.tied_head and module.endswith(_TIED_INPUTS) and _changed(base, tuned, plan.linear[module]):
-            # The head would need the same update through a second LoRA on the one shared tensor,
-            # which PEFT's merge then applies twice.
-            raise AdapterToolError(f"{plan.linear[module]} changed and the head is tied to it: a LoRA cannot update "
-                                   "tied weights once; use --embeddings save")
-
-
-def _is_embedding(name: str) -> bool:
-    """A tensor of an input embedding or an output head: never factored as Linear by "all-linear"."""
-    module = name.rpartition(".")[0]
-    return is_embedding(module) or is_head(module)
-
-
-def _conv1d_layout(base: Checkpoint) -> bool:
-    """GPT-2 (and its Conv1D) stores every projection as (in, out), the transpose of nn.Linear."""
-    if base.root is None or not (base.root / "config.json").is_file():
-        return False
-    config = read_json(base.root / "config.json")
-    return config.get("model_type") == "gpt2" or any(str(a).startswith("GPT2") for a in config.get("architectures") or [])
-
-
-def _dtype_notes(base: Checkpoint, tuned: Checkpoint) -> list[str]:
-    pairs = Counter((base[n].dtype, tuned[n].dtype) for n in base if base[n].dtype != tuned[n].dtype)
-    return [f"{count} tensors are {b} in BASE but {t} in TUNED; deltas are taken in float32"
-            for (b, t), count in sorted(pairs.items())]
-
-
-def _changed(base: Checkpoint, tuned: Checkpoint, name: str) -> bool:
-    return not _equal(base.read(name), tuned.read(name))
-
-
-def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    import torch
-
-    # Across dtypes compare values: a bf16 base saved again as fp32 is unchanged.
-    return torch.equal(a, b) if a.dtype == b.dtype else torch.equal(a.float(), b.float())
-
-
-def _factor_all(base: Checkpoint, tuned: Checkpoint, plan: _Plan, cfg: ExtractConfig, spool: _Spool, *,
+def _factor_all(base: Checkpoint, tuned: Checkpoint, plan: ExtractPlan, cfg: ExtractConfig, spool: _Spool, *,
                 device: str, out_dtype: torch.dtype, progress: bool) -> tuple[list[ModuleReport], list[str], int]:
     """Factor every changed targeted module into ``spool``; (reports, unchanged modules, delta bytes)."""
-    import torch
-
     modules: list[ModuleReport] = []
     unchanged: list[str] = []
     delta_bytes = 0
     # PEFT's lora_bias gives every LoRA layer a lora_B.bias and warns about any not saved, so once
     # one bias changed, every extracted module carries one (zero where its bias did not change).
     # Biases are small: finding out first costs little.
-    any_bias = any(_changed(base, tuned, f"{m}.bias") for m in plan.linear if f"{m}.bias" in base)
+    any_bias = any(changed(base, tuned, f"{m}.bias") for m in plan.linear if f"{m}.bias" in base)
     code = dtype_code(out_dtype)
     total = sum(base[n].nbytes for n in plan.linear.values())
     with tqdm(total=total, unit="B", unit_scale=True, desc="extract", disable=not progress) as bar:
         for module, name in plan.linear.items():
             bias_name = f"{module}.bias"
-            bias_changed = bias_name in base and _changed(base, tuned, bias_name)
+            bias_changed = bias_name in base and changed(base, tuned, bias_name)
             transpose = module in plan.transposed
             factored = _factor_module(base.read(name), tuned.read(name), module, cfg, device=device, transpose=transpose,
                                       factor_bytes=out_dtype.itemsize)
@@ -358,16 +231,13 @@ def _factor_all(base: Checkpoint, tuned: Checkpoint, plan: _Plan, cfg: ExtractCo
             b, a, figures = factored
             rank = figures["rank"]
             delta_bytes += base[name].nbytes if base[name].dtype == tuned[name].dtype else tuned[name].nbytes
-            key = _PREFIX + module
-            # PEFT stores the embedding factors as bare parameters: no ".weight".
-            a_key, b_key = ((f"{key}.lora_embedding_A", f"{key}.lora_embedding_B") if module in plan.embedding_lora
-                            else (f"{key}.lora_A.weight", f"{key}.lora_B.weight"))
-            spool.add(TensorSpec(a_key, code, (rank, in_features)), a.to(out_dtype))
-            spool.add(TensorSpec(b_key, code, (out_features, rank)), b.to(out_dtype))
+            keys = lora_keys(module, embedding=module in plan.embedding_lora)
+            spool.add(TensorSpec(keys.a, code, (rank, in_features)), a.to(out_dtype))
+            spool.add(TensorSpec(keys.b, code, (out_features, rank)), b.to(out_dtype))
             if any_bias:
                 bias = (tuned.read(bias_name).float() - base.read(bias_name).float() if bias_changed
                         else torch.zeros(out_features))
-                spool.add(TensorSpec(f"{key}.lora_B.bias", code, (out_features,)), bias.to(out_dtype))
+                spool.add(TensorSpec(keys.bias, code, (out_features,)), bias.to(out_dtype))
             modules.append(ModuleReport(module=module, shape=[out_features, in_features], bias=bias_changed, **figures))
     return modules, unchanged, delta_bytes
 
@@ -377,9 +247,7 @@ def _factor_module(base_weight: torch.Tensor, tuned_weight: torch.Tensor, module
                    factor_bytes: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]] | None:
     """(B, A, report figures) for one module's weight delta (its transpose with ``transpose``), or
     None when the weight did not change."""
-    import torch
-
-    if _equal(base_weight, tuned_weight):
+    if same_values(base_weight, tuned_weight):
         return None
     policy = cfg.policy()
     # The rounding noise of a 16-bit TUNED sets the error floor that the report explains (and the
@@ -414,15 +282,11 @@ class _Spool:
         self.offsets: dict[str, tuple[TensorSpec, int]] = {}
 
     def add(self, spec: TensorSpec, tensor: torch.Tensor) -> None:
-        import torch
-
         offset = self._file.seek(0, 2)
         self._file.write(memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
         self.offsets[spec.name] = (spec, offset)
 
     def read(self, name: str) -> torch.Tensor:
-        import torch
-
         spec, offset = self.offsets[name]
         self._file.seek(offset)
         data = bytearray(spec.nbytes)
@@ -433,27 +297,38 @@ class _Spool:
         self._file.close()
 
 
-def _write_adapter(folder: Path, config: dict[str, object], spool: _Spool, tuned: Checkpoint,
-                   saved: dict[str, str]) -> CheckpointWriter:
-    """Write the adapter: the spooled factors, then whole tensors ``saved`` (key -> tuned tensor)."""
-    specs = [spec for spec, _ in spool.offsets.values()]
-    specs += [TensorSpec(key, tuned[src].dtype, tuned[src].shape) for key, src in saved.items()]
-    return write_adapter(folder, config, specs,
-                         lambda name: spool.read(name) if name in spool.offsets else tuned.read(saved[name]))
+def _saved_whole(base: Checkpoint, tuned: Checkpoint, plan: ExtractPlan, cfg: ExtractConfig, notes: list[str], *,
+                 extracted: bool) -> tuple[dict[str, str], list[NormReport]]:
+    """The changed tensors saved whole, {adapter key without prefix: tuned tensor}, and the norm
+    reports among them; appends to ``notes`` what changed but stays out.
+
+    Raises:
+        AdapterToolError: nothing to extract (``extracted`` is False and no embedding is saved).
+    """
+    saved = _changed_embeddings(base, tuned, plan, cfg, notes)
+    changed_others = [n for n in plan.others if changed(base, tuned, n)]
+    norms = _changed_norms(base, tuned, plan, set(changed_others)) if cfg.norms else []
+    kept = {t for n in norms for t in n.tensors}
+    notes += dropped_notes([n for n in changed_others if n not in kept], base, plan)
+    if not extracted and not saved:  # norms alone make no LoRA adapter
+        what = "BASE and TUNED hold identical tensors" if not changed_others else "no targeted module changed"
+        raise AdapterToolError(f"{cfg.tuned}: {what}; nothing to extract (are they the same model?)")
+    saved.update((t, t) for t in sorted(kept))
+    return saved, norms
 
 
-def _changed_embeddings(base: Checkpoint, tuned: Checkpoint, plan: _Plan, cfg: ExtractConfig,
+def _changed_embeddings(base: Checkpoint, tuned: Checkpoint, plan: ExtractPlan, cfg: ExtractConfig,
                         notes: list[str]) -> dict[str, str]:
     """{adapter key without prefix: tuned tensor} for the embeddings saved as modules_to_save."""
     saved: dict[str, str] = {}
     for name in plan.embeddings:
-        if not _changed(base, tuned, name):
+        if not changed(base, tuned, name):
             continue
         if cfg.embeddings == "skip":
             notes.append(f"{name} changed but --embeddings skip leaves it out; the adapter will not reproduce it")
             continue
         saved[name] = name
-        if plan.tied_head and name.rpartition(".")[0].endswith(_TIED_INPUTS):
+        if plan.tied_head and name.rpartition(".")[0].endswith(TIED_INPUTS):
             # Tied weights: the tuned head is the tuned embedding. PEFT copies each module in
             # modules_to_save separately, so the head must be saved too or it keeps the old values.
             saved["lm_head.weight"] = name
@@ -461,11 +336,11 @@ def _changed_embeddings(base: Checkpoint, tuned: Checkpoint, plan: _Plan, cfg: E
     return saved
 
 
-def _changed_norms(base: Checkpoint, tuned: Checkpoint, plan: _Plan, changed: set[str]) -> list[NormReport]:
+def _changed_norms(base: Checkpoint, tuned: Checkpoint, plan: ExtractPlan, changed_names: set[str]) -> list[NormReport]:
     """The norm modules with a changed tensor, each saved whole (PEFT copies the whole module)."""
     reports = []
     for module, names in plan.norms.items():
-        if not changed.intersection(names):
+        if not changed_names.intersection(names):
             continue
         diff = sum(float((tuned.read(n).double() - base.read(n).double()).square().sum()) for n in names)
         size = sum(float(base.read(n).double().square().sum()) for n in names)
@@ -475,73 +350,8 @@ def _changed_norms(base: Checkpoint, tuned: Checkpoint, plan: _Plan, changed: se
     return reports
 
 
-def _dropped_notes(dropped: list[str], base: Checkpoint, plan: _Plan) -> list[str]:
-    """One note per kind of changed tensor that the adapter leaves out, saying what would carry it."""
-    kinds: dict[tuple[str, str], list[str]] = {}
-    for name in dropped:
-        module, _, part = name.rpartition(".")
-        if module in plan.norms:
-            kind = ("norm tensors", "--no-norms leaves them out")
-        elif part == "weight" and len(base[name].shape) == 2:
-            kind = ("Linear weights outside --targets", "add their modules to --targets to extract them")
-        elif part == "bias" and f"{module}.weight" in base:
-            kind = ("biases of modules outside --targets",
-                    "add the modules to --targets: a LoRA carries a bias as lora_B.bias")
-        else:
-            kind = ("tensors that a LoRA cannot carry", "the adapter cannot reproduce them")
-        kinds.setdefault(kind, []).append(name)
-    return [f"{len(names)} changed {what} are not in the adapter (e.g. {names[0]}); {hint}"
-            for (what, hint), names in kinds.items()]
-
-
-def _rank_notes(modules: list[ModuleReport], tuned: Checkpoint, plan: _Plan, cfg: ExtractConfig,
-                out_dtype: torch.dtype) -> list[str]:
-    """Why ranks or errors are what they are: the break-even size cap, and a rounding-noise floor."""
-    if not modules:
-        return []
-    delta_code = Counter(tuned[plan.linear[m.module]].dtype for m in modules).most_common(1)[0][0]
-    delta_name, factor_name = (_DTYPE_NAMES.get(c, c) for c in (delta_code, dtype_code(out_dtype)))
-    notes = [_size_cap_note(modules, delta_name, factor_name, out_dtype), _noise_note(modules, delta_name, cfg)]
-    return [note for note in notes if note]
-
-
-def _size_cap_note(modules: list[ModuleReport], delta_name: str, factor_name: str, out_dtype: torch.dtype) -> str:
-    capped = [m for m in modules if m.size_capped]
-    if not capped:
-        return ""
-    groups: dict[tuple[int, ...], tuple[int, set[str], int]] = {}  # shape -> (modules, short names, cap)
-    for m in capped:
-        count, names, _ = groups.get(tuple(m.shape), (0, set(), m.rank))
-        groups[tuple(m.shape)] = (count + 1, names | {m.module.rpartition(".")[2]}, m.rank)
-    where = "; ".join(f"{count} {'/'.join(sorted(names))} {shape[0]}x{shape[1]} at r={rank}"
-                      for shape, (count, names, rank) in groups.items())
-    hint = (" (--dtype bf16 factors halve their size and double the cap)"
-            if out_dtype.itemsize > 2 and delta_name in ("bf16", "fp16") else "")
-    return (f"{len(capped)} modules capped below the requested rank, where their {factor_name} LoRA factors "
-            f"r*(out+in) would be no smaller than the dense {delta_name} delta out*in, so a low rank gains "
-            f"nothing: {where}{hint}")
-
-
-def _noise_note(modules: list[ModuleReport], delta_name: str, cfg: ExtractConfig) -> str:
-    residual = sum((m.rel_error * m.delta_norm) ** 2 for m in modules)
-    noise = sum((m.noise_floor * m.delta_norm) ** 2 for m in modules)
-    if delta_name not in ("bf16", "fp16") or residual == 0 or noise < _NOISE_DOMINATES * residual:
-        return ""
-    total = sum(m.delta_norm**2 for m in modules)
-    advice = ("--auto-rank kept only what rises above that noise" if cfg.auto_rank
-              else "try --auto-rank, which keeps per module only the singular values above that noise")
-    return (f"TUNED is stored in {delta_name}: its rounding noise alone leaves a relative error of about "
-            f"{math.sqrt(noise / total):.2f} of the {math.sqrt(residual / total):.2f}, so most of the error is "
-            f"storage noise in the delta, not fine-tune the adapter misses; {advice}")
-
-
-def _adapter_config(cfg: ExtractConfig, base: Checkpoint, plan: _Plan, modules: list[ModuleReport],
+def _adapter_config(cfg: ExtractConfig, base: Checkpoint, plan: ExtractPlan, modules: list[ModuleReport],
                     saved: dict[str, str]) -> dict[str, object]:
-    ranks = Counter(m.rank for m in modules)
-    # The most common rank (the larger on a tie) is r; the rest go to the patterns. r == lora_alpha
-    # everywhere, so every module's scaling is 1 and B @ A is the delta itself.
-    r = max(ranks, key=lambda k: (ranks[k], k)) if ranks else cfg.rank
-    pattern = {re.escape(m.module): m.rank for m in modules if m.rank != r}
     extracted = {m.module for m in modules}
     targets: list[str] = []
     for short in sorted({m.rpartition(".")[2] for m in extracted}):
@@ -550,15 +360,24 @@ def _adapter_config(cfg: ExtractConfig, base: Checkpoint, plan: _Plan, modules: 
         # the adapter: PEFT warns about missing keys. Name modules in full where some were skipped.
         targets += [short] if all(m in extracted for m in group) else sorted(m for m in group if m in extracted)
     config: dict[str, object] = {
-        "peft_type": "LORA", "r": r, "lora_alpha": r, "lora_dropout": 0.0, "target_modules": targets,
+        # r == lora_alpha for every module (patterns for the ranks that differ from r), so every
+        # scaling is 1 and B @ A is the delta itself.
+        "peft_type": "LORA", **uniform_scaling({m.module: m.rank for m in modules}, default_rank=cfg.rank),
+        "lora_dropout": 0.0, "target_modules": targets,
         "bias": "none", "fan_in_fan_out": bool(plan.transposed - plan.embedding_lora), "use_rslora": False, "use_dora": False, "inference_mode": True,
         "init_lora_weights": True, "base_model_name_or_path": source_name(cfg.base), "task_type": task_type(base),
     }
-    if pattern:
-        config["rank_pattern"] = pattern
-        config["alpha_pattern"] = dict(pattern)
     if any(m.bias for m in modules):
         config["lora_bias"] = True
     if saved:
         config["modules_to_save"] = sorted({key.rpartition(".")[0] for key in saved})
     return config
+
+
+def _write_adapter(folder: Path, config: dict[str, object], spool: _Spool, tuned: Checkpoint,
+                   saved: dict[str, str]) -> CheckpointWriter:
+    """Write the adapter: the spooled factors, then whole tensors ``saved`` (key -> tuned tensor)."""
+    specs = [spec for spec, _ in spool.offsets.values()]
+    specs += [TensorSpec(key, tuned[src].dtype, tuned[src].shape) for key, src in saved.items()]
+    return write_adapter(folder, config, specs,
+                         lambda name: spool.read(name) if name in spool.offsets else tuned.read(saved[name]))
