@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import tempfile
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,8 +22,8 @@ from adaptertool.errors import AdapterToolError
 from adaptertool.io import (
     DEFAULT_MAX_SHARD_BYTES,
     FLOAT_CODES,
-    Checkpoint,
     CheckpointWriter,
+    TensorSource,
     TensorSpec,
     cast_specs,
     check_output,
@@ -37,9 +38,9 @@ from adaptertool.io import (
 )
 from adaptertool.io.hub_ids import source_name
 from adaptertool.ops.adapter_inputs import LoadedAdapter, load_adapter
-from adaptertool.ops.fourbit_view import FourBitView, open_fourbit_view
+from adaptertool.ops.fourbit_view import open_fourbit_view
 from adaptertool.ops.measure import Stopwatch, peak_rss_bytes
-from adaptertool.ops.merge_plan import Step, plan_targets
+from adaptertool.ops.merge_plan import ReplaceStep, Step, Target, UpdateStep, plan_targets
 from adaptertool.ops.model_files import write_model_files
 
 if TYPE_CHECKING:
@@ -47,7 +48,6 @@ if TYPE_CHECKING:
 
 __all__ = ["MergeConfig", "MergeReport", "merge", "subtract"]
 
-_FOURBIT_NOTE = "the base holds"
 _PROVENANCE = "adaptertool."  # prefix of the metadata keys recording a merge's inputs
 
 
@@ -106,6 +106,12 @@ def merge(cfg: MergeConfig, *, progress: bool = False) -> MergeReport:
     _check_order(cfg)
     if cfg.requantize:
         return _merge_requantized(cfg, progress=progress)
+    return _merge(cfg, progress=progress, then_requantize=False)
+
+
+def _merge(cfg: MergeConfig, *, progress: bool, then_requantize: bool) -> MergeReport:
+    """The one streamed pass; ``then_requantize``: the caller quantises the output again, so the
+    note that 4-bit weights are written in 16-bit does not apply."""
     import torch
 
     clock = Stopwatch()
@@ -118,9 +124,9 @@ def merge(cfg: MergeConfig, *, progress: bool = False) -> MergeReport:
             fourbit = open_fourbit_view(stored)
             base = stored if fourbit is None else fourbit
             plan = plan_targets(base, adapters, subtract=cfg.subtract)
-            if fourbit is not None:
+            if fourbit is not None and not then_requantize:
                 plan.notes.append(
-                    f"{_FOURBIT_NOTE} {len(fourbit.quantized)} bitsandbytes 4-bit weights: they are dequantised with their "
+                    f"the base holds {len(fourbit.quantized)} bitsandbytes 4-bit weights: they are dequantised with their "
                     "stored tables and written in 16-bit (--requantize to quantise again), and config.json loses its "
                     "quantization_config"
                 )
@@ -130,7 +136,8 @@ def merge(cfg: MergeConfig, *, progress: bool = False) -> MergeReport:
                 writer = CheckpointWriter(tmp, specs, max_shard_bytes=cfg.max_shard_bytes,
                                           metadata=_metadata(base.metadata, cfg))
                 with writer:
-                    counts = _stream(base, writer, plan.targets, adapters, device=device, progress=progress)
+                    counts = _stream(base, writer, plan.targets, adapters, device=device, progress=progress,
+                                     decoded=fourbit.quantized.keys() if fourbit is not None else frozenset())
                 side = write_model_files(base.root, tmp, dtype=cfg.dtype, untie=bool(plan.extra),
                                          drop_quantization=fourbit is not None)
     finally:
@@ -174,14 +181,13 @@ def _merge_requantized(cfg: MergeConfig, *, progress: bool) -> MergeReport:
     check_output(cfg.out, force=cfg.force, inputs=[cfg.base, *(path for path, _ in cfg.adapters)])
     settings = _fourbit_settings(cfg.base)
     with tempfile.TemporaryDirectory(prefix=scratch_prefix(cfg.out, "merge16"), dir=cfg.out.resolve().parent) as scratch:
-        merged = merge(dataclasses.replace(cfg, out=Path(scratch) / "merged", requantize=False, dtype=None, force=False),
-                       progress=progress)
+        merged = _merge(dataclasses.replace(cfg, out=Path(scratch) / "merged", requantize=False, dtype=None, force=False),
+                        progress=progress, then_requantize=True)
         quantized = quantize(QuantConfig(source=Path(scratch) / "merged", out=cfg.out, force=cfg.force,
                                          max_shard_bytes=cfg.max_shard_bytes, **settings), progress=progress)
     note = (f"re-quantised {quantized.quantized} weights to {quantized.quant_type.upper()} "
             f"(blocksize {quantized.blocksize}{', double-quant' if quantized.double_quant else ''}) with the base's settings")
-    notes = [n for n in merged.notes if not n.startswith(_FOURBIT_NOTE)]
-    return dataclasses.replace(merged, out=str(cfg.out), files=quantized.files, notes=[*notes, note],
+    return dataclasses.replace(merged, out=str(cfg.out), files=quantized.files, notes=[*merged.notes, note],
                                seconds=merged.seconds + quantized.seconds,
                                peak_rss_bytes=max(merged.peak_rss_bytes, quantized.peak_rss_bytes))
 
@@ -205,7 +211,7 @@ def _fourbit_settings(base: Path) -> dict[str, object]:
     }
 
 
-def _output_specs(base: Checkpoint | FourBitView, extra: dict[str, str], dtype: torch.dtype | None) -> list[TensorSpec]:
+def _output_specs(base: TensorSource, extra: dict[str, str], dtype: torch.dtype | None) -> list[TensorSpec]:
     """The base's specs (float ones cast to ``dtype``), plus tensors the merge adds (a tied head made real)."""
     specs = [*base.specs(), *(TensorSpec(name, base[source].dtype, base[source].shape) for name, source in extra.items())]
     return cast_specs(specs, dtype_code(dtype) if dtype is not None else None)
@@ -227,8 +233,10 @@ class _Workspace:
         return buffer[:numel]
 
 
-def _stream(base: Checkpoint | FourBitView, writer: CheckpointWriter, targets: dict[str, tuple[str, list[Step]]],
-            adapters: list[LoadedAdapter], *, device: str, progress: bool) -> dict[str, int]:
+def _stream(base: TensorSource, writer: CheckpointWriter, targets: dict[str, Target], adapters: list[LoadedAdapter],
+            *, device: str, progress: bool, decoded: Collection[str]) -> dict[str, int]:
+    """Write every output tensor: merged, copied byte for byte, or cast (``decoded`` names those
+    the base decodes when read, a 4-bit view's weights, whose stored bytes are not the tensor)."""
     import torch
 
     counts = {"merged": 0, "replaced": 0, "copied": 0, "cast": 0}
@@ -238,15 +246,18 @@ def _stream(base: Checkpoint | FourBitView, writer: CheckpointWriter, targets: d
             bar.set_postfix_str(f"{counts['merged']} merged", refresh=False)
             out_dtype = torch_dtype(spec.dtype)
             if spec.name in targets:
-                source, steps = targets[spec.name]
+                source, steps = targets[spec.name].source, targets[spec.name].steps
                 weight = base.read(source, buffer=space.get("read", base[source].nbytes, torch.uint8))
-                if device == "cpu" and len(steps) == 1 and steps[0].kind == "weight" and steps[0].update.blockwise:
-                    tensor = _merge_blockwise(weight, steps[0], adapters, space, out_dtype)
+                only = steps[0]
+                if (device == "cpu" and len(steps) == 1 and isinstance(only, UpdateStep) and not only.bias
+                        and only.update.blockwise):
+                    tensor = _merge_blockwise(weight, only, adapters, space, out_dtype)
                 else:
                     tensor = _apply(weight, steps, adapters, device).to(out_dtype)
-                counts["replaced" if steps[-1].kind == "replace" else "merged"] += 1
+                counts["replaced" if isinstance(steps[-1], ReplaceStep) else "merged"] += 1
                 writer.write(spec.name, tensor)
-            elif base[spec.name].dtype == spec.dtype and not _quantized(base, spec.name):
+            # TODO(#14): ask base.copyable(name) once Checkpoint has it too, and drop ``decoded``.
+            elif base[spec.name].dtype == spec.dtype and spec.name not in decoded:
                 writer.copy(spec.name, base)
                 counts["copied"] += 1
             else:
@@ -256,11 +267,7 @@ def _stream(base: Checkpoint | FourBitView, writer: CheckpointWriter, targets: d
     return counts
 
 
-def _quantized(base: Checkpoint | FourBitView, name: str) -> bool:
-    return isinstance(base, FourBitView) and name in base.quantized
-
-
-def _merge_blockwise(weight: torch.Tensor, step: Step, adapters: list[LoadedAdapter], space: _Workspace,
+def _merge_blockwise(weight: torch.Tensor, step: UpdateStep, adapters: list[LoadedAdapter], space: _Workspace,
                      out_dtype: torch.dtype) -> torch.Tensor:
     adapter = adapters[step.adapter]
     tensors = {part: adapter.weights.read(key) for part, key in step.update.keys.items()}
@@ -273,11 +280,11 @@ def _apply(weight: torch.Tensor, steps: list[Step], adapters: list[LoadedAdapter
     work = weight.to(device=device, dtype=torch_dtype("F32"), copy=True)
     for step in steps:
         adapter = adapters[step.adapter]
-        if step.kind == "replace":
+        if isinstance(step, ReplaceStep):
             work = adapter.weights.read(step.key).to(device=device).float()
             continue
         tensors = {part: adapter.weights.read(key).to(device) for part, key in step.update.keys.items()}
-        if step.kind == "bias":
+        if step.bias:
             step.update.apply_bias_(work, tensors, scale=step.scale)
         else:
             step.update.apply_(work, tensors, scale=step.scale)

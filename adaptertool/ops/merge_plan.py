@@ -7,31 +7,49 @@ from dataclasses import dataclass, field
 from adaptertool.adapters.modules import ModuleUpdate, ia3_fits
 from adaptertool.adapters.peft_keys import full_tensor_name
 from adaptertool.errors import AdapterToolError
-from adaptertool.io import Checkpoint, read_json
+from adaptertool.io import TensorSource, read_json
 from adaptertool.ops.adapter_inputs import AdapterModule, LoadedAdapter, check_finite, plan_adapter
 
-__all__ = ["MergePlan", "Step", "plan_targets"]
+__all__ = ["MergePlan", "ReplaceStep", "Step", "Target", "UpdateStep", "plan_targets"]
 
 
 @dataclass(frozen=True)
-class Step:
-    """One change to one output tensor: an adapter's ``update`` (weight or bias) or a full replacement."""
+class UpdateStep:
+    """An adapter's update of one module, applied to its weight or (``bias``) to its bias."""
 
     adapter: int  # index into the adapter list
-    kind: str  # "weight", "bias" or "replace"
-    update: ModuleUpdate | None = None
-    key: str = ""  # the replacing adapter tensor, for "replace"
-    scale: float = 1.0
+    update: ModuleUpdate
+    scale: float  # the adapter's weight; negated to subtract
+    bias: bool = False
+
+
+@dataclass(frozen=True)
+class ReplaceStep:
+    """A whole tensor saved in an adapter (modules_to_save) that replaces the base's."""
+
+    adapter: int
+    key: str  # the adapter tensor
+
+
+Step = UpdateStep | ReplaceStep
+
+
+@dataclass
+class Target:
+    """One output tensor the adapters change: the base tensor it starts from, and the changes in order."""
+
+    source: str
+    steps: list[Step] = field(default_factory=list)
 
 
 @dataclass
 class MergePlan:
-    targets: dict[str, tuple[str, list[Step]]] = field(default_factory=dict)  # output name -> (base source, steps)
+    targets: dict[str, Target] = field(default_factory=dict)  # output name -> its changes
     extra: dict[str, str] = field(default_factory=dict)  # tensors the output gains -> base source
     notes: list[str] = field(default_factory=list)
 
 
-def plan_targets(base: Checkpoint, adapters: list[LoadedAdapter], *, subtract: bool) -> MergePlan:
+def plan_targets(base: TensorSource, adapters: list[LoadedAdapter], *, subtract: bool) -> MergePlan:
     """Map every adapter tensor onto the output tensor it changes, in adapter order.
 
     Raises:
@@ -50,7 +68,7 @@ def plan_targets(base: Checkpoint, adapters: list[LoadedAdapter], *, subtract: b
     return plan
 
 
-def _add_module(plan: MergePlan, base: Checkpoint, tied: str | None, index: int, adapter: LoadedAdapter,
+def _add_module(plan: MergePlan, base: TensorSource, tied: str | None, index: int, adapter: LoadedAdapter,
                 planned: AdapterModule, subtract: bool) -> None:
     module, update, shape, shapes = planned.name, planned.update, planned.shape, planned.shapes
     target = _target(plan, base, tied, f"{module}.weight", adapter)
@@ -71,17 +89,17 @@ def _add_module(plan: MergePlan, base: Checkpoint, tied: str | None, index: int,
             )
         raise AdapterToolError(f"{adapter.path}: {what} updates are not additive; a weight other than 1 is not defined for them")
     scale = -adapter.weight if subtract else adapter.weight
-    _steps(plan, target, base).append(Step(index, "weight", update, scale=scale))
+    _steps(plan, target).append(UpdateStep(index, update, scale))
     if update.changes_bias or (update.kind == "ia3" and tuple(shapes["ia3_l"])[1:] == (1,)):
         bias = _base_name(f"{module}.bias", base)
         if bias is None:
             if update.changes_bias:
                 raise AdapterToolError(f"{adapter.path}: {module} has a lora_B.bias but the base has no {module}.bias")
             return  # IA3 on a bias-free layer rescales the weight only
-        _steps(plan, bias, base).append(Step(index, "bias", update, scale=scale))
+        _steps(plan, bias).append(UpdateStep(index, update, scale, bias=True))
 
 
-def _add_replacement(plan: MergePlan, base: Checkpoint, tied: str | None, index: int, adapter: LoadedAdapter,
+def _add_replacement(plan: MergePlan, base: TensorSource, tied: str | None, index: int, adapter: LoadedAdapter,
                      key: str, subtract: bool) -> None:
     name = full_tensor_name(key)
     target = _target(plan, base, tied, name, adapter)
@@ -95,13 +113,13 @@ def _add_replacement(plan: MergePlan, base: Checkpoint, tied: str | None, index:
             f"{adapter.path}: saved tensor {key} has shape {list(adapter.weights[key].shape)} but {target} in the base "
             f"has {list(base_shape)}; was the adapter made for another model?"
         )
-    steps = _steps(plan, target, base)
+    steps = _steps(plan, target)
     if steps:
         raise AdapterToolError(f"{adapter.path}: {key} would replace {target}, which an earlier adapter already changes")
-    steps.append(Step(index, "replace", key=key))
+    steps.append(ReplaceStep(index, key))
 
 
-def _target(plan: MergePlan, base: Checkpoint, tied: str | None, name: str, adapter: LoadedAdapter) -> str:
+def _target(plan: MergePlan, base: TensorSource, tied: str | None, name: str, adapter: LoadedAdapter) -> str:
     target = _base_name(name, base)
     if target is not None:
         return target
@@ -120,11 +138,13 @@ def _source(plan: MergePlan, target: str) -> str:
     return plan.extra.get(target, target)
 
 
-def _steps(plan: MergePlan, target: str, base: Checkpoint) -> list[Step]:
-    return plan.targets.setdefault(target, (_source(plan, target), []))[1]
+def _steps(plan: MergePlan, target: str) -> list[Step]:
+    if target not in plan.targets:
+        plan.targets[target] = Target(_source(plan, target))
+    return plan.targets[target].steps
 
 
-def _base_name(name: str, base: Checkpoint) -> str | None:
+def _base_name(name: str, base: TensorSource) -> str | None:
     # PEFT keys carry the module path inside the task model (model.layers...); a checkpoint saved
     # from the bare backbone lacks the leading "model.", and the reverse also happens.
     rest = name.partition(".")[2]
@@ -134,7 +154,7 @@ def _base_name(name: str, base: Checkpoint) -> str | None:
     return None
 
 
-def _tied_embedding(base: Checkpoint) -> str | None:
+def _tied_embedding(base: TensorSource) -> str | None:
     """The input embedding a tied (unstored) lm_head shares, when config.json says they are tied."""
     if base.root is None or "lm_head.weight" in base or not (base.root / "config.json").is_file():
         return None
