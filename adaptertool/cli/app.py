@@ -52,15 +52,24 @@ class _Group(click.Group):
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (-v info, -vv debug).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="CPU threads for tensor maths [default: torch's, one per core]; accepted anywhere on the line.")
-def cli(debug: bool, verbose: int, threads: int | None) -> None:
+              help="CPU threads for tensor maths [default: 1; train: one per core]; accepted anywhere on the line.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, verbose: int, threads: int | None) -> None:
     """Model surgery and adapter management over safetensors checkpoints, streamed shard by shard."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    if threads is not None:
-        import torch  # only when asked: header-only commands never load torch
-
-        torch.set_num_threads(threads)
+    if threads is None and "torch" not in sys.modules and "OMP_NUM_THREADS" not in os.environ:
+        # One thread unless asked: merge, convert and extract gain at most a few % from a second
+        # thread on an idle machine and run 1.1-4.6x slower with it when another process holds a
+        # core (benchmarks/bench_threads.py). train is GEMM-bound and keeps torch's one per core. A
+        # caller that imported torch already (the Python API, tests) keeps its own setting.
+        threads = None if ctx.invoked_subcommand == "train" else 1
+    if threads is None:
+        return
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+    else:  # read when torch loads; header-only commands (info, verify) never load it
+        os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
 def json_option(f: F) -> F:
@@ -120,11 +129,6 @@ def main() -> None:
     """Console entry point."""
     # SIGTERM becomes SystemExit so staged outputs are cleaned up as for Ctrl-C.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    # Idle OpenMP threads sleep instead of spinning. Spinning threads on a machine whose cores are
-    # busy with other work keep each other from running: 2-8x slower merges, converts and extracts
-    # (benchmarks/bench_threads.py); sleeping costs nothing measurable on an idle machine. It must be
-    # set before torch loads the OpenMP runtime; a value the user exported wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     cli(_group_options_first(sys.argv[1:]), prog_name="adaptertool")
 
 

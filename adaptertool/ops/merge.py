@@ -38,7 +38,7 @@ from adaptertool.io import (
 )
 from adaptertool.io.hub_ids import source_name
 from adaptertool.ops.adapter_inputs import LoadedAdapter, load_adapter
-from adaptertool.ops.fourbit_view import open_fourbit_view
+from adaptertool.ops.quantized import open_quantized_view
 from adaptertool.ops.measure import Stopwatch, peak_rss_bytes
 from adaptertool.ops.merge_plan import ReplaceStep, Step, Target, UpdateStep, plan_targets
 from adaptertool.ops.model_files import write_model_files
@@ -121,7 +121,7 @@ def _merge(cfg: MergeConfig, *, progress: bool, then_requantize: bool) -> MergeR
     adapters = [load_adapter(path, weight * cfg.scale) for path, weight in cfg.adapters]
     try:
         with open_checkpoint(cfg.base) as stored:
-            fourbit = open_fourbit_view(stored)
+            fourbit = open_quantized_view(stored)
             base = stored if fourbit is None else fourbit
             plan = plan_targets(base, adapters, subtract=cfg.subtract)
             if fourbit is not None and not then_requantize:
@@ -195,7 +195,7 @@ def _merge_requantized(cfg: MergeConfig, *, progress: bool) -> MergeReport:
 def _fourbit_settings(base: Path) -> dict[str, object]:
     """QuantConfig arguments that reproduce how ``base`` was quantised (its quant states and config.json)."""
     with open_checkpoint(base) as stored:
-        view = open_fourbit_view(stored)
+        view = open_quantized_view(stored)
         if view is None:
             raise AdapterToolError(f"{base}: --requantize needs a bitsandbytes 4-bit base, and this one has no 4-bit weights")
         states = list(view.states.values())
