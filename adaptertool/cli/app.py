@@ -60,7 +60,7 @@ def cli(ctx: click.Context, debug: bool, verbose: int, threads: int | None) -> N
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if threads is None and "torch" not in sys.modules and "OMP_NUM_THREADS" not in os.environ:
         # One thread unless asked: merge, convert and extract gain at most a few % from a second
-        # thread on an idle machine and run 1.1-4.6x slower with it when another process holds a
+        # thread on an idle machine and run 2-7x slower with it when another process holds a
         # core (benchmarks/bench_threads.py). train is GEMM-bound and keeps torch's one per core. A
         # caller that imported torch already (the Python API, tests) keeps its own setting.
         threads = None if ctx.invoked_subcommand == "train" else 1
