@@ -38,7 +38,6 @@ from adaptertool.adapters.peft_keys import lora_keys, module_order
 from adaptertool.adapters.svd import RankPolicy, factor_delta
 from adaptertool.errors import AdapterToolError
 from adaptertool.io import (
-    FLOAT_CODES,
     CheckpointWriter,
     TensorSpec,
     check_output,
@@ -49,6 +48,7 @@ from adaptertool.io import (
 from adaptertool.ops.adapter_inputs import LoadedAdapter, load_adapter, read_checked
 from adaptertool.ops.combine_plan import CombinePlan, ModulePlan, plan_combine
 from adaptertool.ops.measure import Stopwatch, peak_rss_bytes
+from adaptertool.ops.options import SvdSettings, check_float_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -57,8 +57,6 @@ __all__ = ["CombineConfig", "CombineReport", "ModuleReport", "combine"]
 
 _PRUNING = ("ties", "dare", "magnitude_prune")  # method prefixes that take --density
 _SIGNED = ("ties", "dare_ties")  # operations that elect a sign
-# Randomized SVD settings as extract's (there: within 0.2 % of the exact error at rank 64).
-_NITER, _OVERSAMPLE = 6, 16
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,10 +99,13 @@ class CombineConfig:
             raise AdapterToolError(f"--majority-sign applies to ties and dare_ties, not --method {self.method}")
         if self.majority_sign not in (None, "total", "frequency"):
             raise AdapterToolError(f"--majority-sign must be total or frequency, not {self.majority_sign!r}")
-        if self.svd not in ("randomized", "exact"):
-            raise AdapterToolError(f"--svd must be randomized or exact, not {self.svd!r}")
-        if self.dtype is not None and dtype_code(self.dtype) not in FLOAT_CODES:
-            raise AdapterToolError(f"--dtype must be a float type, not {self.dtype}")
+        self.svd_settings  # validates svd
+        check_float_dtype(self.dtype)
+
+    @property
+    def svd_settings(self) -> SvdSettings:
+        """``--svd`` with extract's randomized SVD settings (niter 6, oversample 16)."""
+        return SvdSettings(method=self.svd)
 
     def weight_list(self) -> list[float]:
         return list(self.weights) if self.weights is not None else [1.0] * len(self.adapters)
@@ -239,8 +240,9 @@ def _combine_module(module: ModulePlan, inputs: list[LoadedAdapter], cfg: Combin
     generator = torch.Generator().manual_seed(_seed(cfg.seed, module.name, "svd"))
     bound = _sum_rank_bound(module) if operation == "sum" else None
     rank = target_rank if bound is None else min(target_rank, bound)
-    f = factor_delta(combined, RankPolicy(rank=rank), method=cfg.svd, generator=generator,
-                     niter=_NITER, oversample=_OVERSAMPLE)
+    svd = cfg.svd_settings
+    f = factor_delta(combined, RankPolicy(rank=rank), method=svd.method, generator=generator,
+                     niter=svd.niter, oversample=svd.oversample)
     report = ModuleReport(module=module.name, shape=list(combined.shape), rank=f.rank, inputs=len(module.parts),
                           rel_error=f.rel_error, capped=f.capped)
     return _Result(f.b, f.a, bias, report, energy=f.delta_norm**2)

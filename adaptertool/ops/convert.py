@@ -52,6 +52,7 @@ from adaptertool.io import (
 )
 from adaptertool.ops.adapter_inputs import AdapterModule, LoadedAdapter, load_adapter, plan_adapter
 from adaptertool.ops.measure import Stopwatch, peak_rss_bytes
+from adaptertool.ops.options import SvdSettings, check_float_dtype
 from adaptertool.ops.targets import module_seed
 
 if TYPE_CHECKING:
@@ -70,7 +71,7 @@ class ConvertConfig:
     energy: float | None = None  # or: per module, the smallest rank keeping this share of ||delta||_F^2
     max_rank: int | None = None  # cap for --energy (default 128) or --rank
     svd: str = "randomized"
-    niter: int = 6  # randomized SVD settings, as extract
+    niter: int = 6  # svd, niter, oversample make svd_settings, as extract's
     oversample: int = 16
     export: bool = False
     seed: int = 0
@@ -88,12 +89,12 @@ class ConvertConfig:
             raise AdapterToolError("nothing to do: give --from-pissa/--from-olora INITIAL, --rank R (or --energy F), or --export")
         if self.resize:
             self.policy()  # validates rank, energy, max_rank
-        if self.svd not in ("randomized", "exact"):
-            raise AdapterToolError(f"--svd must be randomized or exact, not {self.svd!r}")
-        if self.niter < 0 or self.oversample < 0:
-            raise AdapterToolError("--niter and --oversample must be >= 0")
-        if self.dtype is not None and dtype_code(self.dtype) not in FLOAT_CODES:
-            raise AdapterToolError(f"--dtype must be a float type, not {self.dtype}")
+        self.svd_settings  # validates svd, niter, oversample
+        check_float_dtype(self.dtype)
+
+    @property
+    def svd_settings(self) -> SvdSettings:
+        return SvdSettings(method=self.svd, niter=self.niter, oversample=self.oversample)
 
     @property
     def initial(self) -> Path | None:

@@ -36,7 +36,6 @@ from adaptertool.adapters.peft_keys import PEFT_PREFIX, lora_keys, module_order
 from adaptertool.adapters.svd import RankPolicy, break_even_rank, factor_delta, rounding_noise_std
 from adaptertool.errors import AdapterToolError
 from adaptertool.io import (
-    FLOAT_CODES,
     Checkpoint,
     CheckpointWriter,
     TensorSpec,
@@ -59,6 +58,7 @@ from adaptertool.ops.extract_plan import (
     same_values,
 )
 from adaptertool.ops.measure import Stopwatch, peak_rss_bytes
+from adaptertool.ops.options import SvdSettings, check_device, check_float_dtype, resolve_device
 from adaptertool.ops.targets import module_seed, task_type
 
 __all__ = ["ExtractConfig", "ExtractReport", "ModuleReport", "extract"]
@@ -76,9 +76,7 @@ class ExtractConfig:
     auto_rank: bool = False  # keep singular values above the bf16/fp16 rounding-noise edge
     max_rank: int | None = None  # global cap; None: rank (fixed) or 128 (energy / auto)
     targets: tuple[str, ...] = ("all-linear",)  # or module names, matched as PEFT's target_modules list
-    svd: str = "randomized"
-    # Randomized SVD: 6 power iterations and 16 extra columns keep the Frobenius error within 0.2 % of
-    # the exact SVD's at rank 64 on SmolLM2's 192x576 k/v projections (4 and 10 gave 0.7 %).
+    svd: str = "randomized"  # these three make svd_settings (options.SvdSettings says why 6 and 16)
     niter: int = 6
     oversample: int = 16
     embeddings: str = "auto"  # auto/save: modules_to_save when changed; skip: never; lora: factored
@@ -91,21 +89,20 @@ class ExtractConfig:
 
     def __post_init__(self) -> None:
         self.policy()  # validates rank, energy, max_rank
-        if self.svd not in ("randomized", "exact"):
-            raise AdapterToolError(f"--svd must be randomized or exact, not {self.svd!r}")
-        if self.niter < 0 or self.oversample < 0:
-            raise AdapterToolError("--niter and --oversample must be >= 0")
+        self.svd_settings  # validates svd, niter, oversample
         if self.embeddings not in _EMBEDDING_MODES:
             raise AdapterToolError(f"--embeddings must be one of {', '.join(_EMBEDDING_MODES)}, not {self.embeddings!r}")
-        if self.device not in ("cpu", "cuda", "auto"):
-            raise AdapterToolError(f"--device must be cpu, cuda or auto, not {self.device!r}")
-        if self.dtype is not None and dtype_code(self.dtype) not in FLOAT_CODES:
-            raise AdapterToolError(f"--dtype must be a float type, not {self.dtype}")
+        check_device(self.device)
+        check_float_dtype(self.dtype)
         if not self.targets:
             raise AdapterToolError("--targets names no module")
 
     def policy(self) -> RankPolicy:
         return RankPolicy(rank=self.rank, energy=self.energy, auto=self.auto_rank, max_rank=self.max_rank)
+
+    @property
+    def svd_settings(self) -> SvdSettings:
+        return SvdSettings(method=self.svd, niter=self.niter, oversample=self.oversample)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -161,9 +158,7 @@ def extract(cfg: ExtractConfig, *, progress: bool = False) -> ExtractReport:
             (identical models), or an unusable option.
     """
     clock = Stopwatch()
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    if device == "cuda" and not torch.cuda.is_available():
-        raise AdapterToolError("--device cuda, but torch sees no CUDA device; use --device cpu or auto")
+    device = resolve_device(cfg.device)
     out_dtype = cfg.dtype or torch.float32
     # Refuse an existing OUT now, not after minutes of SVDs (staged_output checks again at the end).
     check_output(cfg.out, force=cfg.force, inputs=[cfg.base, cfg.tuned])
@@ -184,7 +179,7 @@ def extract(cfg: ExtractConfig, *, progress: bool = False) -> ExtractReport:
     total = sum(m.delta_norm**2 for m in modules)
     noise = sum((m.noise_floor * m.delta_norm) ** 2 for m in modules)
     report = ExtractReport(
-        out=str(cfg.out), files=[f.name for f in writer.files], svd=cfg.svd, device=device, rank=int(config["r"]),
+        out=str(cfg.out), files=[f.name for f in writer.files], svd=cfg.svd, device=str(device), rank=int(config["r"]),
         modules=sorted(modules, key=lambda m: module_order(m.module)), unchanged=sorted(unchanged, key=module_order),
         modules_to_save=sorted(config.get("modules_to_save") or [], key=module_order),
         norms=norms, retained=kept_energy / total if total else 1.0,
@@ -199,7 +194,7 @@ def extract(cfg: ExtractConfig, *, progress: bool = False) -> ExtractReport:
 
 
 def _factor_all(base: Checkpoint, tuned: Checkpoint, plan: ExtractPlan, cfg: ExtractConfig, spool: _Spool, *,
-                device: str, out_dtype: torch.dtype, progress: bool) -> tuple[list[ModuleReport], list[str], int]:
+                device: torch.device, out_dtype: torch.dtype, progress: bool) -> tuple[list[ModuleReport], list[str], int]:
     """Factor every changed targeted module into ``spool``; (reports, unchanged modules, delta bytes)."""
     modules: list[ModuleReport] = []
     unchanged: list[str] = []
@@ -208,6 +203,9 @@ def _factor_all(base: Checkpoint, tuned: Checkpoint, plan: ExtractPlan, cfg: Ext
     # one bias changed, every extracted module carries one (zero where its bias did not change).
     # Biases are small: finding out first costs little.
     any_bias = any(changed(base, tuned, f"{m}.bias") for m in plan.linear if f"{m}.bias" in base)
+    if any_bias and plan.embedding_lora:  # PEFT refuses to load lora_bias with an embedding LoRA
+        raise AdapterToolError(f"{cfg.tuned}: changed biases need PEFT's lora_bias, which PEFT does not allow beside "
+                               f"the embedding LoRA of {min(plan.embedding_lora)}; use --embeddings save to save it whole")
     code = dtype_code(out_dtype)
     total = sum(base[n].nbytes for n in plan.linear.values())
     with tqdm(total=total, unit="B", unit_scale=True, desc="extract", disable=not progress) as bar:
@@ -243,7 +241,7 @@ def _factor_all(base: Checkpoint, tuned: Checkpoint, plan: ExtractPlan, cfg: Ext
 
 
 def _factor_module(base_weight: torch.Tensor, tuned_weight: torch.Tensor, module: str, cfg: ExtractConfig, *,
-                   device: str, transpose: bool,
+                   device: torch.device, transpose: bool,
                    factor_bytes: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]] | None:
     """(B, A, report figures) for one module's weight delta (its transpose with ``transpose``), or
     None when the weight did not change."""

@@ -53,6 +53,7 @@ from adaptertool.io import (
 )
 from adaptertool.io.hub_ids import source_name
 from adaptertool.ops.measure import Stopwatch, peak_rss_bytes
+from adaptertool.ops.options import check_float_dtype
 from adaptertool.ops.model_files import write_model_files
 from adaptertool.ops.targets import is_embedding, module_seed, targeted, task_type
 
@@ -98,8 +99,7 @@ class InitConfig:
             raise AdapterToolError(f"--residual-base only goes with --method pissa or olora; {self.method} leaves the base as it is")
         if self.residual_base is not None and self.residual_base.resolve() == self.out.resolve():
             raise AdapterToolError("OUT and --residual-base must be different folders")
-        if self.dtype is not None and dtype_code(self.dtype) not in FLOAT_CODES:
-            raise AdapterToolError(f"--dtype must be a float type, not {self.dtype}")
+        check_float_dtype(self.dtype)
         if not self.targets:
             raise AdapterToolError("--targets names no module")
 

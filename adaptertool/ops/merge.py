@@ -21,7 +21,6 @@ from tqdm import tqdm
 from adaptertool.errors import AdapterToolError
 from adaptertool.io import (
     DEFAULT_MAX_SHARD_BYTES,
-    FLOAT_CODES,
     CheckpointWriter,
     TensorSource,
     TensorSpec,
@@ -42,6 +41,7 @@ from adaptertool.ops.quantized import open_quantized_view
 from adaptertool.ops.measure import Stopwatch, peak_rss_bytes
 from adaptertool.ops.merge_plan import ReplaceStep, Step, Target, UpdateStep, plan_targets
 from adaptertool.ops.model_files import write_model_files
+from adaptertool.ops.options import check_device, check_float_dtype, resolve_device
 
 if TYPE_CHECKING:
     import torch
@@ -67,12 +67,10 @@ class MergeConfig:
     def __post_init__(self) -> None:
         if not self.adapters:
             raise AdapterToolError("no adapter given")
-        if self.dtype is not None and dtype_code(self.dtype) not in FLOAT_CODES:
-            raise AdapterToolError(f"--dtype must be a float type, not {self.dtype}")
+        check_float_dtype(self.dtype)
         if self.requantize and self.dtype is not None:
             raise AdapterToolError("--requantize keeps the base's 4-bit settings; it cannot be combined with --dtype")
-        if self.device not in ("cpu", "cuda", "auto"):
-            raise AdapterToolError(f"--device must be cpu, cuda or auto, not {self.device!r}")
+        check_device(self.device)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,12 +110,8 @@ def merge(cfg: MergeConfig, *, progress: bool = False) -> MergeReport:
 def _merge(cfg: MergeConfig, *, progress: bool, then_requantize: bool) -> MergeReport:
     """The one streamed pass; ``then_requantize``: the caller quantises the output again, so the
     note that 4-bit weights are written in 16-bit does not apply."""
-    import torch
-
     clock = Stopwatch()
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    if device == "cuda" and not torch.cuda.is_available():
-        raise AdapterToolError("--device cuda, but torch sees no CUDA device; use --device cpu or auto")
+    device = resolve_device(cfg.device)
     adapters = [load_adapter(path, weight * cfg.scale) for path, weight in cfg.adapters]
     try:
         with open_checkpoint(cfg.base) as stored:
@@ -146,7 +140,7 @@ def _merge(cfg: MergeConfig, *, progress: bool, then_requantize: bool) -> MergeR
     return MergeReport(
         out=str(cfg.out), files=[f.name for f in writer.files], adapters=[str(a.path) for a in adapters],
         merged=counts["merged"], replaced=counts["replaced"], copied=counts["copied"], cast=counts["cast"],
-        dtype=str(cfg.dtype).removeprefix("torch.") if cfg.dtype else "as base", device=device,
+        dtype=str(cfg.dtype).removeprefix("torch.") if cfg.dtype else "as base", device=str(device),
         side_files=side, notes=plan.notes, seconds=clock.seconds, peak_rss_bytes=peak_rss_bytes(),
     )
 
@@ -234,7 +228,7 @@ class _Workspace:
 
 
 def _stream(base: TensorSource, writer: CheckpointWriter, targets: dict[str, Target], adapters: list[LoadedAdapter],
-            *, device: str, progress: bool, decoded: Collection[str]) -> dict[str, int]:
+            *, device: torch.device, progress: bool, decoded: Collection[str]) -> dict[str, int]:
     """Write every output tensor: merged, copied byte for byte, or cast (``decoded`` names those
     the base decodes when read, a 4-bit view's weights, whose stored bytes are not the tensor)."""
     import torch
@@ -249,7 +243,7 @@ def _stream(base: TensorSource, writer: CheckpointWriter, targets: dict[str, Tar
                 source, steps = targets[spec.name].source, targets[spec.name].steps
                 weight = base.read(source, buffer=space.get("read", base[source].nbytes, torch.uint8))
                 only = steps[0]
-                if (device == "cpu" and len(steps) == 1 and isinstance(only, UpdateStep) and not only.bias
+                if (device.type == "cpu" and len(steps) == 1 and isinstance(only, UpdateStep) and not only.bias
                         and only.update.blockwise):
                     tensor = _merge_blockwise(weight, only, adapters, space, out_dtype)
                 else:
@@ -275,7 +269,7 @@ def _merge_blockwise(weight: torch.Tensor, step: UpdateStep, adapters: list[Load
     return step.update.merge_into(out, weight, tensors, scale=step.scale)
 
 
-def _apply(weight: torch.Tensor, steps: list[Step], adapters: list[LoadedAdapter], device: str) -> torch.Tensor:
+def _apply(weight: torch.Tensor, steps: list[Step], adapters: list[LoadedAdapter], device: torch.device) -> torch.Tensor:
     # One float32 working copy on the compute device; each step updates it in place.
     work = weight.to(device=device, dtype=torch_dtype("F32"), copy=True)
     for step in steps:

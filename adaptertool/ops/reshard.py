@@ -11,10 +11,8 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from adaptertool.errors import AdapterToolError
 from adaptertool.io import (
     DEFAULT_MAX_SHARD_BYTES,
-    FLOAT_CODES,
     CheckpointWriter,
     cast_specs,
     dtype_code,
@@ -24,6 +22,7 @@ from adaptertool.io import (
 )
 from adaptertool.ops.measure import Stopwatch, peak_rss_bytes
 from adaptertool.ops.model_files import write_model_files
+from adaptertool.ops.options import check_float_dtype
 
 if TYPE_CHECKING:  # torch is only needed (and imported by the reader) when a tensor is cast
     import torch
@@ -39,8 +38,7 @@ class ReshardConfig:
     force: bool = False
 
     def __post_init__(self) -> None:
-        if self.dtype is not None and dtype_code(self.dtype) not in FLOAT_CODES:
-            raise AdapterToolError(f"--dtype must be a float type, not {self.dtype}")
+        check_float_dtype(self.dtype)
 
 
 @dataclass(frozen=True, kw_only=True)

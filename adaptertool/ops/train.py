@@ -35,6 +35,7 @@ from adaptertool.io import (
 )
 from adaptertool.io.hub_ids import source_name
 from adaptertool.ops.measure import Stopwatch, peak_rss_bytes
+from adaptertool.ops.options import check_device, resolve_device
 from adaptertool.train.data import (
     Dataset,
     DataStats,
@@ -120,8 +121,7 @@ class TrainConfig:
             raise AdapterToolError(f"--schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}")
         if self.optim not in OPTIMIZERS:
             raise AdapterToolError(f"--optim must be one of {', '.join(OPTIMIZERS)}, not {self.optim!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise AdapterToolError(f"--device must be auto, cpu or cuda, not {self.device!r}")
+        check_device(self.device)
         warmup_steps(1, steps=self.warmup_steps, ratio=self.warmup_ratio)  # validates both
         self.lora()  # validates rank, alpha, dropout, targets
 
@@ -169,7 +169,7 @@ def train(cfg: TrainConfig, *, progress: bool = False) -> TrainReport:
     from adaptertool.train.weights import load_decoder
 
     clock = Stopwatch()
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     inputs = [p for p in (cfg.base, cfg.data, cfg.eval_data) if p is not None]
     _check_order(cfg)
     check_output(cfg.out, force=cfg.force, inputs=inputs)
@@ -237,14 +237,6 @@ def _tune_heap(*, qlora: bool) -> None:
     else:
         libc.mallopt(_M_TRIM_THRESHOLD, -1)  # -1: never trim (mallopt(3))
         libc.mallopt(_M_MMAP_THRESHOLD, 256 << 20)
-
-
-def _device(name: str) -> torch.device:
-    import torch
-
-    if name == "cuda" and not torch.cuda.is_available():
-        raise AdapterToolError("--device cuda, but torch sees no CUDA device; use --device cpu or auto")
-    return torch.device("cuda" if name in ("cuda", "auto") and torch.cuda.is_available() else "cpu")
 
 
 def _tokenizer(base: Path) -> tuple[dict[str, Any], TextTokenizer]:

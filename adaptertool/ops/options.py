@@ -1,0 +1,77 @@
+"""Option types shared by several commands: the compute device, the SVD settings and the float dtype check.
+
+Each has one home here, so every command accepts the same values and refuses a bad one with the
+same one-line message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from adaptertool.errors import AdapterToolError
+from adaptertool.io import FLOAT_CODES, dtype_code
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["DEVICES", "SVD_METHODS", "SvdSettings", "check_device", "check_float_dtype", "resolve_device"]
+
+DEVICES = ("auto", "cpu", "cuda")
+SVD_METHODS = ("randomized", "exact")
+
+
+def check_device(name: str) -> None:
+    """Refuse a ``--device`` value other than auto, cpu or cuda.
+
+    Raises:
+        AdapterToolError: an unknown device name.
+    """
+    if name not in DEVICES:
+        raise AdapterToolError(f"--device must be cpu, cuda or auto, not {name!r}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device for ``--device name``: auto picks cuda when torch sees one, else cpu.
+
+    Raises:
+        AdapterToolError: an unknown name, or cuda asked for where torch sees no CUDA device.
+    """
+    import torch  # only here: merge and reshard import this module without needing torch yet
+
+    check_device(name)
+    cuda = torch.cuda.is_available()
+    if name == "cuda" and not cuda:
+        raise AdapterToolError("--device cuda, but torch sees no CUDA device; use --device cpu or auto")
+    return torch.device("cuda" if name != "cpu" and cuda else "cpu")
+
+
+def check_float_dtype(dtype: torch.dtype | None, option: str = "--dtype") -> None:
+    """Refuse a non-float output dtype given as ``option`` (None, keeping the input's, is fine).
+
+    Raises:
+        AdapterToolError: an integer or bool dtype.
+    """
+    if dtype is not None and dtype_code(dtype) not in FLOAT_CODES:
+        raise AdapterToolError(f"{option} must be a float type, not {dtype}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SvdSettings:
+    """How a weight delta is factored (see :func:`adaptertool.adapters.svd.factor_delta`).
+
+    Raises:
+        AdapterToolError: an unknown method, or a negative ``niter`` / ``oversample``.
+    """
+
+    method: str = "randomized"  # or "exact" (torch.linalg.svd, the optimum)
+    # Randomized SVD: 6 power iterations and 16 extra columns keep the Frobenius error within 0.2 % of
+    # the exact SVD's at rank 64 on SmolLM2's 192x576 k/v projections (4 and 10 gave 0.7 %).
+    niter: int = 6
+    oversample: int = 16
+
+    def __post_init__(self) -> None:
+        if self.method not in SVD_METHODS:
+            raise AdapterToolError(f"--svd must be randomized or exact, not {self.method!r}")
+        if self.niter < 0 or self.oversample < 0:
+            raise AdapterToolError("--niter and --oversample must be >= 0")
