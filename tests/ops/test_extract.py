@@ -269,19 +269,26 @@ def _peft_and_merge_logits(base: Path, adapter: Path, tmp_path: Path, ids: torch
         return peft_model(ids).logits, merged(ids).logits
 
 
-def test_changed_tied_embedding_saved_with_its_head_and_bias_sets_lora_bias(tmp_path: Path) -> None:
-    """A base with attention biases: changed biases -> lora_B.bias; a changed tied embedding -> both
-    embed_tokens and lm_head in modules_to_save. PEFT must load it cleanly and match our merge."""
-    transformers = pytest.importorskip("transformers")
-    base = write_llama(tmp_path / "plain", SMALL, dtype=torch.float32)[0].parent
-    config = {**json.loads((base / "config.json").read_text()), "attention_bias": True}
+def _biased_base(tmp_path: Path, shape: LlamaShape) -> Path:
+    """A Llama with attention biases (non-zero, unlike transformers' initialisation), saved by transformers."""
+    import transformers
+
+    plain = write_llama(tmp_path / "plain", shape, dtype=torch.float32)[0].parent
+    config = {**json.loads((plain / "config.json").read_text()), "attention_bias": True}
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
-    with torch.no_grad():  # biases start at zero in transformers; give the base real ones
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(".bias"):
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
     model.save_pretrained(tmp_path / "base")
-    base = tmp_path / "base"
+    return tmp_path / "base"
+
+
+def test_changed_tied_embedding_saved_with_its_head_and_bias_sets_lora_bias(tmp_path: Path) -> None:
+    """A base with attention biases: changed biases -> lora_B.bias; a changed tied embedding -> both
+    embed_tokens and lm_head in modules_to_save. PEFT must load it cleanly and match our merge."""
+    transformers = pytest.importorskip("transformers")
+    base = _biased_base(tmp_path, SMALL)
 
     def change(name: str, t: torch.Tensor) -> torch.Tensor:
         if name.endswith(("q_proj.weight", "o_proj.weight")):
@@ -336,6 +343,18 @@ def test_embeddings_lora_factors_embedding_and_head(tmp_path: Path) -> None:
     tuned_model = transformers.AutoModelForCausalLM.from_pretrained(tuned, dtype=torch.float32)
     with torch.no_grad():
         torch.testing.assert_close(ours, tuned_model(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_embeddings_lora_refuses_changed_biases(tmp_path: Path) -> None:
+    # PEFT has no lora_bias for an embedding LoRA and refuses to load such an adapter.
+    base = _biased_base(tmp_path, dataclasses.replace(SMALL, tied=False))
+    tuned = _write_like(base, tmp_path / "tuned", lambda n, t: t + 0.05 if n.endswith("q_proj.bias") or
+                        n == "model.embed_tokens.weight" else t)
+    with pytest.raises(AdapterToolError, match=r"changed biases need PEFT's lora_bias, which PEFT does not allow beside "
+                                               r"the embedding LoRA of model\.embed_tokens; use --embeddings save"):
+        extract(ExtractConfig(base=base, tuned=tuned, out=tmp_path / "ad", rank=4, embeddings="lora"))
+    assert not (tmp_path / "ad").exists()
+    extract(ExtractConfig(base=base, tuned=tuned, out=tmp_path / "ad", rank=4, embeddings="save"))
 
 
 def test_embeddings_lora_refuses_a_changed_tied_embedding(small: dict[str, Path], tmp_path: Path) -> None:
