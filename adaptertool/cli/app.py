@@ -67,7 +67,9 @@ def cli(ctx: click.Context, debug: bool, verbose: int, threads: int | None) -> N
     if threads is None:
         return
     if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(threads)
+        import torch  # loaded already: costs nothing
+
+        torch.set_num_threads(threads)
     else:  # read when torch loads; header-only commands (info, verify) never load it
         os.environ["OMP_NUM_THREADS"] = str(threads)
 
