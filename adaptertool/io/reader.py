@@ -127,6 +127,10 @@ class Checkpoint:
                 done += got
         return buf.view(dtype).reshape(info.shape)
 
+    def copyable(self, name: str) -> bool:
+        """Always True: a checkpoint's stored bytes are the tensor."""
+        return True
+
     def copy_bytes(self, name: str, dst: BinaryIO) -> None:
         """Append tensor ``name``'s raw bytes to ``dst`` at its current position, in kernel space where possible."""
         info = self.tensors[name]

@@ -48,5 +48,8 @@ class TensorSource(Protocol):
     def read(self, name: str, *, buffer: torch.Tensor | None = None) -> torch.Tensor:
         """Tensor ``name`` as a CPU tensor of its spec; ``buffer`` (uint8) may be reused for the bytes."""
 
+    def copyable(self, name: str) -> bool:
+        """Whether tensor ``name``'s stored bytes are the tensor, so :meth:`copy_bytes` may copy them."""
+
     def copy_bytes(self, name: str, dst: BinaryIO) -> None:
-        """Append tensor ``name``'s stored bytes to ``dst``; only for tensors stored as their spec says."""
+        """Append tensor ``name``'s stored bytes to ``dst``; only where :meth:`copyable` says so."""

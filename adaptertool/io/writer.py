@@ -15,10 +15,12 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from adaptertool.errors import AdapterToolError
 from adaptertool.io.format import DTYPES, TensorSpec, build_header, dtype_code
-from adaptertool.io.reader import Checkpoint, write_all
+from adaptertool.io.reader import write_all
 
 if TYPE_CHECKING:
     import torch
+
+    from adaptertool.io.source import TensorSource
 
 __all__ = ["DEFAULT_MAX_SHARD_BYTES", "CheckpointWriter", "parse_size"]
 
@@ -86,8 +88,8 @@ class CheckpointWriter:
             data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
             write_all(out, memoryview(data.numpy()))
 
-    def copy(self, name: str, source: Checkpoint) -> None:
-        """Append tensor ``name`` byte for byte from ``source``: no decode, no rounding."""
+    def copy(self, name: str, source: TensorSource) -> None:
+        """Append tensor ``name`` byte for byte from ``source``: no decode, no rounding (``source.copyable(name)``)."""
         spec = self._advance(name)
         if source[name].spec != spec:
             raise ValueError(f"{name}: source is {source[name].spec}, planned {spec}")

@@ -18,7 +18,6 @@ Biases (``lora_B.bias``) are summed with their weights and scalings for every me
 from __future__ import annotations
 
 import math
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,6 +48,7 @@ from adaptertool.ops.adapter_inputs import LoadedAdapter, load_adapter, read_che
 from adaptertool.ops.combine_plan import CombinePlan, ModulePlan, plan_combine
 from adaptertool.ops.measure import Stopwatch, peak_rss_bytes
 from adaptertool.ops.options import SvdSettings, check_float_dtype
+from adaptertool.ops.targets import module_seed
 
 if TYPE_CHECKING:
     import torch
@@ -226,7 +226,7 @@ def _combine_module(module: ModulePlan, inputs: list[LoadedAdapter], cfg: Combin
                               inputs=len(module.parts), rel_error=0.0)
         return _Result(b, a, bias, report, energy=0.0)
     taus = [_factor_space(p.update, p.update.delta(t)) for p, t in zip(module.parts, tensors)]
-    generators = [torch.Generator().manual_seed(_seed(cfg.seed, module.name, f"dare{p.adapter}")) for p in module.parts]
+    generators = [torch.Generator().manual_seed(module_seed(cfg.seed, module.name, f"dare{p.adapter}")) for p in module.parts]
     combined = combine_task_vectors(taus, weights, operation=operation, density=cfg.density or 1.0,
                                     majority_sign=cfg.majority_sign or "total", generators=generators)
     del taus
@@ -237,7 +237,7 @@ def _combine_module(module: ModulePlan, inputs: list[LoadedAdapter], cfg: Combin
         b, a = torch.zeros(combined.shape[0], 1), torch.zeros(1, combined.shape[1])
         report = ModuleReport(module=module.name, shape=list(combined.shape), rank=1, inputs=len(module.parts), rel_error=0.0)
         return _Result(b, a, bias, report, energy=0.0)
-    generator = torch.Generator().manual_seed(_seed(cfg.seed, module.name, "svd"))
+    generator = torch.Generator().manual_seed(module_seed(cfg.seed, module.name, "svd"))
     bound = _sum_rank_bound(module) if operation == "sum" else None
     rank = target_rank if bound is None else min(target_rank, bound)
     svd = cfg.svd_settings
@@ -284,10 +284,6 @@ def _low_rank(update: ModuleUpdate, t: dict[str, torch.Tensor]) -> LowRank:
     return LowRank(t["lora_B"], t["lora_A"], update.scaling)
 
 
-def _seed(seed: int, module: str, stream: str) -> int:
-    # A stable hash (Python's hash() of a str is salted per process): masks and sketches depend only
-    # on (seed, module, stream), not on which modules came before.
-    return (seed * 1_000_003 + zlib.crc32(f"{module}:{stream}".encode())) % (1 << 63)
 
 
 def _adapter_config(inputs: list[LoadedAdapter], plan: CombinePlan, results: dict[str, _Result]) -> dict[str, Any]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import tempfile
-from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -130,8 +129,7 @@ def _merge(cfg: MergeConfig, *, progress: bool, then_requantize: bool) -> MergeR
                 writer = CheckpointWriter(tmp, specs, max_shard_bytes=cfg.max_shard_bytes,
                                           metadata=_metadata(base.metadata, cfg))
                 with writer:
-                    counts = _stream(base, writer, plan.targets, adapters, device=device, progress=progress,
-                                     decoded=fourbit.quantized.keys() if fourbit is not None else frozenset())
+                    counts = _stream(base, writer, plan.targets, adapters, device=device, progress=progress)
                 side = write_model_files(base.root, tmp, dtype=cfg.dtype, untie=bool(plan.extra),
                                          drop_quantization=fourbit is not None)
     finally:
@@ -228,9 +226,9 @@ class _Workspace:
 
 
 def _stream(base: TensorSource, writer: CheckpointWriter, targets: dict[str, Target], adapters: list[LoadedAdapter],
-            *, device: torch.device, progress: bool, decoded: Collection[str]) -> dict[str, int]:
-    """Write every output tensor: merged, copied byte for byte, or cast (``decoded`` names those
-    the base decodes when read, a 4-bit view's weights, whose stored bytes are not the tensor)."""
+            *, device: torch.device, progress: bool) -> dict[str, int]:
+    """Write every output tensor: merged, copied byte for byte, or cast (as are tensors whose stored
+    bytes are not the tensor, a 4-bit view's weights, which the base decodes when read)."""
     import torch
 
     counts = {"merged": 0, "replaced": 0, "copied": 0, "cast": 0}
@@ -250,8 +248,7 @@ def _stream(base: TensorSource, writer: CheckpointWriter, targets: dict[str, Tar
                     tensor = _apply(weight, steps, adapters, device).to(out_dtype)
                 counts["replaced" if isinstance(steps[-1], ReplaceStep) else "merged"] += 1
                 writer.write(spec.name, tensor)
-            # TODO(#14): ask base.copyable(name) once Checkpoint has it too, and drop ``decoded``.
-            elif base[spec.name].dtype == spec.dtype and spec.name not in decoded:
+            elif base[spec.name].dtype == spec.dtype and base.copyable(spec.name):
                 writer.copy(spec.name, base)
                 counts["copied"] += 1
             else:

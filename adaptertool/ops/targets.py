@@ -41,7 +41,9 @@ def task_type(base: Checkpoint) -> str | None:
     return "CAUSAL_LM" if any(str(a).endswith("ForCausalLM") for a in architectures) else None
 
 
-def module_seed(seed: int, module: str) -> int:
-    """A seed for one module's random draws that depends only on (seed, module), not on which other
-    modules come before it; crc32 because Python's str hash is salted per process."""
-    return (seed * 1_000_003 + zlib.crc32(module.encode())) % (1 << 63)
+def module_seed(seed: int, module: str, stream: str | None = None) -> int:
+    """A seed for one module's random draws that depends only on (seed, module, stream), not on which
+    other modules come before it; crc32 because Python's str hash is salted per process. ``stream``
+    tells apart independent draws for the same module (combine's "svd" and "dare0"...)."""
+    key = module if stream is None else f"{module}:{stream}"
+    return (seed * 1_000_003 + zlib.crc32(key.encode())) % (1 << 63)

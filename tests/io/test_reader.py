@@ -229,3 +229,8 @@ def test_folder_with_several_unindexed_files(tmp_path: Path) -> None:
 def test_empty_folder(tmp_path: Path) -> None:
     with pytest.raises(AdapterToolError, match=r"holds no \.safetensors file"):
         open_checkpoint(tmp_path)
+
+
+def test_every_checkpoint_tensor_is_copyable(tiny_sharded: Path) -> None:
+    with open_checkpoint(tiny_sharded) as ckpt:
+        assert all(ckpt.copyable(name) for name in ckpt)

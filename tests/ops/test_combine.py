@@ -439,3 +439,14 @@ def test_cli_lists_every_method() -> None:
     from adaptertool.cli.combining import _METHODS
 
     assert sorted(_METHODS) == sorted(METHODS)  # the CLI's copy, kept so that --help need not import torch
+
+
+def test_module_seed_streams_hash_module_colon_stream() -> None:
+    import zlib
+
+    from adaptertool.ops.targets import module_seed
+
+    # Pinned: changing the formula changes every seeded output (combine's DARE masks and sketches).
+    assert module_seed(7, "m.q_proj") == (7 * 1_000_003 + zlib.crc32(b"m.q_proj")) % (1 << 63)
+    assert module_seed(7, "m.q_proj", "svd") == (7 * 1_000_003 + zlib.crc32(b"m.q_proj:svd")) % (1 << 63)
+    assert module_seed(7, "m.q_proj", "dare0") != module_seed(7, "m.q_proj", "dare1")
