@@ -113,8 +113,9 @@ def test_merge_of_the_adapter_reproduces_the_fine_tune(small: dict[str, Path], t
 
 def test_randomized_matches_exact_and_is_deterministic(small: dict[str, Path], tmp_path: Path) -> None:
     runs = {}
-    for label, svd in (("a", "randomized"), ("b", "randomized"), ("exact", "exact")):
-        runs[label] = extract(ExtractConfig(base=small["base"], tuned=small["tuned8"], out=tmp_path / label, rank=4, svd=svd))
+    for label, method in (("a", "randomized"), ("b", "randomized"), ("exact", "exact")):
+        runs[label] = extract(ExtractConfig(base=small["base"], tuned=small["tuned8"], out=tmp_path / label, rank=4,
+                                            svd=method))
     files = ("adapter_model.safetensors", "adapter_config.json")
     assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
     for fast, best in zip(runs["a"].modules, runs["exact"].modules, strict=True):
