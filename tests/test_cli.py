@@ -94,7 +94,7 @@ def test_reshard_dtype_rewrites_the_config_dtype(tiny_sharded: Path, tmp_path: P
     code, _, err = _run("reshard", str(tiny_sharded), str(tmp_path / "o"), "--dtype", "fp16")
     assert code == 0, err
     assert str(AutoConfig.from_pretrained(tmp_path / "o").dtype) == "torch.float16"
-    assert json.loads((tmp_path / "o" / "config.json").read_text())["torch_dtype"] == "float16"
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["dtype"] == "float16"
 
 
 def test_demo_runs_and_module_entry_point(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
 """Checkpoint I/O: the safetensors and PEFT file formats, the streaming reader and sharded writer,
-staged outputs (built in a scratch folder, renamed into place when complete) and Hub access.
+scratch spools, staged outputs (built in a scratch folder, renamed into place when complete) and
+Hub access.
 
 Checkpoints and adapters are read and written only through this package, and io/hub.py alone talks
 to the network. Other layers write only small side files themselves: an edited config.json, the
@@ -20,11 +21,13 @@ from adaptertool.io.format import (
     cast_specs,
     code_of_name,
     dtype_code,
+    dtype_name,
     torch_dtype,
 )
 from adaptertool.io.reader import Checkpoint, TensorInfo, open_checkpoint
 from adaptertool.io.sidefiles import SIDE_FILES, copy_side_files, read_json
-from adaptertool.io.source import TensorSource
+from adaptertool.io.source import TensorSource, TensorTable
+from adaptertool.io.spool import TensorSpool
 from adaptertool.io.staging import (
     check_output,
     is_unfinished,
@@ -45,11 +48,14 @@ __all__ = [
     "TensorInfo",
     "TensorSource",
     "TensorSpec",
+    "TensorSpool",
+    "TensorTable",
     "cast_specs",
     "check_output",
     "code_of_name",
     "copy_side_files",
     "dtype_code",
+    "dtype_name",
     "is_adapter",
     "is_unfinished",
     "open_adapter",

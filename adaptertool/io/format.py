@@ -28,6 +28,7 @@ __all__ = [
     "cast_specs",
     "code_of_name",
     "dtype_code",
+    "dtype_name",
     "parse_header",
     "torch_dtype",
 ]
@@ -70,6 +71,11 @@ def dtype_code(dtype: torch.dtype) -> str:
         return _codes()[dtype]
     except KeyError:
         raise AdapterToolError(f"dtype {dtype} has no safetensors code; cast the tensor first") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """A torch dtype as configs and quant states spell it (``torch.bfloat16`` -> ``"bfloat16"``)."""
+    return str(dtype).removeprefix("torch.")
 
 
 def code_of_name(name: str) -> str:

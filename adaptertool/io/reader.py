@@ -11,25 +11,18 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from adaptertool.errors import AdapterToolError
-from adaptertool.io.format import (
-    HEADER_LIMIT,
-    ParsedHeader,
-    TensorSpec,
-    parse_header,
-    torch_dtype,
-)
+from adaptertool.io.format import HEADER_LIMIT, ParsedHeader, parse_header, torch_dtype
 from adaptertool.io.sidefiles import read_json
+from adaptertool.io.source import TensorInfo, TensorTable
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Checkpoint", "TensorInfo", "open_checkpoint", "read_header", "write_all"]
+__all__ = ["Checkpoint", "TensorInfo", "copy_range", "open_checkpoint", "read_header", "read_range", "write_all"]
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _COPY_CHUNK = 64 << 20
@@ -39,32 +32,7 @@ _IO_CHUNK = 4 << 20
 _WRITE_CHUNK = 1 << 20
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor lives: its spec, its file and its absolute byte offset there."""
-
-    spec: TensorSpec
-    file: Path
-    offset: int
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    @property
-    def dtype(self) -> str:
-        return self.spec.dtype
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.spec.shape
-
-    @property
-    def nbytes(self) -> int:
-        return self.spec.nbytes
-
-
-class Checkpoint:
+class Checkpoint(TensorTable):
     """An opened checkpoint: tensor names to :class:`TensorInfo`, in storage order (shard, offset).
 
     Use as a context manager (or call :meth:`close`) to release the shard file handles.
@@ -89,20 +57,8 @@ class Checkpoint:
             return self.path
         return self.index.parent if self.index is not None else None
 
-    def __contains__(self, name: object) -> bool:
-        return name in self.tensors
-
     def __len__(self) -> int:
         return len(self.tensors)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.tensors)
-
-    def __getitem__(self, name: str) -> TensorInfo:
-        return self.tensors[name]
-
-    def specs(self) -> list[TensorSpec]:
-        return [info.spec for info in self.tensors.values()]
 
     def read(self, name: str, *, buffer: torch.Tensor | None = None) -> torch.Tensor:
         """Read one tensor into a new CPU tensor, or into ``buffer`` (uint8, at least its byte size).
@@ -110,22 +66,8 @@ class Checkpoint:
         Reusing a buffer across calls saves the page faults of a fresh allocation, which on large
         tensors cost more than the read itself.
         """
-        import torch
-
         info = self.tensors[name]
-        dtype = torch_dtype(info.dtype)
-        buf = torch.empty(info.nbytes, dtype=torch.uint8) if buffer is None else buffer[: info.nbytes]
-        if info.nbytes:
-            fd = self._handle(info.file).fileno()
-            view = memoryview(buf.numpy())
-            done = 0
-            while done < info.nbytes:
-                # Positioned reads: no shared file offset for a read and a copy to disturb.
-                got = os.preadv(fd, [view[done : done + _IO_CHUNK]], info.offset + done)
-                if not got:
-                    raise AdapterToolError(f"{info.file}: tensor {name} is cut short; was the file truncated while open?")
-                done += got
-        return buf.view(dtype).reshape(info.shape)
+        return read_range(self._handle(info.file), info, buffer=buffer)
 
     def copyable(self, name: str) -> bool:
         """Always True: a checkpoint's stored bytes are the tensor."""
@@ -134,21 +76,7 @@ class Checkpoint:
     def copy_bytes(self, name: str, dst: BinaryIO) -> None:
         """Append tensor ``name``'s raw bytes to ``dst`` at its current position, in kernel space where possible."""
         info = self.tensors[name]
-        src = self._handle(info.file)
-        position, left = info.offset, info.nbytes
-        while left:
-            try:
-                sent = os.copy_file_range(src.fileno(), dst.fileno(), min(left, _COPY_CHUNK), position)
-            except OSError:  # EXDEV, ENOSYS, EINVAL on some filesystems: copy through user space
-                sent = 0
-            if sent == 0:
-                chunk = os.pread(src.fileno(), min(left, _COPY_CHUNK), position)
-                if not chunk:
-                    raise AdapterToolError(f"{info.file}: tensor {name} is cut short; was the file truncated while open?")
-                write_all(dst, memoryview(chunk))
-                sent = len(chunk)
-            position += sent
-            left -= sent
+        copy_range(self._handle(info.file), dst, info)
 
     def _handle(self, file: Path) -> BinaryIO:
         handle = self._handles.get(file)
@@ -166,6 +94,40 @@ class Checkpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def read_range(src: BinaryIO, info: TensorInfo, *, buffer: torch.Tensor | None = None) -> torch.Tensor:
+    """The tensor ``info`` places in ``src`` (an unbuffered file), read into a new CPU tensor or ``buffer``."""
+    import torch
+
+    buf = torch.empty(info.nbytes, dtype=torch.uint8) if buffer is None else buffer[: info.nbytes]
+    view = memoryview(buf.numpy())
+    done = 0
+    while done < info.nbytes:
+        # Positioned reads: no shared file offset for a read and a copy to disturb.
+        got = os.preadv(src.fileno(), [view[done : done + _IO_CHUNK]], info.offset + done)
+        if not got:
+            raise AdapterToolError(f"{info.file}: tensor {info.name} is cut short; was the file truncated while open?")
+        done += got
+    return buf.view(torch_dtype(info.dtype)).reshape(info.shape)
+
+
+def copy_range(src: BinaryIO, dst: BinaryIO, info: TensorInfo) -> None:
+    """Append the bytes ``info`` places in ``src`` to ``dst`` at its position, in kernel space where possible."""
+    position, left = info.offset, info.nbytes
+    while left:
+        try:
+            sent = os.copy_file_range(src.fileno(), dst.fileno(), min(left, _COPY_CHUNK), position)
+        except OSError:  # EXDEV, ENOSYS, EINVAL on some filesystems: copy through user space
+            sent = 0
+        if sent == 0:
+            chunk = os.pread(src.fileno(), min(left, _COPY_CHUNK), position)
+            if not chunk:
+                raise AdapterToolError(f"{info.file}: tensor {info.name} is cut short; was the file truncated while open?")
+            write_all(dst, memoryview(chunk))
+            sent = len(chunk)
+        position += sent
+        left -= sent
 
 
 def write_all(dst: BinaryIO, data: memoryview) -> None:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import torch
 
 from adaptertool.adapters.modules import ModuleUpdate, plan_module
 from adaptertool.adapters.peft_config import AdapterSettings
@@ -19,8 +21,6 @@ from adaptertool.adapters.peft_keys import split_adapter_key
 from adaptertool.errors import AdapterToolError
 from adaptertool.io import FLOAT_CODES, Checkpoint, open_adapter
 
-if TYPE_CHECKING:
-    import torch
 
 __all__ = ["AdapterModule", "LoadedAdapter", "check_finite", "load_adapter", "plan_adapter", "read_checked"]
 
@@ -98,8 +98,6 @@ def read_checked(adapter: LoadedAdapter, key: str) -> torch.Tensor:
     Raises:
         AdapterToolError: the tensor holds NaN or Inf.
     """
-    import torch
-
     tensor = adapter.weights.read(key)
     if tensor.is_floating_point():
         flat = tensor.reshape(-1)

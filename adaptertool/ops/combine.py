@@ -20,8 +20,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from adaptertool.adapters.combine import (
@@ -50,8 +51,6 @@ from adaptertool.ops.measure import Stopwatch, peak_rss_bytes
 from adaptertool.ops.options import SvdSettings, check_float_dtype
 from adaptertool.ops.targets import module_seed
 
-if TYPE_CHECKING:
-    import torch
 
 __all__ = ["CombineConfig", "CombineReport", "ModuleReport", "combine"]
 
@@ -208,8 +207,6 @@ def _combine_all(plan: CombinePlan, inputs: list[LoadedAdapter], cfg: CombineCon
 def _combine_module(module: ModulePlan, inputs: list[LoadedAdapter], cfg: CombineConfig, target_rank: int,
                     any_bias: bool) -> _Result | None:
     """One module's combined factors (and bias), or None when the combined update is exactly zero."""
-    import torch
-
     tensors = [_read(inputs[p.adapter], p.update) for p in module.parts]
     weights = [inputs[p.adapter].weight for p in module.parts]
     bias = None
@@ -273,8 +270,6 @@ def _factor_space(update: ModuleUpdate, delta: torch.Tensor) -> torch.Tensor:
 
 def _low_rank(update: ModuleUpdate, t: dict[str, torch.Tensor]) -> LowRank:
     """An update as ``coefficient * B @ A`` in factor space (LoRA, embedding LoRA and AdaLoRA)."""
-    import torch
-
     if update.kind == "lora_embedding":
         return LowRank(t["lora_embedding_B"], t["lora_embedding_A"], update.scaling)
     if update.kind == "adalora":
@@ -311,8 +306,6 @@ def _adapter_config(inputs: list[LoadedAdapter], plan: CombinePlan, results: dic
 def _write(folder: Path, config: dict[str, Any], results: dict[str, _Result], plan: CombinePlan,
            inputs: list[LoadedAdapter], cfg: CombineConfig) -> CheckpointWriter:
     """Write the combined factors, then the whole tensors copied from their adapters."""
-    import torch
-
     out_dtype = cfg.dtype or torch.float32
     code = dtype_code(out_dtype)
     tensors: dict[str, torch.Tensor] = {}

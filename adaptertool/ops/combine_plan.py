@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from adaptertool.adapters.modules import ModuleUpdate
 from adaptertool.adapters.peft_config import AdapterSettings
 from adaptertool.adapters.peft_keys import full_tensor_name
@@ -120,8 +122,6 @@ def _part_rank(update: ModuleUpdate, shapes: dict[str, tuple[int, ...]], setting
 
 
 def _add_whole(plan: CombinePlan, inputs: list[LoadedAdapter], index: int, key: str) -> None:
-    import torch
-
     item = inputs[index]
     name = full_tensor_name(key)
     if item.weight == 0.0:

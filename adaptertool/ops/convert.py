@@ -31,8 +31,9 @@ from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from adaptertool.adapters.lora import linear_delta
@@ -55,8 +56,6 @@ from adaptertool.ops.measure import Stopwatch, peak_rss_bytes
 from adaptertool.ops.options import SvdSettings, check_float_dtype
 from adaptertool.ops.targets import module_seed
 
-if TYPE_CHECKING:
-    import torch
 
 __all__ = ["ConvertConfig", "ConvertReport", "ModuleChange", "convert"]
 
@@ -203,8 +202,6 @@ def convert(cfg: ConvertConfig, *, progress: bool = False) -> ConvertReport:
 
 def _load_modules(adapter: LoadedAdapter, planned: dict[str, AdapterModule], *, need_factors: bool) -> dict[str, _Module]:
     """Every adapted module as LoRA factors (float32), or, for LoHa/LoKr, a delta computed on demand."""
-    import torch
-
     if not planned:
         raise AdapterToolError(f"{adapter.path}: holds no adapter module (only full tensors); there is nothing to convert")
     modules: dict[str, _Module] = {}
@@ -227,8 +224,6 @@ def _load_modules(adapter: LoadedAdapter, planned: dict[str, AdapterModule], *, 
 
 
 def _lora_module(name: str, kind: str, read: dict[str, torch.Tensor], scaling: float) -> _Module:
-    import torch
-
     if kind == "adalora":
         # B @ (A * E) * scaling / (r + 1e-5): the same delta as LoRA factors (A * E, B) at that scaling.
         a, b = read["lora_A"].float() * read["lora_E"].float(), read["lora_B"].float()
@@ -249,8 +244,6 @@ def _dense_delta(update: ModuleUpdate, read: dict[str, torch.Tensor]) -> Callabl
 
 def _add_initial(modules: dict[str, _Module], adapter: LoadedAdapter, initial: LoadedAdapter, notes: list[str]) -> None:
     """PiSSA/OLoRA -> LoRA over the original base: ``A' = cat(A, A0)``, ``B' = cat(B, -B0)``, same scaling."""
-    import torch
-
     for opened in (adapter, initial):
         if opened.settings.peft_type != "LORA":
             raise AdapterToolError(f"{opened.path}: is {opened.settings.peft_type}; PiSSA/OLoRA adapters are LORA")
@@ -279,8 +272,6 @@ def _add_initial(modules: dict[str, _Module], adapter: LoadedAdapter, initial: L
 
 def _resize(modules: dict[str, _Module], cfg: ConvertConfig, notes: list[str], *, progress: bool) -> None:
     """Re-factor every module's delta by truncated SVD (scaling 1): the optimal rank-r approximation."""
-    import torch
-
     policy = cfg.policy()
     kept = capped = zero = 0
     for m in tqdm(list(modules.values()), desc="resize", disable=not progress):
@@ -315,8 +306,6 @@ def _resize(modules: dict[str, _Module], cfg: ConvertConfig, notes: list[str], *
 
 def _export(modules: dict[str, _Module], adapter: LoadedAdapter, notes: list[str]) -> None:
     """Fold each scaling into B and zero-pad every module to the largest rank: scaling 1 everywhere."""
-    import torch
-
     dora = next((m.name for m in modules.values() if m.magnitude is not None), None)
     if dora is not None:
         raise AdapterToolError(f"{adapter.path}: module {dora} is DoRA, which the loaders --export targets do not read "

@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
-from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -39,11 +37,10 @@ from adaptertool.io import (
     Checkpoint,
     CheckpointWriter,
     TensorSpec,
+    TensorSpool,
     check_output,
-    dtype_code,
     open_checkpoint,
     staged_output,
-    torch_dtype,
     write_adapter,
 )
 from adaptertool.io.hub_ids import source_name
@@ -165,7 +162,7 @@ def extract(cfg: ExtractConfig, *, progress: bool = False) -> ExtractReport:
     with open_checkpoint(cfg.base) as base, open_checkpoint(cfg.tuned) as tuned:
         plan = plan_extract(base, tuned, cfg)
         notes = dtype_notes(base, tuned)
-        with closing(_Spool(cfg.out.resolve().parent)) as spool:
+        with TensorSpool(cfg.out.resolve().parent) as spool:
             modules, unchanged, delta_bytes = _factor_all(base, tuned, plan, cfg, spool, device=device,
                                                           out_dtype=out_dtype, progress=progress)
             saved, norms = _saved_whole(base, tuned, plan, cfg, notes, extracted=bool(modules))
@@ -193,7 +190,7 @@ def extract(cfg: ExtractConfig, *, progress: bool = False) -> ExtractReport:
     return report
 
 
-def _factor_all(base: Checkpoint, tuned: Checkpoint, plan: ExtractPlan, cfg: ExtractConfig, spool: _Spool, *,
+def _factor_all(base: Checkpoint, tuned: Checkpoint, plan: ExtractPlan, cfg: ExtractConfig, spool: TensorSpool, *,
                 device: torch.device, out_dtype: torch.dtype, progress: bool) -> tuple[list[ModuleReport], list[str], int]:
     """Factor every changed targeted module into ``spool``; (reports, unchanged modules, delta bytes)."""
     modules: list[ModuleReport] = []
@@ -206,7 +203,6 @@ def _factor_all(base: Checkpoint, tuned: Checkpoint, plan: ExtractPlan, cfg: Ext
     if any_bias and plan.embedding_lora:  # PEFT refuses to load lora_bias with an embedding LoRA
         raise AdapterToolError(f"{cfg.tuned}: changed biases need PEFT's lora_bias, which PEFT does not allow beside "
                                f"the embedding LoRA of {min(plan.embedding_lora)}; use --embeddings save to save it whole")
-    code = dtype_code(out_dtype)
     total = sum(base[n].nbytes for n in plan.linear.values())
     with tqdm(total=total, unit="B", unit_scale=True, desc="extract", disable=not progress) as bar:
         for module, name in plan.linear.items():
@@ -227,15 +223,14 @@ def _factor_all(base: Checkpoint, tuned: Checkpoint, plan: ExtractPlan, cfg: Ext
                             {"rank": 1, "retained": 1.0, "rel_error": 0.0, "delta_norm": 0.0, "capped": False,
                              "size_capped": False, "noise_floor": 0.0})
             b, a, figures = factored
-            rank = figures["rank"]
             delta_bytes += base[name].nbytes if base[name].dtype == tuned[name].dtype else tuned[name].nbytes
             keys = lora_keys(module, embedding=module in plan.embedding_lora)
-            spool.add(TensorSpec(keys.a, code, (rank, in_features)), a.to(out_dtype))
-            spool.add(TensorSpec(keys.b, code, (out_features, rank)), b.to(out_dtype))
+            spool.add(keys.a, a.to(out_dtype))
+            spool.add(keys.b, b.to(out_dtype))
             if any_bias:
                 bias = (tuned.read(bias_name).float() - base.read(bias_name).float() if bias_changed
                         else torch.zeros(out_features))
-                spool.add(TensorSpec(keys.bias, code, (out_features,)), bias.to(out_dtype))
+                spool.add(keys.bias, bias.to(out_dtype))
             modules.append(ModuleReport(module=module, shape=[out_features, in_features], bias=bias_changed, **figures))
     return modules, unchanged, delta_bytes
 
@@ -269,30 +264,6 @@ def _factor_module(base_weight: torch.Tensor, tuned_weight: torch.Tensor, module
     figures = {"rank": f.rank, "retained": f.retained, "rel_error": f.rel_error, "delta_norm": f.delta_norm,
                "capped": f.capped, "size_capped": f.size_capped, "noise_floor": f.noise_floor}
     return f.b, f.a, figures
-
-
-class _Spool:
-    """An anonymous scratch file beside OUT holding the factors until the adapter's layout is known."""
-
-    def __init__(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        self._file: BinaryIO = tempfile.TemporaryFile(dir=folder)  # noqa: SIM115  (closed by close())
-        self.offsets: dict[str, tuple[TensorSpec, int]] = {}
-
-    def add(self, spec: TensorSpec, tensor: torch.Tensor) -> None:
-        offset = self._file.seek(0, 2)
-        self._file.write(memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
-        self.offsets[spec.name] = (spec, offset)
-
-    def read(self, name: str) -> torch.Tensor:
-        spec, offset = self.offsets[name]
-        self._file.seek(offset)
-        data = bytearray(spec.nbytes)
-        self._file.readinto(data)
-        return torch.frombuffer(data, dtype=torch.uint8).view(torch_dtype(spec.dtype)).reshape(spec.shape)
-
-    def close(self) -> None:
-        self._file.close()
 
 
 def _saved_whole(base: Checkpoint, tuned: Checkpoint, plan: ExtractPlan, cfg: ExtractConfig, notes: list[str], *,
@@ -372,10 +343,8 @@ def _adapter_config(cfg: ExtractConfig, base: Checkpoint, plan: ExtractPlan, mod
     return config
 
 
-def _write_adapter(folder: Path, config: dict[str, object], spool: _Spool, tuned: Checkpoint,
+def _write_adapter(folder: Path, config: dict[str, object], spool: TensorSpool, tuned: Checkpoint,
                    saved: dict[str, str]) -> CheckpointWriter:
     """Write the adapter: the spooled factors, then whole tensors ``saved`` (key -> tuned tensor)."""
-    specs = [spec for spec, _ in spool.offsets.values()]
-    specs += [TensorSpec(key, tuned[src].dtype, tuned[src].shape) for key, src in saved.items()]
-    return write_adapter(folder, config, specs,
-                         lambda name: spool.read(name) if name in spool.offsets else tuned.read(saved[name]))
+    specs = [*spool.specs(), *(TensorSpec(key, tuned[src].dtype, tuned[src].shape) for key, src in saved.items())]
+    return write_adapter(folder, config, specs, lambda name: spool.read(name) if name in spool else tuned.read(saved[name]))

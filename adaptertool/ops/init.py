@@ -23,8 +23,8 @@ from __future__ import annotations
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import torch
 from tqdm import tqdm
 
 from adaptertool.adapters.init import (
@@ -43,22 +43,21 @@ from adaptertool.io import (
     DEFAULT_MAX_SHARD_BYTES,
     FLOAT_CODES,
     Checkpoint,
-    CheckpointWriter,
     TensorSpec,
     check_output,
     dtype_code,
     open_checkpoint,
     staged_output,
+    torch_dtype,
     write_adapter,
 )
 from adaptertool.io.hub_ids import source_name
 from adaptertool.ops.measure import Stopwatch, peak_rss_bytes
-from adaptertool.ops.options import check_float_dtype
 from adaptertool.ops.model_files import write_model_files
+from adaptertool.ops.options import check_float_dtype
+from adaptertool.ops.stream import stream_checkpoint
 from adaptertool.ops.targets import is_embedding, module_seed, targeted, task_type
 
-if TYPE_CHECKING:
-    import torch
 
 __all__ = ["METHODS", "InitConfig", "InitReport", "init_adapter"]
 
@@ -215,8 +214,6 @@ def _plan_targets(base: Checkpoint, cfg: InitConfig) -> dict[str, _Target]:
 def _factors(base: Checkpoint, module: str, target: _Target, cfg: InitConfig, *,
              weight: torch.Tensor | None = None) -> InitFactors:
     """The module's initial factors; reads the weight (unless given) only when the method needs it."""
-    import torch
-
     generator = torch.Generator().manual_seed(module_seed(cfg.seed, module))
     rows, cols = base[target.weight].shape
     if target.embedding:
@@ -234,8 +231,6 @@ def _factors(base: Checkpoint, module: str, target: _Target, cfg: InitConfig, *,
 def _add_module(tensors: dict[str, torch.Tensor], module: str, factors: InitFactors, base: Checkpoint,
                 target: _Target, cfg: InitConfig, *, stored: torch.Tensor | None = None) -> None:
     """Add one module's adapter tensors; ``stored`` is the weight the adapter will sit on, when already read."""
-    import torch
-
     out_dtype = cfg.dtype or torch.float32
     keys = lora_keys(module, embedding=target.embedding)
     a = tensors[keys.a] = factors.a.to(out_dtype)
@@ -254,29 +249,26 @@ def _write_residual(tmp: Path, base: Checkpoint, targets: dict[str, _Target], te
 
     Returns (reconstruction error, residual files, tensors copied byte for byte).
     """
-    from adaptertool.io import torch_dtype
-
     by_weight = {t.weight: module for module, t in targets.items()}
-    writer = CheckpointWriter(tmp, base.specs(), max_shard_bytes=cfg.max_shard_bytes,
-                              metadata={**base.metadata, "format": "pt"})
     worst = 0.0
-    copied = 0
-    with writer, tqdm(total=writer.total_bytes, unit="B", unit_scale=True, desc=cfg.method, disable=not progress) as bar:
-        for spec in writer.order:
-            module = by_weight.get(spec.name)
-            if module is None:
-                writer.copy(spec.name, base)
-                copied += 1
-            else:
-                weight = base.read(spec.name)
-                factors = _factors(base, module, targets[module], cfg, weight=weight)
-                residual = weight if factors.residual is None else factors.residual.to(torch_dtype(spec.dtype))
-                writer.write(spec.name, residual)
-                _add_module(tensors, module, factors, base, targets[module], cfg, stored=residual)
-                worst = max(worst, _reconstruction_error(weight, residual, factors, cfg.scaling, targets[module]))
-            bar.update(spec.nbytes)
+
+    def residual(spec: TensorSpec) -> torch.Tensor | None:
+        nonlocal worst
+        module = by_weight.get(spec.name)
+        if module is None:
+            return None
+        weight = base.read(spec.name)
+        factors = _factors(base, module, targets[module], cfg, weight=weight)
+        stored = weight if factors.residual is None else factors.residual.to(torch_dtype(spec.dtype))
+        _add_module(tensors, module, factors, base, targets[module], cfg, stored=stored)
+        worst = max(worst, _reconstruction_error(weight, stored, factors, cfg.scaling, targets[module]))
+        return stored
+
+    done = stream_checkpoint(base, tmp, base.specs(), max_shard_bytes=cfg.max_shard_bytes,
+                             metadata={**base.metadata, "format": "pt"}, produce=residual, desc=cfg.method,
+                             progress=progress)
     write_model_files(base.root, tmp)
-    return worst, sorted(p.name for p in tmp.iterdir()), copied
+    return worst, sorted(p.name for p in tmp.iterdir()), done.copied
 
 
 def _reconstruction_error(weight: torch.Tensor, residual: torch.Tensor, factors: InitFactors, scaling: float,

@@ -13,20 +13,18 @@ import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from tqdm import tqdm
-
+import torch
 from adaptertool.errors import AdapterToolError
 from adaptertool.io import (
     DEFAULT_MAX_SHARD_BYTES,
-    CheckpointWriter,
     TensorSource,
     TensorSpec,
     cast_specs,
     check_output,
     code_of_name,
     dtype_code,
+    dtype_name,
     is_adapter,
     open_checkpoint,
     read_json,
@@ -41,9 +39,8 @@ from adaptertool.ops.measure import Stopwatch, peak_rss_bytes
 from adaptertool.ops.merge_plan import ReplaceStep, Step, Target, UpdateStep, plan_targets
 from adaptertool.ops.model_files import write_model_files
 from adaptertool.ops.options import check_device, check_float_dtype, resolve_device
+from adaptertool.ops.stream import stream_checkpoint
 
-if TYPE_CHECKING:
-    import torch
 
 __all__ = ["MergeConfig", "MergeReport", "merge", "subtract"]
 
@@ -125,20 +122,20 @@ def _merge(cfg: MergeConfig, *, progress: bool, then_requantize: bool) -> MergeR
                 )
             specs = _output_specs(base, plan.extra, cfg.dtype)
             inputs = [cfg.base, *(a.path for a in adapters)]
+            merged = _Merger(base, plan.targets, adapters, device)
             with staged_output(cfg.out, force=cfg.force, inputs=inputs) as tmp:
-                writer = CheckpointWriter(tmp, specs, max_shard_bytes=cfg.max_shard_bytes,
-                                          metadata=_metadata(base.metadata, cfg))
-                with writer:
-                    counts = _stream(base, writer, plan.targets, adapters, device=device, progress=progress)
+                done = stream_checkpoint(base, tmp, specs, max_shard_bytes=cfg.max_shard_bytes,
+                                         metadata=_metadata(base.metadata, cfg), produce=merged, desc="merge",
+                                         progress=progress, postfix="merged")
                 side = write_model_files(base.root, tmp, dtype=cfg.dtype, untie=bool(plan.extra),
                                          drop_quantization=fourbit is not None)
     finally:
         for adapter in adapters:
             adapter.close()
     return MergeReport(
-        out=str(cfg.out), files=[f.name for f in writer.files], adapters=[str(a.path) for a in adapters],
-        merged=counts["merged"], replaced=counts["replaced"], copied=counts["copied"], cast=counts["cast"],
-        dtype=str(cfg.dtype).removeprefix("torch.") if cfg.dtype else "as base", device=str(device),
+        out=str(cfg.out), files=done.files, adapters=[str(a.path) for a in adapters],
+        merged=done.produced - merged.replaced, replaced=merged.replaced, copied=done.copied, cast=done.cast,
+        dtype=dtype_name(cfg.dtype) if cfg.dtype else "as base", device=str(device),
         side_files=side, notes=plan.notes, seconds=clock.seconds, peak_rss_bytes=peak_rss_bytes(),
     )
 
@@ -217,45 +214,35 @@ class _Workspace:
         self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
     def get(self, role: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        import torch
-
         buffer = self._buffers.get((role, dtype))
         if buffer is None or buffer.numel() < numel:
             buffer = self._buffers[(role, dtype)] = torch.empty(numel, dtype=dtype)
         return buffer[:numel]
 
 
-def _stream(base: TensorSource, writer: CheckpointWriter, targets: dict[str, Target], adapters: list[LoadedAdapter],
-            *, device: torch.device, progress: bool) -> dict[str, int]:
-    """Write every output tensor: merged, copied byte for byte, or cast (as are tensors whose stored
-    bytes are not the tensor, a 4-bit view's weights, which the base decodes when read)."""
-    import torch
+class _Merger:
+    """merge's ``produce`` hook: each target tensor read once, updated by its steps, rounded once."""
 
-    counts = {"merged": 0, "replaced": 0, "copied": 0, "cast": 0}
-    space = _Workspace()
-    with tqdm(total=writer.total_bytes, unit="B", unit_scale=True, desc="merge", disable=not progress) as bar:
-        for spec in writer.order:
-            bar.set_postfix_str(f"{counts['merged']} merged", refresh=False)
-            out_dtype = torch_dtype(spec.dtype)
-            if spec.name in targets:
-                source, steps = targets[spec.name].source, targets[spec.name].steps
-                weight = base.read(source, buffer=space.get("read", base[source].nbytes, torch.uint8))
-                only = steps[0]
-                if (device.type == "cpu" and len(steps) == 1 and isinstance(only, UpdateStep) and not only.bias
-                        and only.update.blockwise):
-                    tensor = _merge_blockwise(weight, only, adapters, space, out_dtype)
-                else:
-                    tensor = _apply(weight, steps, adapters, device).to(out_dtype)
-                counts["replaced" if isinstance(steps[-1], ReplaceStep) else "merged"] += 1
-                writer.write(spec.name, tensor)
-            elif base[spec.name].dtype == spec.dtype and base.copyable(spec.name):
-                writer.copy(spec.name, base)
-                counts["copied"] += 1
-            else:
-                writer.write(spec.name, base.read(spec.name).to(out_dtype))
-                counts["cast"] += 1
-            bar.update(spec.nbytes)
-    return counts
+    def __init__(self, base: TensorSource, targets: dict[str, Target], adapters: list[LoadedAdapter],
+                 device: torch.device) -> None:
+        self.base, self.targets, self.adapters, self.device = base, targets, adapters, device
+        self.space = _Workspace()
+        self.replaced = 0  # targets whose last step replaces them (modules_to_save)
+
+    def __call__(self, spec: TensorSpec) -> torch.Tensor | None:
+        target = self.targets.get(spec.name)
+        if target is None:
+            return None  # copied byte for byte, or cast (as is a 4-bit view's weight, decoded when read)
+        source, steps = target.source, target.steps
+        weight = self.base.read(source, buffer=self.space.get("read", self.base[source].nbytes, torch.uint8))
+        out_dtype = torch_dtype(spec.dtype)
+        only = steps[0]
+        if isinstance(steps[-1], ReplaceStep):
+            self.replaced += 1
+        if (self.device.type == "cpu" and len(steps) == 1 and isinstance(only, UpdateStep) and not only.bias
+                and only.update.blockwise):
+            return _merge_blockwise(weight, only, self.adapters, self.space, out_dtype)
+        return _apply(weight, steps, self.adapters, self.device).to(out_dtype)
 
 
 def _merge_blockwise(weight: torch.Tensor, step: UpdateStep, adapters: list[LoadedAdapter], space: _Workspace,

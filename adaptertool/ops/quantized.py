@@ -11,14 +11,13 @@ work on 4-bit bases unchanged.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
 
-from adaptertool.io import Checkpoint, TensorInfo, TensorSpec, code_of_name
+from adaptertool.io import Checkpoint, TensorInfo, TensorSpec, TensorTable, code_of_name
 from adaptertool.quant import (
     FourBitState,
     QuantizedKeys,
@@ -56,8 +55,8 @@ def read_quantized_state(ckpt: Checkpoint, keys: QuantizedKeys) -> FourBitState:
     return read_state(ckpt.read, keys, source=str(ckpt[keys.quant_state].file))
 
 
-class QuantizedView:
-    """Read-only, checkpoint-like view: ``in``, ``[name]``, iteration, ``specs()``, ``read()``, ``copy_bytes()``."""
+class QuantizedView(TensorTable):
+    """Read-only, checkpoint-like view: a :class:`~adaptertool.io.TensorSource` over ``ckpt``."""
 
     path: Path
 
@@ -83,18 +82,6 @@ class QuantizedView:
     @property
     def metadata(self) -> dict[str, str]:
         return self.checkpoint.metadata
-
-    def __contains__(self, name: object) -> bool:
-        return name in self.tensors
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.tensors)
-
-    def __getitem__(self, name: str) -> TensorInfo:
-        return self.tensors[name]
-
-    def specs(self) -> list[TensorSpec]:
-        return [info.spec for info in self.tensors.values()]
 
     def read(self, name: str, *, buffer: torch.Tensor | None = None) -> torch.Tensor:
         """A plain tensor; quantised weights come back dequantised to the dtype they were quantised from."""

@@ -9,20 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tqdm import tqdm
-
-from adaptertool.io import (
-    DEFAULT_MAX_SHARD_BYTES,
-    CheckpointWriter,
-    cast_specs,
-    dtype_code,
-    open_checkpoint,
-    staged_output,
-    torch_dtype,
-)
+from adaptertool.io import DEFAULT_MAX_SHARD_BYTES, cast_specs, dtype_code, open_checkpoint, staged_output
 from adaptertool.ops.measure import Stopwatch, peak_rss_bytes
 from adaptertool.ops.model_files import write_model_files
 from adaptertool.ops.options import check_float_dtype
+from adaptertool.ops.stream import stream_checkpoint
 
 if TYPE_CHECKING:  # torch is only needed (and imported by the reader) when a tensor is cast
     import torch
@@ -60,20 +51,11 @@ def reshard(cfg: ReshardConfig, *, progress: bool = False) -> ReshardReport:
     with open_checkpoint(cfg.source) as source:
         specs = cast_specs(source.specs(), dtype_code(cfg.dtype) if cfg.dtype is not None else None)
         with staged_output(cfg.out, force=cfg.force, inputs=[cfg.source]) as tmp:
-            metadata = {**source.metadata, "format": "pt"}  # keep the user's metadata; loaders need format=pt
-            writer = CheckpointWriter(tmp, specs, max_shard_bytes=cfg.max_shard_bytes, metadata=metadata)
-            copied = 0
-            with writer, tqdm(total=writer.total_bytes, unit="B", unit_scale=True, desc="reshard", disable=not progress) as bar:
-                for spec in writer.order:
-                    if spec == source[spec.name].spec:
-                        writer.copy(spec.name, source)
-                        copied += 1
-                    else:
-                        writer.write(spec.name, source.read(spec.name).to(torch_dtype(spec.dtype)))
-                    bar.update(spec.nbytes)
+            done = stream_checkpoint(source, tmp, specs, max_shard_bytes=cfg.max_shard_bytes,
+                                     metadata={**source.metadata, "format": "pt"},  # the user's, and format=pt for loaders
+                                     desc="reshard", progress=progress)
             side = write_model_files(source.root, tmp, dtype=cfg.dtype)
     return ReshardReport(
-        out=str(cfg.out), files=[f.name for f in writer.files], tensors=len(specs), copied=copied,
-        cast=len(specs) - copied, bytes_written=writer.total_bytes, side_files=side,
-        seconds=clock.seconds, peak_rss_bytes=peak_rss_bytes(),
+        out=str(cfg.out), files=done.files, tensors=len(specs), copied=done.copied, cast=done.cast,
+        bytes_written=done.bytes_written, side_files=side, seconds=clock.seconds, peak_rss_bytes=peak_rss_bytes(),
     )

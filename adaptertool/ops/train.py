@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from adaptertool.errors import AdapterToolError
 from adaptertool.io import (
     TensorSpec,
@@ -54,8 +56,6 @@ from adaptertool.train.loop import (
 from adaptertool.train.schedule import SCHEDULES, warmup_steps
 
 if TYPE_CHECKING:
-    import torch
-
     from adaptertool.train.lora import LoraSpec
     from adaptertool.train.model import Decoder
 
@@ -163,8 +163,6 @@ def train(cfg: TrainConfig, *, progress: bool = False) -> TrainReport:
             decoder does not support, a resume with other options, or a NaN/Inf loss (OUT is not
             written; the message names the last good checkpoint).
     """
-    import torch
-
     from adaptertool.train.state import load_state
     from adaptertool.train.weights import load_decoder
 
