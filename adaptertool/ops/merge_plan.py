@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from adaptertool.adapters.modules import ModuleUpdate, ia3_fits
 from adaptertool.adapters.peft_keys import full_tensor_name
 from adaptertool.errors import AdapterToolError
-from adaptertool.io import TensorSource, read_json
+from adaptertool.io import FLOAT_CODES, TensorSource, read_json
 from adaptertool.ops.adapter_inputs import AdapterModule, LoadedAdapter, check_finite, plan_adapter
 
 __all__ = ["MergePlan", "ReplaceStep", "Step", "Target", "UpdateStep", "plan_targets"]
@@ -89,14 +89,14 @@ def _add_module(plan: MergePlan, base: TensorSource, tied: str | None, index: in
             )
         raise AdapterToolError(f"{adapter.path}: {what} updates are not additive; a weight other than 1 is not defined for them")
     scale = -adapter.weight if subtract else adapter.weight
-    _steps(plan, target).append(UpdateStep(index, update, scale))
+    _steps(plan, base, target).append(UpdateStep(index, update, scale))
     if update.changes_bias or (update.kind == "ia3" and tuple(shapes["ia3_l"])[1:] == (1,)):
         bias = _base_name(f"{module}.bias", base)
         if bias is None:
             if update.changes_bias:
                 raise AdapterToolError(f"{adapter.path}: {module} has a lora_B.bias but the base has no {module}.bias")
             return  # IA3 on a bias-free layer rescales the weight only
-        _steps(plan, bias).append(UpdateStep(index, update, scale, bias=True))
+        _steps(plan, base, bias).append(UpdateStep(index, update, scale, bias=True))
 
 
 def _add_replacement(plan: MergePlan, base: TensorSource, tied: str | None, index: int, adapter: LoadedAdapter,
@@ -113,7 +113,7 @@ def _add_replacement(plan: MergePlan, base: TensorSource, tied: str | None, inde
             f"{adapter.path}: saved tensor {key} has shape {list(adapter.weights[key].shape)} but {target} in the base "
             f"has {list(base_shape)}; was the adapter made for another model?"
         )
-    steps = _steps(plan, target)
+    steps = _steps(plan, base, target)
     if steps:
         raise AdapterToolError(f"{adapter.path}: {key} would replace {target}, which an earlier adapter already changes")
     steps.append(ReplaceStep(index, key))
@@ -138,9 +138,18 @@ def _source(plan: MergePlan, target: str) -> str:
     return plan.extra.get(target, target)
 
 
-def _steps(plan: MergePlan, target: str) -> list[Step]:
+def _steps(plan: MergePlan, base: TensorSource, target: str) -> list[Step]:
     if target not in plan.targets:
-        plan.targets[target] = Target(_source(plan, target))
+        source = _source(plan, target)
+        info = base[source]
+        if info.dtype not in FLOAT_CODES:
+            # Quantised codes (FP8, int8...) whose scales live in other tensors: adding a delta to the
+            # codes would write garbage, so a format the base's view does not decode is refused.
+            raise AdapterToolError(
+                f"{info.file}: tensor {source} is stored as {info.dtype}, quantised in a way merge does not decode; "
+                "dequantize the base with the tool that quantised it, then merge into that"
+            )
+        plan.targets[target] = Target(source)
     return plan.targets[target].steps
 
 

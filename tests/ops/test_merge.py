@@ -260,6 +260,17 @@ def _refused(base: Path, adapter: Path, match: str, tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def test_codes_of_an_undecoded_format_are_refused(tmp_path: Path) -> None:
+    # An FP8 weight whose scale tensor is missing: adding a delta to the codes would write garbage.
+    base, adapter = _make(tmp_path, "lora", torch.float32)
+    tensors = load_file(base / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    tensors[name] = tensors[name].to(torch.float8_e4m3fn)
+    save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
+    _refused(base, adapter, rf"model\.safetensors: tensor {name} is stored as F8_E4M3, quantised in a way merge does "
+             "not decode; dequantize the base", tmp_path)
+
+
 def test_adapter_for_another_model(tmp_path: Path) -> None:
     base, adapter = _edited_adapter(tmp_path, tensors=lambda w: {k: torch.cat([v, v], -1) if "lora_A" in k else v for k, v in w.items()})
     _refused(base, adapter, r"edited: module model\.layers\.\d\.\w+\.\w+_proj implies shape \[\d+, \d+\] for model\.layers\.\S+\.weight, "
