@@ -21,13 +21,13 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # The owning libraries the tests compare against (the test extra). Without them the suite's
 # pytest.importorskip calls would skip some 30 modules and tests quietly and the run would pass
 # having compared nothing, so a missing or broken oracle fails the run instead.
-ORACLES = ("peft", "transformers", "bitsandbytes")
+ORACLES = ("peft", "transformers", "bitsandbytes", "compressed_tensors")
 INSTALL = "pip install -c constraints.txt -e '.[test]'"
 _ORACLE_SKIP = re.compile(r"(?:Skipped: )?could not import '((%s)(?:\.[\w.]+)?)': (.*)" % "|".join(ORACLES))
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # find_spec only looks the packages up: importing all three costs seconds that a run of one
+    # find_spec only looks the packages up: importing them all costs seconds that a run of one
     # test file should not pay. A package that is present but fails to import is caught where a
     # test imports it (the two hooks below).
     missing = [name for name in ORACLES if importlib.util.find_spec(name) is None]

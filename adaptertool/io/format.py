@@ -54,6 +54,7 @@ DTYPES: dict[str, tuple[int, str]] = {
     "BOOL": (1, "bool"),
     "F8_E4M3": (1, "float8_e4m3fn"),
     "F8_E5M2": (1, "float8_e5m2"),
+    "F8_E8M0": (1, "float8_e8m0fnu"),  # power-of-two scales (FP8 ue8m0); torch >= 2.7
     "C64": (8, "complex64"),
 }
 

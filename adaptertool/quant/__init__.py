@@ -1,4 +1,4 @@
-"""NF4/FP4 quantisation maths and the bitsandbytes 4-bit checkpoint layout (pure tensors)."""
+"""Quantised weight formats as pure tensor maths: bitsandbytes NF4/FP4, FP8 (block, channel, tensor) and MXFP4."""
 
 from adaptertool.quant.bnb_format import (
     FLOAT_DTYPES,
@@ -16,6 +16,25 @@ from adaptertool.quant.fourbit import (
     dequantize_4bit,
     packed_size,
     quantize_4bit,
+)
+from adaptertool.quant.fp8 import (
+    FP8_MAX,
+    Fp8Format,
+    Fp8Scheme,
+    dequantize_fp8,
+    find_fp8_weights,
+    fp8_format,
+    fp8_scale_key,
+    quantize_fp8,
+    requantize_fp8,
+)
+from adaptertool.quant.mxfp4 import (
+    E2M1_VALUES,
+    MXFP4_GROUP_SIZE,
+    Mxfp4Weight,
+    dequantize_mxfp4,
+    find_mxfp4_weights,
+    quantize_mxfp4,
 )
 from adaptertool.quant.nested import (
     NESTED_BLOCKSIZE,
@@ -47,11 +66,17 @@ from adaptertool.quant.tables import (
 
 __all__ = [
     "BLOCKSIZES",
+    "E2M1_VALUES",
     "FLOAT_DTYPES",
+    "FP8_MAX",
+    "MXFP4_GROUP_SIZE",
     "NESTED_BLOCKSIZE",
     "QUANT_TYPES",
     "Codebook",
     "FourBitState",
+    "Fp8Format",
+    "Fp8Scheme",
+    "Mxfp4Weight",
     "NestedAbsmax",
     "NestedCodebook",
     "QuantizedKeys",
@@ -64,12 +89,18 @@ __all__ = [
     "codebook",
     "dequantize_4bit",
     "dequantize_absmax",
+    "dequantize_fp8",
+    "dequantize_mxfp4",
     "dequantize_stored",
     "dequantize_weight",
     "dynamic_map",
     "entry_layout",
+    "find_fp8_weights",
+    "find_mxfp4_weights",
     "find_quantized_weights",
     "fourbit_values",
+    "fp8_format",
+    "fp8_scale_key",
     "matches_module",
     "nearest_codes",
     "nested_codebook",
@@ -78,8 +109,11 @@ __all__ = [
     "quantization_config",
     "quantize_4bit",
     "quantize_absmax",
+    "quantize_fp8",
+    "quantize_mxfp4",
     "quantize_weight",
     "read_state",
     "read_stored",
+    "requantize_fp8",
     "select_weights",
 ]

@@ -155,7 +155,7 @@ def test_dtype_codes_match_safetensors(dtype: torch.dtype) -> None:
     # Oracles: the header safetensors.torch writes, and torch's own itemsize.
     written = _safetensors_code(dtype)
     if written is None or written[0] not in FORMAT_DTYPES:
-        # Not in our table (sub-byte ints, quantised, FNUZ/E8M0 floats, F4): refused, never guessed.
+        # Not in our table (sub-byte ints, quantised, FNUZ floats, F4): refused, never guessed.
         with pytest.raises(AdapterToolError, match="has no safetensors code"):
             dtype_code(dtype)
         return
