@@ -113,10 +113,10 @@ def tiny_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_lora_adapter(tmp_path_factory.mktemp("adapter") / "lora", TINY, rank=4, alpha=8.0)
 
 
-def _builder() -> ModuleType:
-    # fixtures/ is a folder of scripts, not a package: load the real-model builder from its path.
-    path = Path(__file__).resolve().parents[1] / "fixtures" / "build_real_models.py"
-    spec = importlib.util.spec_from_file_location("build_real_models", path)
+def _builder(name: str = "build_real_models") -> ModuleType:
+    # fixtures/ is a folder of scripts, not a package: load a builder from its path.
+    path = Path(__file__).resolve().parents[1] / "fixtures" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -135,6 +135,21 @@ def smollm2_tuned(smollm2: Path) -> Path:
     """A short real full fine-tune of ``smollm2`` (AdamW on every parameter), saved like it (cached)."""
     builder = _builder()
     return builder.build("smollm2-tuned", builder.default_cache_dir())
+
+
+@pytest.fixture(scope="session")
+def moe_fixtures() -> Path:
+    """Tiny MoE models (fixtures/build_moe.py): ``<family>/{per-expert,fused}/``, ``<family>/adapters/<name>/``
+    and ``<family>/oracles/<name>/`` (PEFT's float32 merge of that adapter); cached, a fresh build takes seconds."""
+    return _builder("build_moe").build()
+
+
+@pytest.fixture(scope="session")
+def fp8_fixtures() -> Path:
+    """Tiny FP8 / MXFP4 models (fixtures/build_fp8.py): ``manifest.json`` and per case
+    ``<case>/{quantized,bf16,adapter}/`` (block FP8 incl. partial edge blocks and ue8m0, compressed-tensors
+    FP8, gpt-oss MXFP4; each with its bf16 original and a LoRA made against it); cached."""
+    return _builder("build_fp8").build()
 
 
 @pytest.fixture(scope="session")

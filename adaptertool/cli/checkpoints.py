@@ -52,10 +52,21 @@ def _info_text(r: InfoReport) -> str:
     q = r.quantization
     if q is not None:
         kinds = "/".join(sorted(q.quant_types)).upper()
-        sizes = "/".join(str(b) for b in sorted(q.blocksizes))
+        sizes = "/".join(sorted(q.blocksizes, key=lambda b: (len(b), b)))
+        how = f"blocksize {sizes}" if q.method == "bitsandbytes" else f"per scale {sizes}, {q.scale_format} scales"
         double = ", double-quant" if q.double_quant else ""
-        lines.append(f"  quantized {q.weights} weights {kinds} (blocksize {sizes}{double}): "
+        lines.append(f"  quantized {q.weights} weights {kinds} ({how}{double}): "
                      f"{human_bytes(q.stored_bytes)} for {human_bytes(q.original_bytes)}, {human_bytes(q.bytes_saved)} saved")
+        if q.skip_modules:
+            lines.append(f"  kept unquantised: {', '.join(q.skip_modules)}")
+    e = r.experts
+    if e is not None:
+        active = f", {e.experts_per_token} active" if e.experts_per_token else ""
+        shared = f", shared {', '.join(e.shared)}" if e.shared else ""
+        dense = f", dense layers {', '.join(map(str, e.dense_layers))}" if e.dense_layers else ""
+        lines.append(f"  experts {e.experts} per layer{active} ({e.layout}, {e.family}) in {len(e.moe_layers)} layers, "
+                     f"router {', '.join(e.router) or '-'}{shared}{dense}")
+    lines += [f"  note: {note}" for note in r.notes]
     a = r.adapter
     if a is not None:
         ranks = "/".join(map(str, a.ranks)) or "?"

@@ -32,7 +32,8 @@ def _merge_options(f: F) -> F:
         click.option("--dtype", type=click.Choice(["auto", *sorted(DTYPE_CODES)]), default="auto", show_default=True,
                      help="Output float dtype; auto keeps the base's."),
         click.option("--requantize/--no-requantize", default=False, show_default=True,
-                     help="4-bit base: quantise the result again with the base's settings [default: write 16-bit]."),
+                     help="Quantised base (bitsandbytes 4-bit, FP8, MXFP4): write the result in the base's format and settings "
+                          "again [default: write it dequantised]."),
         shard_option,
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True,
                      help="Where deltas are computed (the output is the same; cuda is faster on big ranks)."),
@@ -44,7 +45,7 @@ def _merge_options(f: F) -> F:
 
 def _merge_summary(verb: str) -> Callable[[Any], str]:
     def render(r: Any) -> str:
-        cast = f"{r.cast} cast " + (f"to {r.dtype}" if r.dtype != "as base" else "from 4-bit")
+        cast = f"{r.cast} cast " + (f"to {r.dtype}" if r.dtype != "as base" else "or decoded")
         counts = [f"{r.merged} tensors changed", f"{r.replaced} replaced" if r.replaced else "",
                   f"{r.copied} copied" if r.copied else "", cast if r.cast else ""]
         return "\n".join([

@@ -48,6 +48,14 @@ class TensorSpool(TensorTable):
         self.tensors[name] = TensorInfo(spec, self.path, self._end)
         self._end += spec.nbytes
 
+    def drop(self, name: str) -> None:
+        """Forget tensor ``name``; once none is left the file is emptied, so the spool's disk is that
+        of the tensors pending at one time, not of all it ever held."""
+        del self.tensors[name]
+        if not self.tensors:
+            self._file.truncate(0)
+            self._end = 0
+
     def read(self, name: str, *, buffer: torch.Tensor | None = None) -> torch.Tensor:
         return read_range(self._file, self.tensors[name], buffer=buffer)
 

@@ -35,6 +35,7 @@ from adaptertool.adapters.svd import RankPolicy, break_even_rank, factor_delta, 
 from adaptertool.errors import AdapterToolError
 from adaptertool.io import (
     Checkpoint,
+    TensorSource,
     CheckpointWriter,
     TensorSpec,
     TensorSpool,
@@ -56,6 +57,7 @@ from adaptertool.ops.extract_plan import (
 )
 from adaptertool.ops.measure import Stopwatch, peak_rss_bytes
 from adaptertool.ops.options import SvdSettings, check_device, check_float_dtype, resolve_device
+from adaptertool.ops.quantized import open_quantized_view, read_values
 from adaptertool.ops.targets import module_seed, task_type
 
 __all__ = ["ExtractConfig", "ExtractReport", "ModuleReport", "extract"]
@@ -159,9 +161,15 @@ def extract(cfg: ExtractConfig, *, progress: bool = False) -> ExtractReport:
     out_dtype = cfg.dtype or torch.float32
     # Refuse an existing OUT now, not after minutes of SVDs (staged_output checks again at the end).
     check_output(cfg.out, force=cfg.force, inputs=[cfg.base, cfg.tuned])
-    with open_checkpoint(cfg.base) as base, open_checkpoint(cfg.tuned) as tuned:
+    with open_checkpoint(cfg.base) as stored, open_checkpoint(cfg.tuned) as tuned:
+        # A quantised BASE (FP8, MXFP4, 4-bit) counts as the model it encodes: deltas against its values.
+        view = open_quantized_view(stored)
+        base = stored if view is None else view
         plan = plan_extract(base, tuned, cfg)
         notes = dtype_notes(base, tuned)
+        if view is not None:
+            kinds = " and ".join(f"{n} {scheme.upper()}" for scheme, n in sorted(view.schemes().items()))
+            notes.append(f"BASE holds {kinds} weights: deltas are taken against their dequantised values")
         with TensorSpool(cfg.out.resolve().parent) as spool:
             modules, unchanged, delta_bytes = _factor_all(base, tuned, plan, cfg, spool, device=device,
                                                           out_dtype=out_dtype, progress=progress)
@@ -190,7 +198,7 @@ def extract(cfg: ExtractConfig, *, progress: bool = False) -> ExtractReport:
     return report
 
 
-def _factor_all(base: Checkpoint, tuned: Checkpoint, plan: ExtractPlan, cfg: ExtractConfig, spool: TensorSpool, *,
+def _factor_all(base: TensorSource, tuned: Checkpoint, plan: ExtractPlan, cfg: ExtractConfig, spool: TensorSpool, *,
                 device: torch.device, out_dtype: torch.dtype, progress: bool) -> tuple[list[ModuleReport], list[str], int]:
     """Factor every changed targeted module into ``spool``; (reports, unchanged modules, delta bytes)."""
     modules: list[ModuleReport] = []
@@ -209,7 +217,7 @@ def _factor_all(base: Checkpoint, tuned: Checkpoint, plan: ExtractPlan, cfg: Ext
             bias_name = f"{module}.bias"
             bias_changed = bias_name in base and changed(base, tuned, bias_name)
             transpose = module in plan.transposed
-            factored = _factor_module(base.read(name), tuned.read(name), module, cfg, device=device, transpose=transpose,
+            factored = _factor_module(read_values(base, name), tuned.read(name), module, cfg, device=device, transpose=transpose,
                                       factor_bytes=out_dtype.itemsize)
             bar.update(base[name].nbytes)
             if factored is None and not bias_changed:
@@ -266,7 +274,7 @@ def _factor_module(base_weight: torch.Tensor, tuned_weight: torch.Tensor, module
     return f.b, f.a, figures
 
 
-def _saved_whole(base: Checkpoint, tuned: Checkpoint, plan: ExtractPlan, cfg: ExtractConfig, notes: list[str], *,
+def _saved_whole(base: TensorSource, tuned: Checkpoint, plan: ExtractPlan, cfg: ExtractConfig, notes: list[str], *,
                  extracted: bool) -> tuple[dict[str, str], list[NormReport]]:
     """The changed tensors saved whole, {adapter key without prefix: tuned tensor}, and the norm
     reports among them; appends to ``notes`` what changed but stays out.
@@ -286,7 +294,7 @@ def _saved_whole(base: Checkpoint, tuned: Checkpoint, plan: ExtractPlan, cfg: Ex
     return saved, norms
 
 
-def _changed_embeddings(base: Checkpoint, tuned: Checkpoint, plan: ExtractPlan, cfg: ExtractConfig,
+def _changed_embeddings(base: TensorSource, tuned: Checkpoint, plan: ExtractPlan, cfg: ExtractConfig,
                         notes: list[str]) -> dict[str, str]:
     """{adapter key without prefix: tuned tensor} for the embeddings saved as modules_to_save."""
     saved: dict[str, str] = {}
@@ -305,7 +313,7 @@ def _changed_embeddings(base: Checkpoint, tuned: Checkpoint, plan: ExtractPlan, 
     return saved
 
 
-def _changed_norms(base: Checkpoint, tuned: Checkpoint, plan: ExtractPlan, changed_names: set[str]) -> list[NormReport]:
+def _changed_norms(base: TensorSource, tuned: Checkpoint, plan: ExtractPlan, changed_names: set[str]) -> list[NormReport]:
     """The norm modules with a changed tensor, each saved whole (PEFT copies the whole module)."""
     reports = []
     for module, names in plan.norms.items():
@@ -319,7 +327,7 @@ def _changed_norms(base: Checkpoint, tuned: Checkpoint, plan: ExtractPlan, chang
     return reports
 
 
-def _adapter_config(cfg: ExtractConfig, base: Checkpoint, plan: ExtractPlan, modules: list[ModuleReport],
+def _adapter_config(cfg: ExtractConfig, base: TensorSource, plan: ExtractPlan, modules: list[ModuleReport],
                     saved: dict[str, str]) -> dict[str, object]:
     extracted = {m.module for m in modules}
     targets: list[str] = []

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from adaptertool.errors import AdapterToolError
-from adaptertool.io import FLOAT_CODES, Checkpoint, dtype_code, read_json
+from adaptertool.io import FLOAT_CODES, Checkpoint, TensorSource, dtype_code, read_json
 from adaptertool.ops.targets import is_embedding, is_head, targeted
 
 if TYPE_CHECKING:  # extract imports this module; the types are only named here
@@ -45,7 +45,7 @@ class ExtractPlan:
     tied_head: bool = False  # lm_head.weight absent: the head is the input embedding
 
 
-def plan_extract(base: Checkpoint, tuned: Checkpoint, cfg: ExtractConfig) -> ExtractPlan:
+def plan_extract(base: TensorSource, tuned: Checkpoint, cfg: ExtractConfig) -> ExtractPlan:
     """Check that the two checkpoints are one architecture and sort their tensors by role.
 
     Raises:
@@ -83,7 +83,7 @@ def plan_extract(base: Checkpoint, tuned: Checkpoint, cfg: ExtractConfig) -> Ext
     return plan
 
 
-def _check_same_architecture(base: Checkpoint, tuned: Checkpoint, cfg: ExtractConfig) -> None:
+def _check_same_architecture(base: TensorSource, tuned: Checkpoint, cfg: ExtractConfig) -> None:
     for name in base:
         if name not in tuned:
             raise AdapterToolError(f"{cfg.tuned}: has no tensor {name}, which {cfg.base} has; are BASE and TUNED the same architecture?")
@@ -98,7 +98,7 @@ def _check_same_architecture(base: Checkpoint, tuned: Checkpoint, cfg: ExtractCo
         raise AdapterToolError(f"{cfg.tuned}: has tensor {extra}, which {cfg.base} lacks; are BASE and TUNED the same architecture?")
 
 
-def _norm_modules(base: Checkpoint, others: list[str]) -> dict[str, list[str]]:
+def _norm_modules(base: TensorSource, others: list[str]) -> dict[str, list[str]]:
     """{module: its tensors} for the modules among ``others`` that hold only 1-D float tensors, no
     submodule with bigger ones: norms (RMSNorm, LayerNorm). PEFT's modules_to_save copies a whole
     module, so only these are cheap to save whole; a Linear's bias alone cannot be saved that way."""
@@ -115,7 +115,7 @@ def _norm_modules(base: Checkpoint, others: list[str]) -> dict[str, list[str]]:
     return norms
 
 
-def _refuse_tied_embedding_lora(base: Checkpoint, tuned: Checkpoint, plan: ExtractPlan) -> None:
+def _refuse_tied_embedding_lora(base: TensorSource, tuned: Checkpoint, plan: ExtractPlan) -> None:
     for module in plan.embedding_lora:
         if plan.tied_head and module.endswith(TIED_INPUTS) and changed(base, tuned, plan.linear[module]):
             # The head would need the same update through a second LoRA on the one shared tensor,
@@ -130,7 +130,7 @@ def _is_embedding(name: str) -> bool:
     return is_embedding(module) or is_head(module)
 
 
-def _conv1d_layout(base: Checkpoint) -> bool:
+def _conv1d_layout(base: TensorSource) -> bool:
     """GPT-2 (and its Conv1D) stores every projection as (in, out), the transpose of nn.Linear."""
     if base.root is None or not (base.root / "config.json").is_file():
         return False
@@ -138,7 +138,7 @@ def _conv1d_layout(base: Checkpoint) -> bool:
     return config.get("model_type") == "gpt2" or any(str(a).startswith("GPT2") for a in config.get("architectures") or [])
 
 
-def changed(base: Checkpoint, tuned: Checkpoint, name: str) -> bool:
+def changed(base: TensorSource, tuned: Checkpoint, name: str) -> bool:
     """Whether tensor ``name`` holds other values in TUNED than in BASE."""
     return not same_values(base.read(name), tuned.read(name))
 
@@ -148,14 +148,14 @@ def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a, b) if a.dtype == b.dtype else torch.equal(a.float(), b.float())
 
 
-def dtype_notes(base: Checkpoint, tuned: Checkpoint) -> list[str]:
+def dtype_notes(base: TensorSource, tuned: Checkpoint) -> list[str]:
     """One note per (BASE dtype, TUNED dtype) pair that differs."""
     pairs = Counter((base[n].dtype, tuned[n].dtype) for n in base if base[n].dtype != tuned[n].dtype)
     return [f"{count} tensors are {b} in BASE but {t} in TUNED; deltas are taken in float32"
             for (b, t), count in sorted(pairs.items())]
 
 
-def dropped_notes(dropped: list[str], base: Checkpoint, plan: ExtractPlan) -> list[str]:
+def dropped_notes(dropped: list[str], base: TensorSource, plan: ExtractPlan) -> list[str]:
     """One note per kind of changed tensor that the adapter leaves out, saying what would carry it."""
     kinds: dict[tuple[str, str], list[str]] = {}
     for name in dropped:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import tempfile
+from collections import Counter
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from adaptertool.io import (
     DEFAULT_MAX_SHARD_BYTES,
     TensorSource,
     TensorSpec,
+    TensorSpool,
     cast_specs,
     check_output,
     code_of_name,
@@ -27,19 +30,29 @@ from adaptertool.io import (
     dtype_name,
     is_adapter,
     open_checkpoint,
-    read_json,
     scratch_prefix,
     staged_output,
     torch_dtype,
 )
 from adaptertool.io.hub_ids import source_name
 from adaptertool.ops.adapter_inputs import LoadedAdapter, load_adapter
-from adaptertool.ops.quantized import open_quantized_view
+from adaptertool.ops.quantized import QuantizedView, model_config, open_quantized_view, read_quantized_state, read_values
 from adaptertool.ops.measure import Stopwatch, peak_rss_bytes
-from adaptertool.ops.merge_plan import ReplaceStep, Step, Target, UpdateStep, plan_targets
+from adaptertool.ops.merge_plan import MergePlan, ReplaceStep, Step, Target, UpdateStep, plan_targets
+from adaptertool.ops.merge_experts import apply_expert_step, merge_fused
+from adaptertool.ops.merge_plan import ExpertStep, fused_target
 from adaptertool.ops.model_files import write_model_files
 from adaptertool.ops.options import check_device, check_float_dtype, resolve_device
-from adaptertool.ops.stream import stream_checkpoint
+from adaptertool.ops.stream import Produce, SpooledGroups, stream_checkpoint
+from adaptertool.quant import (
+    QUANT_TYPES,
+    Fp8Scheme,
+    Mxfp4Weight,
+    QuantizedKeys,
+    find_quantized_weights,
+    requantize_fp8,
+    requantize_mxfp4,
+)
 
 
 __all__ = ["MergeConfig", "MergeReport", "merge", "subtract"]
@@ -98,43 +111,47 @@ def merge(cfg: MergeConfig, *, progress: bool = False) -> MergeReport:
         AdapterToolError: an adapter that does not fit the base, is broken, or cannot be undone.
     """
     _check_order(cfg)
-    if cfg.requantize:
+    if cfg.requantize and _fourbit_base(cfg.base):
         return _merge_requantized(cfg, progress=progress)
     return _merge(cfg, progress=progress, then_requantize=False)
 
 
 def _merge(cfg: MergeConfig, *, progress: bool, then_requantize: bool) -> MergeReport:
-    """The one streamed pass; ``then_requantize``: the caller quantises the output again, so the
-    note that 4-bit weights are written in 16-bit does not apply."""
+    """The one streamed pass; ``then_requantize``: the caller quantises the 16-bit output again, so
+    the note that quantised weights are written dequantised does not apply. ``cfg.requantize`` (an
+    FP8 or MXFP4 base) writes the merged weights in the base's own format in this same pass."""
     clock = Stopwatch()
     device = resolve_device(cfg.device)
     adapters = [load_adapter(path, weight * cfg.scale) for path, weight in cfg.adapters]
     try:
         with open_checkpoint(cfg.base) as stored:
-            fourbit = open_quantized_view(stored)
-            base = stored if fourbit is None else fourbit
+            view = open_quantized_view(stored)
+            if cfg.requantize and view is None:
+                raise AdapterToolError(f"{cfg.base}: --requantize needs a quantised base (bitsandbytes 4-bit, FP8 or "
+                                       "MXFP4), and this one holds no quantised weights")
+            base = stored if view is None else view
             plan = plan_targets(base, adapters, subtract=cfg.subtract)
-            if fourbit is not None and not then_requantize:
-                plan.notes.append(
-                    f"the base holds {len(fourbit.quantized)} bitsandbytes 4-bit weights: they are dequantised with their "
-                    "stored tables and written in 16-bit (--requantize to quantise again), and config.json loses its "
-                    "quantization_config"
-                )
-            specs = _output_specs(base, plan.extra, cfg.dtype)
+            if view is not None and (cfg.requantize or not then_requantize):
+                plan.notes.append(_requantized_note(view, plan) if cfg.requantize else _dequantized_note(view))
+            # Requantising copies the stored codes of every weight no adapter changes.
+            source = stored if cfg.requantize else base
+            specs = _output_specs(source, plan.extra, cfg.dtype)
             inputs = [cfg.base, *(a.path for a in adapters)]
-            merged = _Merger(base, plan.targets, adapters, device)
-            with staged_output(cfg.out, force=cfg.force, inputs=inputs) as tmp:
-                done = stream_checkpoint(base, tmp, specs, max_shard_bytes=cfg.max_shard_bytes,
-                                         metadata=_metadata(base.metadata, cfg), produce=merged, desc="merge",
+            with staged_output(cfg.out, force=cfg.force, inputs=inputs) as tmp, ExitStack() as stack:
+                produce: Produce = _Merger(base, plan.targets, adapters, device)
+                if view is not None and cfg.requantize:
+                    produce = _requantizing(produce, view, stack.enter_context(TensorSpool(tmp)))
+                done = stream_checkpoint(source, tmp, specs, max_shard_bytes=cfg.max_shard_bytes,
+                                         metadata=_metadata(base.metadata, cfg), produce=produce, desc="merge",
                                          progress=progress, postfix="merged")
                 side = write_model_files(base.root, tmp, dtype=cfg.dtype, untie=bool(plan.extra),
-                                         drop_quantization=fourbit is not None)
+                                         drop_quantization=view is not None and not cfg.requantize)
     finally:
         for adapter in adapters:
             adapter.close()
     return MergeReport(
         out=str(cfg.out), files=done.files, adapters=[str(a.path) for a in adapters],
-        merged=done.produced - merged.replaced, replaced=merged.replaced, copied=done.copied, cast=done.cast,
+        merged=len(plan.targets) - plan.replaced, replaced=plan.replaced, copied=done.copied, cast=done.cast,
         dtype=dtype_name(cfg.dtype) if cfg.dtype else "as base", device=str(device),
         side_files=side, notes=plan.notes, seconds=clock.seconds, peak_rss_bytes=peak_rss_bytes(),
     )
@@ -181,14 +198,17 @@ def _merge_requantized(cfg: MergeConfig, *, progress: bool) -> MergeReport:
                                peak_rss_bytes=max(merged.peak_rss_bytes, quantized.peak_rss_bytes))
 
 
+def _fourbit_base(base: Path) -> bool:
+    """Whether ``base`` holds bitsandbytes 4-bit weights (FP8 and MXFP4 requantise in the one pass)."""
+    with open_checkpoint(base) as stored:
+        return bool(find_quantized_weights(stored.tensors, source=str(base)))
+
+
 def _fourbit_settings(base: Path) -> dict[str, object]:
     """QuantConfig arguments that reproduce how ``base`` was quantised (its quant states and config.json)."""
     with open_checkpoint(base) as stored:
-        view = open_quantized_view(stored)
-        if view is None:
-            raise AdapterToolError(f"{base}: --requantize needs a bitsandbytes 4-bit base, and this one has no 4-bit weights")
-        states = list(view.states.values())
-        config = read_json(view.root / "config.json") if view.root and (view.root / "config.json").is_file() else {}
+        states = [read_quantized_state(stored, keys) for keys in find_quantized_weights(stored.tensors).values()]
+        config = model_config(stored)
     quantization = config.get("quantization_config") or {}
     compute = quantization.get("bnb_4bit_compute_dtype")
     return {
@@ -216,6 +236,8 @@ class _Workspace:
     def get(self, role: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
         buffer = self._buffers.get((role, dtype))
         if buffer is None or buffer.numel() < numel:
+            del buffer
+            self._buffers.pop((role, dtype), None)  # freed before its successor is allocated: one at a peak
             buffer = self._buffers[(role, dtype)] = torch.empty(numel, dtype=dtype)
         return buffer[:numel]
 
@@ -227,22 +249,83 @@ class _Merger:
                  device: torch.device) -> None:
         self.base, self.targets, self.adapters, self.device = base, targets, adapters, device
         self.space = _Workspace()
-        self.replaced = 0  # targets whose last step replaces them (modules_to_save)
 
     def __call__(self, spec: TensorSpec) -> torch.Tensor | None:
         target = self.targets.get(spec.name)
         if target is None:
-            return None  # copied byte for byte, or cast (as is a 4-bit view's weight, decoded when read)
+            return None  # copied byte for byte, or cast
         source, steps = target.source, target.steps
-        weight = self.base.read(source, buffer=self.space.get("read", self.base[source].nbytes, torch.uint8))
         out_dtype = torch_dtype(spec.dtype)
         only = steps[0]
-        if isinstance(steps[-1], ReplaceStep):
-            self.replaced += 1
         if (self.device.type == "cpu" and len(steps) == 1 and isinstance(only, UpdateStep) and not only.bias
-                and only.update.blockwise):
+                and only.update.blockwise) and self.base.copyable(source):
+            weight = self.base.read(source, buffer=self.space.get("read", self.base[source].nbytes, torch.uint8))
             return _merge_blockwise(weight, only, self.adapters, self.space, out_dtype)
-        return _apply(weight, steps, self.adapters, self.device).to(out_dtype)
+        return self.merged(spec.name, out_dtype)
+
+    def merged(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Target ``name`` merged in float32 and rounded once to ``dtype``, on the CPU."""
+        target = self.targets[name]
+        buffer = self.space.get("read", self.base[target.source].nbytes, torch.uint8)
+        weight = read_values(self.base, target.source, buffer=buffer, device=self.device)
+        if fused_target(target.steps):  # experts of a fused tensor, one at a time: never all of it in float32
+            return merge_fused(weight, target.steps, self.adapters, self.device, dtype).cpu()
+        return _apply(weight, target.steps, self.adapters, self.device).to(dtype)
+
+
+def _requantizing(merger: _Merger, view: QuantizedView, spool: TensorSpool) -> Produce:
+    """--requantize on an FP8 or MXFP4 base, in the one pass: each quantised weight an adapter changes
+    is merged in float32 and quantised again into its stored codes and scales (blocks or groups the
+    adapters leave alone keep their bytes); other targets are merged in their own dtype."""
+    groups = {key: name for name in merger.targets if name in view.quantized
+              for key in _requantized_keys(view.quantized[name].layout)}
+
+    def requantize(weight: str) -> dict[str, torch.Tensor]:
+        stored, ckpt = view.quantized[weight], view.checkpoint
+        codes, scales = _requantized_keys(stored.layout)
+        source = str(ckpt[codes].file)
+        if isinstance(stored.layout, Fp8Scheme):
+            parts = requantize_fp8(merger.merged(weight), ckpt.read(codes), ckpt.read(scales), stored.layout, source=source)
+        else:
+            parts = requantize_mxfp4(merger.merged(weight), ckpt.read(codes), ckpt.read(scales), transposed=True,
+                                     name=weight, source=source)
+        return dict(zip((codes, scales), parts, strict=True))
+
+    spooled = SpooledGroups(spool, groups, requantize)
+
+    def produce(spec: TensorSpec) -> torch.Tensor | TensorSource | None:
+        made = spooled(spec)
+        return made if made is not None else merger(spec)
+
+    return produce
+
+
+def _requantized_keys(layout: QuantizedKeys | Fp8Scheme | Mxfp4Weight) -> tuple[str, str]:
+    """The stored codes and scales that requantising a weight rewrites."""
+    if isinstance(layout, Fp8Scheme):
+        return layout.weight, layout.scale
+    if isinstance(layout, Mxfp4Weight):
+        return layout.blocks, layout.scales
+    raise AssertionError(f"{layout.weight}: bitsandbytes bases requantise in a second pass (_merge_requantized)")
+
+
+def _dequantized_note(view: QuantizedView) -> str:
+    schemes = view.schemes()
+    if set(schemes) <= set(QUANT_TYPES):
+        what, tables, dtype = f"{len(view.quantized)} bitsandbytes 4-bit", "tables", "16-bit"
+    else:
+        what = " and ".join(f"{n} {scheme.upper()}" for scheme, n in sorted(schemes.items()))
+        tables = "scales"
+        dtype = "/".join(sorted({dtype_name(torch_dtype(w.spec.dtype)) for w in view.quantized.values()}))
+    return (f"the base holds {what} weights: they are dequantised with their stored {tables} and written in {dtype} "
+            "(--requantize to quantise again), and config.json loses its quantization_config")
+
+
+def _requantized_note(view: QuantizedView, plan: MergePlan) -> str:
+    changed = Counter(view.quantized[name].scheme for name in plan.targets if name in view.quantized)
+    what = " and ".join(f"{n} {scheme.upper()}" for scheme, n in sorted(changed.items())) or "no quantised"
+    return (f"{what} weights that the adapters change are quantised again in the base's layout (blocks they leave "
+            "alone keep their bytes); every other quantised weight is copied, and config.json keeps its quantization_config")
 
 
 def _merge_blockwise(weight: torch.Tensor, step: UpdateStep, adapters: list[LoadedAdapter], space: _Workspace,
@@ -260,6 +343,9 @@ def _apply(weight: torch.Tensor, steps: list[Step], adapters: list[LoadedAdapter
         adapter = adapters[step.adapter]
         if isinstance(step, ReplaceStep):
             work = adapter.weights.read(step.key).to(device=device).float()
+            continue
+        if isinstance(step, ExpertStep):
+            apply_expert_step(work, step, adapter, device)
             continue
         tensors = {part: adapter.weights.read(key).to(device) for part, key in step.update.keys.items()}
         if step.bias:

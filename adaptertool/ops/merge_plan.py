@@ -1,16 +1,28 @@
-"""The merge plan: which base tensor each adapter tensor changes, checked from headers alone."""
+"""The merge plan: which base tensor each adapter tensor changes, checked from headers alone.
+
+Mixture-of-experts bases add :class:`ExpertStep`: an update of one expert's weight, which an
+:class:`~adaptertool.adapters.experts.ExpertWeight` places inside the target tensor. A per-expert
+module (``mlp.experts.3.gate_proj``, Mixtral's ``experts.3.w1``) becomes an ordinary
+:class:`UpdateStep` where the base stores that expert's Linear, and an ExpertStep on the expert's
+rows where the base fuses its experts. A target_parameters LoRA becomes one ExpertStep per expert:
+on the fused parameter's expert ``e``, or on the per-expert tensors its rows split into.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
+from adaptertool.adapters.expert_lora import ParamLora
+from adaptertool.adapters.experts import FAMILIES, ExpertLayout, ExpertWeight, MoeLayer, describe_experts
 from adaptertool.adapters.modules import ModuleUpdate, ia3_fits
 from adaptertool.adapters.peft_keys import full_tensor_name
 from adaptertool.errors import AdapterToolError
 from adaptertool.io import FLOAT_CODES, TensorSource, read_json
-from adaptertool.ops.adapter_inputs import AdapterModule, LoadedAdapter, check_finite, plan_adapter
+from adaptertool.ops.adapter_inputs import AdapterModule, LoadedAdapter, ParamModule, check_finite, plan_merge_adapter
 
-__all__ = ["MergePlan", "ReplaceStep", "Step", "Target", "UpdateStep", "plan_targets"]
+__all__ = ["ExpertStep", "MergePlan", "ReplaceStep", "Step", "Target", "UpdateStep", "fused_target", "plan_targets"]
 
 
 @dataclass(frozen=True)
@@ -31,7 +43,30 @@ class ReplaceStep:
     key: str  # the adapter tensor
 
 
-Step = UpdateStep | ReplaceStep
+@dataclass(frozen=True)
+class ExpertStep:
+    """An adapter's update of one expert's weight, which ``where`` places in the target tensor: the
+    whole tensor (a per-expert base), or expert ``where.expert`` of a fused one.
+
+    ``update`` is a per-expert module's (target_modules), or a target_parameters LoRA whose expert
+    ``expert`` applies: all outputs of its parameter, or (``projection``) the gate, up or down rows
+    that a per-expert base stores as their own tensor.
+    """
+
+    adapter: int
+    where: ExpertWeight
+    scale: float  # the adapter's weight; negated to subtract
+    update: ModuleUpdate | ParamLora
+    expert: int = 0  # ParamLora: whose factors
+    projection: str | None = None  # ParamLora: "gate", "up" or "down" rows of its delta; None for all
+
+
+Step = UpdateStep | ReplaceStep | ExpertStep
+
+
+def fused_target(steps: list[Step]) -> bool:
+    """Whether ``steps`` change experts inside a fused tensor (then all but a leading replacement do)."""
+    return any(isinstance(step, ExpertStep) and step.where.expert is not None for step in steps)
 
 
 @dataclass
@@ -48,6 +83,11 @@ class MergePlan:
     extra: dict[str, str] = field(default_factory=dict)  # tensors the output gains -> base source
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def replaced(self) -> int:
+        """Targets replaced outright in the end (modules_to_save)."""
+        return sum(isinstance(target.steps[-1], ReplaceStep) for target in self.targets.values())
+
 
 def plan_targets(base: TensorSource, adapters: list[LoadedAdapter], *, subtract: bool) -> MergePlan:
     """Map every adapter tensor onto the output tensor it changes, in adapter order.
@@ -58,20 +98,91 @@ def plan_targets(base: TensorSource, adapters: list[LoadedAdapter], *, subtract:
     """
     plan = MergePlan()
     tied = _tied_embedding(base)
+    experts = _BaseExperts(base)
     for index, adapter in enumerate(adapters):
         check_finite(adapter)
-        whole, modules = plan_adapter(adapter)
-        for key in whole:
+        planned = plan_merge_adapter(adapter, experts)
+        for key in planned.whole:
             _add_replacement(plan, base, tied, index, adapter, key, subtract)
-        for module in modules.values():
-            _add_module(plan, base, tied, index, adapter, module, subtract)
+        for module in planned.modules.values():
+            _add_module(plan, base, tied, index, adapter, module, subtract, experts)
+        for params in planned.params.values():
+            _add_param_loras(plan, base, index, adapter, params, subtract)
+        note = _peft_drops(adapter, list(planned.modules), experts)
+        if note is not None:
+            plan.notes.append(note)
     return plan
 
 
+class _BaseExperts:
+    """The base's expert layout, described from config.json and the headers when first asked for:
+    most merges never need it, and a base whose experts adaptertool does not know still takes
+    ordinary adapters."""
+
+    def __init__(self, base: TensorSource) -> None:
+        self.base = base
+        self._layout: ExpertLayout | None = None
+        self._described = False
+
+    @property
+    def config_path(self) -> Path | None:
+        root = self.base.root
+        return root / "config.json" if root is not None and (root / "config.json").is_file() else None
+
+    @property
+    def model_type(self) -> str:
+        path = self.config_path
+        return str(read_json(path).get("model_type", "")) if path is not None else ""
+
+    def __call__(self) -> ExpertLayout | None:
+        if not self._described:
+            path = self.config_path
+            if path is not None:
+                shapes = {name: self.base[name].shape for name in self.base}
+                self._layout = describe_experts(read_json(path), shapes, source=str(path))
+            self._described = True
+        return self._layout
+
+    def locate(self, module: str) -> ExpertWeight | None:
+        """Where the per-expert Linear ``module`` is stored, if the base has experts and it is one."""
+        if self.model_type not in FAMILIES or ".experts." not in module:
+            return None
+        layout = self()
+        if layout is None:
+            return None
+        for candidate in (module, module.partition(".")[2], f"model.{module}"):
+            found = layout.locate(candidate)
+            if found is not None:
+                return found
+        return None
+
+    def beyond(self, module: str) -> str | None:
+        """Why the per-expert Linear ``module`` is not in the base, if it names an expert past the
+        base's count (an adapter made for a model with more experts)."""
+        found = _EXPERT_MODULE.match(module)
+        if found is None or self.model_type not in FAMILIES:
+            return None
+        layout = self()
+        experts = found["experts"]
+        for candidate in (experts, experts.partition(".")[2], f"model.{experts}") if layout is not None else ():
+            layer = layout.layer_of(candidate)
+            if layer is not None and int(found["expert"]) >= layer.experts:
+                return f"{module} is expert {found['expert']}, but {layer.block} has {layer.experts} experts"
+        return None
+
+
 def _add_module(plan: MergePlan, base: TensorSource, tied: str | None, index: int, adapter: LoadedAdapter,
-                planned: AdapterModule, subtract: bool) -> None:
+                planned: AdapterModule, subtract: bool, experts: _BaseExperts) -> None:
     module, update, shape, shapes = planned.name, planned.update, planned.shape, planned.shapes
-    target = _target(plan, base, tied, f"{module}.weight", adapter)
+    where = experts.locate(module) if _base_name(f"{module}.weight", base) is None else None
+    if where is not None and where.expert is not None:
+        _add_expert_module(plan, base, index, adapter, planned, where, subtract)
+        return
+    if where is None and _base_name(f"{module}.weight", base) is None and (beyond := experts.beyond(module)):
+        raise AdapterToolError(f"{adapter.path}: {beyond}; the adapter is for another model")
+    # A per-expert base stores the expert as its own Linear, perhaps under the other naming (Mixtral:
+    # block_sparse_moe.experts.N.w1 on disk, mlp.experts.N.w1 in transformers 5).
+    target = where.tensor if where is not None else _target(plan, base, tied, f"{module}.weight", adapter)
     base_shape = base[_source(plan, target)].shape
     fits = ia3_fits(shapes["ia3_l"], base_shape, fan_in_fan_out=update.fan_in_fan_out) if shape is None else shape == base_shape
     if not fits:
@@ -80,14 +191,7 @@ def _add_module(plan: MergePlan, base: TensorSource, tied: str | None, index: in
             f"{adapter.path}: module {module} implies shape {implied} for {target}, but the base has {list(base_shape)}; "
             "was the adapter made for another model?"
         )
-    if not update.additive and (subtract or adapter.weight != 1.0):
-        what = "DoRA" if update.dora else "IA3"
-        if subtract:
-            raise AdapterToolError(
-                f"{adapter.path}: {what} rescales weights by norms or vectors of the original base, which a merged "
-                f"model no longer holds; subtract cannot undo it: merge the adapter into the original base instead"
-            )
-        raise AdapterToolError(f"{adapter.path}: {what} updates are not additive; a weight other than 1 is not defined for them")
+    _check_weight(adapter, update, subtract)
     scale = -adapter.weight if subtract else adapter.weight
     _steps(plan, base, target).append(UpdateStep(index, update, scale))
     if update.changes_bias or (update.kind == "ia3" and tuple(shapes["ia3_l"])[1:] == (1,)):
@@ -97,6 +201,93 @@ def _add_module(plan: MergePlan, base: TensorSource, tied: str | None, index: in
                 raise AdapterToolError(f"{adapter.path}: {module} has a lora_B.bias but the base has no {module}.bias")
             return  # IA3 on a bias-free layer rescales the weight only
         _steps(plan, base, bias).append(UpdateStep(index, update, scale, bias=True))
+
+
+def _check_weight(adapter: LoadedAdapter, update: ModuleUpdate, subtract: bool) -> None:
+    if not update.additive and (subtract or adapter.weight != 1.0):
+        what = "DoRA" if update.dora else "IA3"
+        if subtract:
+            raise AdapterToolError(
+                f"{adapter.path}: {what} rescales weights by norms or vectors of the original base, which a merged "
+                f"model no longer holds; subtract cannot undo it: merge the adapter into the original base instead"
+            )
+        raise AdapterToolError(f"{adapter.path}: {what} updates are not additive; a weight other than 1 is not defined for them")
+
+
+def _add_expert_module(plan: MergePlan, base: TensorSource, index: int, adapter: LoadedAdapter, planned: AdapterModule,
+                       where: ExpertWeight, subtract: bool) -> None:
+    """A per-expert module (target_modules) on its expert's rows of a fused tensor."""
+    module, update, shape, shapes = planned.name, planned.update, planned.shape, planned.shapes
+    fits = ia3_fits(shapes["ia3_l"], where.shape, fan_in_fan_out=update.fan_in_fan_out) if shape is None else shape == where.shape
+    if not fits:
+        implied = list(shape) if shape is not None else f"a vector {list(shapes['ia3_l'])}"
+        raise AdapterToolError(
+            f"{adapter.path}: module {module} implies shape {implied}, but it is expert {where.expert} of {where.tensor}, "
+            f"whose experts are {list(where.shape)} (out, in); was the adapter made for another model?"
+        )
+    if update.changes_bias:
+        raise AdapterToolError(f"{adapter.path}: {module} has a lora_B.bias but the base's experts in {where.tensor} have no bias")
+    _check_weight(adapter, update, subtract)
+    scale = -adapter.weight if subtract else adapter.weight
+    _steps(plan, base, where.tensor).append(ExpertStep(index, where, scale, update))
+
+
+def _add_param_loras(plan: MergePlan, base: TensorSource, index: int, adapter: LoadedAdapter, params: ParamModule,
+                     subtract: bool) -> None:
+    """A target_parameters LoRA, one step per expert: on the expert's part of the fused parameter,
+    or on each per-expert tensor that its outputs split into."""
+    layer = params.layer
+    scale = -adapter.weight if subtract else adapter.weight
+    for lora in params.loras:
+        for expert in range(layer.experts):
+            if layer.layout == "per-expert":
+                for projection in lora.projections:
+                    where = layer.weight(expert, projection)
+                    _steps(plan, base, where.tensor).append(ExpertStep(index, where, scale, lora, expert, projection))
+            else:
+                where = _parameter_weight(layer, lora.param, expert)
+                _steps(plan, base, where.tensor).append(ExpertStep(index, where, scale, lora, expert))
+
+
+def _parameter_weight(layer: MoeLayer, param: str, expert: int) -> ExpertWeight:
+    """Expert ``expert``'s whole ``(out, in)`` part of a fused parameter: down_proj's, or all 2I outputs
+    of gate_up_proj in their stored order (gpt-oss's interleaved), as PEFT's delta has them."""
+    if param == "down_proj":
+        return layer.weight(expert, "down")
+    gate = layer.weight(expert, "gate")
+    return replace(gate, shape=(2 * layer.intermediate, layer.hidden), outputs=None)
+
+
+_EXPERT_MODULE = re.compile(r"^(?P<experts>.+\.experts)\.(?P<expert>\d+)\.\w+$")
+# PEFT 0.21 with transformers 5 loads a transformers-4 style (per-expert) LoRA by moving these
+# target_modules names to target_parameters on the fused experts (peft/utils/transformers_weight_conversion.py);
+# every other Linear of the same name loses its LoRA. qwen2_moe itself has no conversion entry.
+_PEFT_MOVES = {"qwen2_moe": ("gate_proj", "up_proj", "down_proj"), "mixtral": ("w1", "w2", "w3")}
+_PEFT_UNCONVERTED = ("qwen2_moe",)
+
+
+def _peft_drops(adapter: LoadedAdapter, modules: list[str], experts: _BaseExperts) -> str | None:
+    """A note naming the modules that PEFT would drop, silently, from this adapter on this base."""
+    model_type = experts.model_type
+    names = _PEFT_MOVES.get(FAMILIES.get(model_type, ""))
+    if adapter.settings.peft_type != "LORA" or names is None:
+        return None
+    candidates = [m for m in modules if m.rpartition(".")[2] in names or ".experts." in m]
+    if not candidates:
+        return None
+    located = {m: experts.locate(m) is not None for m in candidates}
+    if model_type in _PEFT_UNCONVERTED:
+        dropped = [m for m in candidates if located[m]]
+        why = (f"its per-expert LoRAs: PEFT converts per-expert names for the models that transformers maps to "
+               f"{model_type}, but not for {model_type} itself")
+    else:
+        dropped = [m for m in candidates if not located[m] and m.rpartition(".")[2] in names]
+        why = (f"Linears named {'/'.join(names)} outside the experts (dense MLPs, shared experts): PEFT moves those "
+               "target_modules names to the experts' target_parameters")
+    if not dropped:
+        return None
+    return (f"{adapter.path}: PEFT 0.21 with transformers 5 silently drops {len(dropped)} of this adapter's {len(modules)} "
+            f"modules on a {model_type} model (e.g. {dropped[0]}), {why}; this output applies all {len(modules)}")
 
 
 def _add_replacement(plan: MergePlan, base: TensorSource, tied: str | None, index: int, adapter: LoadedAdapter,

@@ -1,4 +1,4 @@
-"""quantize / dequantize: a 16-bit checkpoint <-> the bitsandbytes 4-bit checkpoint transformers saves.
+"""quantize: a 16/32-bit checkpoint -> the bitsandbytes 4-bit checkpoint transformers saves.
 
 quantize writes what ``from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True))``
 followed by ``save_pretrained`` writes: same keys, dtypes, shapes, file layout and bytes, except
@@ -15,7 +15,8 @@ keeping only the small parts (nested scales, quant_state) in memory; pass 2 stre
 the writer's order, copying the spooled bytes in kernel space. Memory holds one weight; scratch
 disk holds the quantised weights once more, briefly.
 
-dequantize expands every 4-bit weight with the checkpoint's own code tables and absmax.
+``--format fp8-block|fp8-channel|mxfp4`` writes the FP8 and MXFP4 layouts instead, in one pass:
+:mod:`adaptertool.ops.quantize_scaled`.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ from adaptertool.io import (
     torch_dtype,
 )
 from adaptertool.ops.measure import Stopwatch, peak_rss_bytes
-from adaptertool.ops.model_files import CONFIG, set_config_dtype, write_config, write_model_files
-from adaptertool.ops.quantized import QuantSummary, describe_quantization, read_quantized_state, read_quantized_weight
+from adaptertool.ops.model_files import CONFIG, set_config_dtype, write_config
+from adaptertool.ops.quantize_scaled import SCALED_FORMATS, quantize_scaled
 from adaptertool.ops.stream import stream_checkpoint
 from adaptertool.quant import (
     BLOCKSIZES,
@@ -55,7 +56,6 @@ from adaptertool.quant import (
     codebook,
     dynamic_map,
     entry_layout,
-    find_quantized_weights,
     fourbit_values,
     nested_codebook,
     quantization_config,
@@ -63,17 +63,15 @@ from adaptertool.quant import (
     select_weights,
 )
 
-__all__ = [
-    "DequantConfig", "DequantReport", "QuantConfig", "QuantReport", "QuantSummary",
-    "dequantize", "describe_quantization", "quantize", "read_quantized_weight",
-]
+__all__ = ["QuantConfig", "QuantReport", "quantize", "quantized_dtypes"]
 
 @dataclass(frozen=True, kw_only=True)
 class QuantConfig:
     source: Path
     out: Path
-    quant_type: str = "nf4"
+    quant_type: str = "nf4"  # --format: nf4, fp4 (bitsandbytes) or one of SCALED_FORMATS
     blocksize: int = 64  # bitsandbytes' and transformers' default
+    block: tuple[int, int] = (128, 128)  # fp8-block: rows x columns per scale, DeepSeek-V3's
     double_quant: bool = True
     skip: tuple[str, ...] = ()  # module patterns kept 16-bit, matched as llm_int8_skip_modules
     compute_dtype: torch.dtype | None = None  # None: the dtype the weights are quantised from
@@ -82,20 +80,22 @@ class QuantConfig:
     force: bool = False
 
     def __post_init__(self) -> None:
-        if self.quant_type not in QUANT_TYPES:
-            raise AdapterToolError(f"--quant-type must be nf4 or fp4, not {self.quant_type!r}")
+        if self.quant_type not in (*QUANT_TYPES, *SCALED_FORMATS):
+            raise AdapterToolError(f"--format must be one of {', '.join((*QUANT_TYPES, *SCALED_FORMATS))}, not {self.quant_type!r}")
+        if len(self.block) != 2 or min(self.block) < 1:
+            raise AdapterToolError(f"--block must be two positive sizes such as 128x128, not {self.block}")
         if self.blocksize not in BLOCKSIZES:
             raise AdapterToolError(f"--blocksize must be a power of two from 32 to 4096, not {self.blocksize}")
-        _check_sixteen_or_32_bit(self.dtype)
-        _check_sixteen_or_32_bit(self.compute_dtype, "--compute-dtype")
+        check_sixteen_or_32_bit(self.dtype)
+        check_sixteen_or_32_bit(self.compute_dtype, "--compute-dtype")
 
 
 @dataclass(frozen=True, kw_only=True)
 class QuantReport:
     out: str
     files: list[str]
-    quant_type: str
-    blocksize: int
+    quant_type: str  # the format
+    blocksize: int  # bitsandbytes formats; 0 for the others
     double_quant: bool
     quantized: int  # weights quantised
     kept: list[str]  # Linear-looking modules left unquantised (lm_head, pooler...)
@@ -106,6 +106,7 @@ class QuantReport:
     side_files: list[str]
     seconds: float
     peak_rss_bytes: int
+    block: list[int] | None = None  # fp8-block: rows x columns per scale
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,9 +124,11 @@ def quantize(cfg: QuantConfig, *, progress: bool = False) -> QuantReport:
     clock = Stopwatch()
     with open_checkpoint(cfg.source) as source:
         config = _model_config(source)
+        if cfg.quant_type in SCALED_FORMATS:
+            return quantize_scaled(cfg, source, config, clock, progress=progress)
         selection = select_weights({s.name: (DTYPES[s.dtype][1], s.shape) for s in source.specs()}, config,
                                    skip=cfg.skip, source=str(cfg.source))
-        dtypes = _quantized_dtypes(source, selection.quantize, cfg.dtype)
+        dtypes = quantized_dtypes(source, selection.quantize, cfg.dtype)
         config["quantization_config"] = quantization_config(
             quant_type=cfg.quant_type, double_quant=cfg.double_quant,
             compute_dtype=dtype_name(cfg.compute_dtype or next(iter(dtypes.values()))), skip_modules=selection.skip_modules)
@@ -148,14 +151,18 @@ def quantize(cfg: QuantConfig, *, progress: bool = False) -> QuantReport:
     )
 
 
-def _check_sixteen_or_32_bit(dtype: torch.dtype | None, option: str = "--dtype") -> None:
+def check_sixteen_or_32_bit(dtype: torch.dtype | None, option: str = "--dtype") -> None:
     """bitsandbytes quantises from, and dequantises to, 16/32-bit floats only."""
     if dtype is not None and dtype_name(dtype) not in FLOAT_DTYPES:
         raise AdapterToolError(f"{option} must be bf16, fp16 or fp32, not {dtype}")
 
 
-def _quantized_dtypes(source: Checkpoint, weights: list[str], dtype: torch.dtype | None) -> dict[str, torch.dtype]:
-    """weight -> the dtype it is quantised from: --dtype, else its own (transformers casts first, too)."""
+def quantized_dtypes(source: Checkpoint, weights: list[str], dtype: torch.dtype | None) -> dict[str, torch.dtype]:
+    """weight -> the dtype it is quantised from: --dtype, else its own (transformers casts first, too).
+
+    Raises:
+        AdapterToolError: a weight that is not a 16/32-bit float, with no --dtype to cast it.
+    """
     dtypes = {w: dtype or torch_dtype(source[w].dtype) for w in weights}
     for weight, target in dtypes.items():
         if dtype_name(target) not in FLOAT_DTYPES:
@@ -237,63 +244,3 @@ def _model_config(source: Checkpoint) -> dict[str, Any]:
         method = existing.get("quant_method", "?") if isinstance(existing, dict) else "?"
         raise AdapterToolError(f"{config_path}: the model is already quantised ({method}); dequantize it first")
     return config
-
-
-# --- dequantize ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, kw_only=True)
-class DequantConfig:
-    source: Path
-    out: Path
-    dtype: torch.dtype | None = None  # None: each weight's recorded dtype, other tensors kept
-    max_shard_bytes: int | None = DEFAULT_MAX_SHARD_BYTES
-    force: bool = False
-
-    def __post_init__(self) -> None:
-        _check_sixteen_or_32_bit(self.dtype)
-
-
-@dataclass(frozen=True, kw_only=True)
-class DequantReport:
-    out: str
-    files: list[str]
-    dequantized: int
-    copied: int
-    cast: int
-    bytes_written: int
-    side_files: list[str]
-    seconds: float
-    peak_rss_bytes: int
-
-
-def dequantize(cfg: DequantConfig, *, progress: bool = False) -> DequantReport:
-    """Expand every bitsandbytes 4-bit weight of ``cfg.source`` into a plain checkpoint at ``cfg.out``."""
-    clock = Stopwatch()
-    with open_checkpoint(cfg.source) as source:
-        found = find_quantized_weights(source, source=str(cfg.source))
-        if not found:
-            raise AdapterToolError(f"{cfg.source}: holds no bitsandbytes 4-bit weights; nothing to dequantize")
-        companions = {key for keys in found.values() for key in keys.keys}
-        specs: list[TensorSpec] = []
-        for spec in cast_specs(source.specs(), dtype_code(cfg.dtype) if cfg.dtype is not None else None):
-            if spec.name in found:
-                state = read_quantized_state(source, found[spec.name])
-                specs.append(TensorSpec(spec.name, dtype_code(cfg.dtype or getattr(torch, state.dtype)), state.shape))
-            elif spec.name not in companions:
-                specs.append(spec)
-
-        def expand(spec: TensorSpec) -> torch.Tensor | None:
-            # Straight to the output dtype: a read at the recorded dtype, then a cast, would round twice.
-            keys = found.get(spec.name)
-            return None if keys is None else read_quantized_weight(source, keys, dtype=torch_dtype(spec.dtype))
-
-        with staged_output(cfg.out, force=cfg.force, inputs=[cfg.source]) as tmp:
-            written = stream_checkpoint(source, tmp, specs, max_shard_bytes=cfg.max_shard_bytes, metadata={"format": "pt"},
-                                        produce=expand, desc="dequantize", progress=progress)
-            side = write_model_files(source.root, tmp, dtype=cfg.dtype, drop_quantization=True)
-    return DequantReport(
-        out=str(cfg.out), files=written.files, dequantized=len(found), copied=written.copied,
-        cast=written.cast, bytes_written=written.bytes_written, side_files=side,
-        seconds=clock.seconds, peak_rss_bytes=peak_rss_bytes(),
-    )

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Union
 
 from tqdm import tqdm
 
-from adaptertool.io import CheckpointWriter, TensorSource, TensorSpec, TensorTable, torch_dtype
+from adaptertool.io import CheckpointWriter, TensorSource, TensorSpec, TensorSpool, TensorTable, torch_dtype
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Produce", "Streamed", "stream_checkpoint"]
+__all__ = ["Produce", "SpooledGroups", "Streamed", "stream_checkpoint"]
 
 # spec -> the tensor to write, a source to copy it from byte for byte, or None: copy or cast the source's.
 Produce = Callable[[TensorSpec], Union["torch.Tensor", TensorSource, None]]
@@ -65,3 +65,32 @@ def stream_checkpoint(source: TensorSource, folder: Path, specs: list[TensorSpec
             bar.update(spec.nbytes)
     return Streamed(files=[f.name for f in writer.files], bytes_written=writer.total_bytes, produced=produced,
                     copied=copied, cast=len(writer.order) - produced - copied)
+
+
+class SpooledGroups:
+    """A ``produce`` hook for tensors made together but written apart, such as a quantised weight's
+    codes and scales: the writer orders each shard by dtype size (4-byte scales before 1-byte codes),
+    so the first ask for any tensor of a group makes the whole group into ``spool``, later asks copy
+    from it, and each tensor is dropped once written. The spool then holds only what is pending.
+
+    ``groups`` maps each output tensor to its group; ``make(group)`` returns {tensor name: tensor}.
+    Tensors of no group get None: the stream copies or casts them.
+    """
+
+    def __init__(self, spool: TensorSpool, groups: dict[str, str],
+                 make: Callable[[str], dict[str, torch.Tensor]]) -> None:
+        self.spool, self.groups, self.make = spool, groups, make
+        self._written: list[str] = []  # handed to the writer, which has copied them by the next ask
+
+    def __call__(self, spec: TensorSpec) -> TensorSpool | None:
+        for name in self._written:
+            self.spool.drop(name)
+        self._written.clear()
+        group = self.groups.get(spec.name)
+        if group is None:
+            return None
+        if spec.name not in self.spool:
+            for name, tensor in self.make(group).items():
+                self.spool.add(name, tensor)
+        self._written.append(spec.name)
+        return self.spool

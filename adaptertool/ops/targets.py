@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import zlib
 
-from adaptertool.io import Checkpoint, read_json
+from adaptertool.io import TensorSource, read_json
 
 __all__ = ["EMBEDDINGS", "HEADS", "is_embedding", "is_head", "module_seed", "targeted", "task_type"]
 
@@ -33,7 +33,7 @@ def targeted(module: str, targets: tuple[str, ...]) -> bool:
     return any(module == t or module.endswith("." + t) for t in targets if t != "all-linear")
 
 
-def task_type(base: Checkpoint) -> str | None:
+def task_type(base: TensorSource) -> str | None:
     """PEFT's task_type for a base whose config.json names a causal LM, else None."""
     if base.root is None or not (base.root / "config.json").is_file():
         return None

@@ -35,6 +35,7 @@ from adaptertool.quant.mxfp4 import (
     dequantize_mxfp4,
     find_mxfp4_weights,
     quantize_mxfp4,
+    requantize_mxfp4,
 )
 from adaptertool.quant.nested import (
     NESTED_BLOCKSIZE,
@@ -115,5 +116,6 @@ __all__ = [
     "read_state",
     "read_stored",
     "requantize_fp8",
+    "requantize_mxfp4",
     "select_weights",
 ]

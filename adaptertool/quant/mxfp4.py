@@ -27,7 +27,10 @@ import torch
 
 from adaptertool.errors import AdapterToolError
 
-__all__ = ["E2M1_VALUES", "MXFP4_GROUP_SIZE", "Mxfp4Weight", "dequantize_mxfp4", "find_mxfp4_weights", "quantize_mxfp4"]
+__all__ = [
+    "E2M1_VALUES", "MXFP4_GROUP_SIZE", "Mxfp4Weight", "dequantize_mxfp4", "find_mxfp4_weights", "quantize_mxfp4",
+    "requantize_mxfp4",
+]
 
 MXFP4_GROUP_SIZE = 32  # elements per scale
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)  # by code
@@ -155,4 +158,30 @@ def quantize_mxfp4(weight: torch.Tensor, *, transposed: bool = False, name: str 
             codes += (magnitude >= threshold) if tie_up else (magnitude > threshold)
         codes |= torch.signbit(v).to(torch.uint8) << 3
         blocks[e] = (codes[..., 0::2] | (codes[..., 1::2] << 4)).reshape(rows, groups, MXFP4_GROUP_SIZE // 2)
+    return blocks, scales
+
+
+def requantize_mxfp4(weight: torch.Tensor, stored_blocks: torch.Tensor, stored_scales: torch.Tensor, *,
+                     transposed: bool = False, name: str = "weight",
+                     source: str = "checkpoint") -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_mxfp4`, except that a group whose values equal the stored ones keeps the stored bytes.
+
+    A merge passes its float32 ``weight = dequantize_mxfp4(stored) + delta`` here: groups the delta
+    left alone come back bit-identical. Quantising them again would not always do that though the
+    values would not change (a group whose largest value is 3 comes back with half the scale).
+
+    Returns:
+        ``(blocks, scales)`` shaped as ``stored_blocks`` and ``stored_scales``.
+    """
+    blocks, scales = quantize_mxfp4(weight, transposed=transposed, name=name, source=source)
+    if blocks.shape != stored_blocks.shape or scales.shape != stored_scales.shape:
+        raise AdapterToolError(f"{source}: MXFP4 weight {name} of shape {list(weight.shape)} does not fit its stored "
+                               f"blocks {list(stored_blocks.shape)}")
+    experts, rows, groups, _ = blocks.shape
+    for e in range(experts):  # one expert at a time: the comparison's temporaries stay small
+        old = dequantize_mxfp4(stored_blocks[e : e + 1], stored_scales[e : e + 1], name=name, source=source)[0]
+        new = weight[e].T if transposed else weight[e]
+        same = (new.float().reshape(rows, groups, MXFP4_GROUP_SIZE) == old.reshape(rows, groups, MXFP4_GROUP_SIZE)).all(-1)
+        scales[e] = torch.where(same, stored_scales[e], scales[e])
+        blocks[e] = torch.where(same.unsqueeze(-1), stored_blocks[e], blocks[e])
     return blocks, scales

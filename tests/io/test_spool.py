@@ -44,3 +44,17 @@ def test_read_reuses_a_buffer(tmp_path: Path) -> None:
         got = spool.read("a", buffer=buffer)
         assert got.data_ptr() == buffer.data_ptr()
         assert got.tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_dropping_every_tensor_empties_the_file(tmp_path: Path) -> None:
+    with TensorSpool(tmp_path) as spool:
+        spool.add("a", torch.ones(1000))
+        spool.add("b", torch.ones(10))
+        spool.drop("a")
+        assert "a" not in spool and spool.read("b").tolist() == [1.0] * 10
+        size = spool._file.seek(0, 2)
+        assert size == 4040  # b is still pending: nothing is reclaimed yet
+        spool.drop("b")
+        assert spool._file.seek(0, 2) == 0
+        spool.add("c", torch.arange(3.0))  # written from the start again
+        assert spool["c"].offset == 0 and spool.read("c").tolist() == [0.0, 1.0, 2.0]

@@ -369,14 +369,14 @@ def test_requantize_keeps_the_4bit_layout_and_loads(tmp_path: Path) -> None:
     assert set(_ours(tmp_path / "m4")) == set(_ours(tmp_path / "nf4"))  # the same 4-bit layout as the base
     model, info = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "m4", device_map="cpu", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
-    from adaptertool.ops.quantize import DequantConfig, dequantize
+    from adaptertool.ops.dequantize import DequantConfig, dequantize
 
     dequantize(DequantConfig(source=tmp_path / "m4", out=tmp_path / "back"))
     merged16, back = _ours(tmp_path / "m16"), _ours(tmp_path / "back")
     for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight"):
         error = (back[name].float() - merged16[name].float()).norm() / merged16[name].float().norm()
         assert error < 0.12, name  # NF4's rounding of the merged weights (about 0.1 relative)
-    with pytest.raises(AdapterToolError, match="--requantize needs a bitsandbytes 4-bit base"):
+    with pytest.raises(AdapterToolError, match="--requantize needs a quantised base"):
         merge(MergeConfig(base=base16, adapters=((adapter, 1.0),), out=tmp_path / "x", requantize=True))
 
 

@@ -20,14 +20,9 @@ from safetensors import safe_open
 from adaptertool import AdapterToolError
 from adaptertool.io import open_checkpoint
 from adaptertool.ops.examples import TINY, write_llama
-from adaptertool.ops.quantize import (
-    DequantConfig,
-    QuantConfig,
-    dequantize,
-    describe_quantization,
-    quantize,
-    read_quantized_weight,
-)
+from adaptertool.ops.dequantize import DequantConfig, dequantize
+from adaptertool.ops.quantize import QuantConfig, quantize
+from adaptertool.ops.quantized import describe_quantization, open_quantized_view, read_quantized_weight
 from adaptertool.quant import (
     Codebook,
     codebook,
@@ -180,16 +175,17 @@ def test_read_quantized_weight_and_describe(tiny_models: dict, tmp_path: Path) -
         weight = read_quantized_weight(ckpt, found[TINY_WEIGHTS[3]])
         assert weight.dtype == torch.float32 and weight.shape == (TINY.hidden, TINY.hidden)
         assert read_quantized_weight(ckpt, found[TINY_WEIGHTS[3]], dtype=None).dtype == torch.float16
-        config = json.loads((tmp_path / "q" / "config.json").read_text())
-        summary = describe_quantization(ckpt, config)
-    assert summary is not None
+        view = open_quantized_view(ckpt)
+        assert view is not None
+        summary = describe_quantization(view)
     parameters = sum(s.shape[0] * s.shape[1] for s in TINY.specs(torch.float16) if s.name in TINY_WEIGHTS)
     assert (summary.weights, summary.parameters, summary.double_quant) == (len(TINY_WEIGHTS), parameters, len(TINY_WEIGHTS))
-    assert summary.quant_types == {"nf4": len(TINY_WEIGHTS)} and summary.blocksizes == {64: len(TINY_WEIGHTS)}
+    assert summary.quant_types == {"nf4": len(TINY_WEIGHTS)} and summary.blocksizes == {"64": len(TINY_WEIGHTS)}
+    assert summary.method == "bitsandbytes" and summary.scale_format is None
     assert summary.original_bytes == 2 * parameters and summary.bytes_saved == summary.original_bytes - summary.stored_bytes
     assert summary.compute_dtype == "float16" and summary.skip_modules is None
     with open_checkpoint(tiny_models[("fp16", False)]) as plain:
-        assert describe_quantization(plain) is None
+        assert open_quantized_view(plain) is None
 
 
 def test_refusals(tiny_models: dict, tmp_path: Path) -> None:
@@ -201,11 +197,11 @@ def test_refusals(tiny_models: dict, tmp_path: Path) -> None:
         quantize(QuantConfig(source=tmp_path / "q", out=tmp_path / "qq"))
     with pytest.raises(AdapterToolError, match="no config.json beside the weights"):
         quantize(QuantConfig(source=source / "model.safetensors", out=tmp_path / "bare"))
-    with pytest.raises(AdapterToolError, match="holds no bitsandbytes 4-bit weights"):
+    with pytest.raises(AdapterToolError, match="holds no quantised weights"):
         dequantize(DequantConfig(source=source, out=tmp_path / "d"))
     with pytest.raises(AdapterToolError, match="--blocksize must be a power of two"):
         QuantConfig(source=source, out=tmp_path / "x", blocksize=100)
-    with pytest.raises(AdapterToolError, match="--quant-type must be nf4 or fp4"):
+    with pytest.raises(AdapterToolError, match="--format must be one of nf4, fp4, fp8-block, fp8-channel, mxfp4, not 'int4'"):
         QuantConfig(source=source, out=tmp_path / "x", quant_type="int4")
     with pytest.raises(AdapterToolError, match="--dtype must be bf16, fp16 or fp32"):
         DequantConfig(source=source, out=tmp_path / "x", dtype=torch.int8)

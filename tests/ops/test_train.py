@@ -273,12 +273,8 @@ def _cli_run(smollm2: Path, data: Path, out: Path, *extra: str) -> subprocess.Po
 
 @pytest.mark.slow
 def test_qlora_uses_less_memory_than_lora_with_a_close_loss_curve(smollm2: Path, tmp_path: Path) -> None:
-    from adaptertool.ops.quantize import (
-        DequantConfig,
-        QuantConfig,
-        dequantize,
-        quantize,
-    )
+    from adaptertool.ops.dequantize import DequantConfig, dequantize
+    from adaptertool.ops.quantize import QuantConfig, quantize
 
     data = _write_jsonl(tmp_path / "train.jsonl", _arithmetic(0, 24))
     # The oracle for QLoRA's curve: plain LoRA on the float32 dequantisation of the NF4 base that

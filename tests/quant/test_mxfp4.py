@@ -21,6 +21,7 @@ from adaptertool.quant import (
     dequantize_mxfp4,
     find_mxfp4_weights,
     quantize_mxfp4,
+    requantize_mxfp4,
 )
 from tests.quant.test_fp8 import DTYPES, round_once
 
@@ -208,3 +209,22 @@ def test_find_mxfp4_weights_pairs_blocks_and_scales() -> None:
 def test_find_mxfp4_weights_refuses_broken_pairs(specs: dict, message: str) -> None:
     with pytest.raises(AdapterToolError, match=f"^model.safetensors: .*{message}"):
         find_mxfp4_weights(specs, source="model.safetensors")
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_requantize_keeps_the_bytes_of_groups_a_delta_left_alone(transposed: bool) -> None:
+    blocks, scales = _stored(3, 8, 4, seed=21)
+    # a group whose largest value is 3 quantises afresh to half the scale: its bytes change, its values do not
+    blocks[0, 0, 0] = 0
+    blocks[0, 0, 0, 0] = 0x05  # code 5 = 3.0
+    weight = dequantize_mxfp4(blocks, scales, transposed=transposed)
+    fresh = quantize_mxfp4(weight, transposed=transposed)
+    assert not torch.equal(fresh[1], scales)  # so keeping bytes is not what quantising does anyway
+    delta = torch.zeros_like(weight)
+    touched = (1, 5, 2 * 32 + 3) if not transposed else (1, 2 * 32 + 3, 5)  # expert 1, output row 5, group 2
+    delta[touched] = 0.75
+    new_blocks, new_scales = requantize_mxfp4(weight + delta, blocks, scales, transposed=transposed)
+    changed = (new_scales != scales) | (new_blocks != blocks).any(-1)
+    assert changed.nonzero().tolist() == [[1, 5, 2]]
+    want_blocks, want_scales = quantize_mxfp4(weight + delta, transposed=transposed)
+    assert torch.equal(new_blocks[1, 5, 2], want_blocks[1, 5, 2]) and new_scales[1, 5, 2] == want_scales[1, 5, 2]

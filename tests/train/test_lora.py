@@ -13,7 +13,8 @@ import torch
 from adaptertool import AdapterToolError
 from adaptertool.io import TensorSpec, write_adapter
 from adaptertool.ops.examples import TINY, write_llama
-from adaptertool.ops.quantize import DequantConfig, QuantConfig, dequantize, quantize
+from adaptertool.ops.dequantize import DequantConfig, dequantize
+from adaptertool.ops.quantize import QuantConfig, quantize
 from adaptertool.quant import (
     codebook,
     dequantize_4bit,
