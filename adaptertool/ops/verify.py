@@ -3,7 +3,10 @@
 Opening the checkpoint already checks every header (valid JSON, known dtypes, byte sizes that match
 shapes, offsets that tile the file exactly) and the index (every shard present, every tensor in the
 shard the index names, none missing or repeated). verify adds the index's total_size, shard files the
-index forgets, and, with ``nan=True``, a scan of every float tensor for NaN and Inf.
+index forgets, the layout of quantised weights (a config.json quantization_config: every FP8 weight
+has its scale on the right grid, MXFP4 blocks pair with their scales, bitsandbytes entries are
+complete), and, with ``nan=True``, a scan of every float tensor for NaN and Inf, E8M0 scales
+included (MXFP4 keeps them as uint8; byte 255 is NaN).
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from adaptertool.adapters.peft_keys import module_order
+from adaptertool.errors import AdapterToolError
 from adaptertool.io import Checkpoint, open_checkpoint, read_json
 from adaptertool.ops.measure import Stopwatch
 
 __all__ = ["NonFinite", "VerifyReport", "verify"]
 
-_SCANNED_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+_SCANNED_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E8M0"}
+_QUANT_MARKER = ".quant_state.bitsandbytes__"
 _SCAN_CHUNK = 1 << 24  # elements per NaN/Inf check, to bound the float32 temporaries
 
 
@@ -56,7 +61,8 @@ def verify(path: Path, *, nan: bool = False, progress: bool = False) -> VerifyRe
     clock = Stopwatch()
     with open_checkpoint(path) as ckpt:
         problems, notes = _index_checks(ckpt)
-        nonfinite = _scan(ckpt, progress=progress) if nan else []
+        e8m0 = _quantized_checks(ckpt, problems)
+        nonfinite = _scan(ckpt, e8m0, progress=progress) if nan else []
         return VerifyReport(
             path=str(path), files=len(ckpt.files), tensors=len(ckpt), bytes=sum(s.nbytes for s in ckpt.specs()),
             scanned=nan, problems=problems, nonfinite=nonfinite, notes=notes, seconds=clock.seconds,
@@ -78,17 +84,37 @@ def _index_checks(ckpt: Checkpoint) -> tuple[list[str], list[str]]:
     return problems, notes
 
 
-def _scan(ckpt: Checkpoint, *, progress: bool) -> list[NonFinite]:
+def _quantized_checks(ckpt: Checkpoint, problems: list[str]) -> set[str]:
+    """Check the layout of a quantised checkpoint's weights (appending to ``problems``); returns the
+    uint8 tensors that hold E8M0 scales (MXFP4), which the NaN scan reads as such."""
+    config = read_json(ckpt.root / "config.json") if ckpt.root and (ckpt.root / "config.json").is_file() else {}
+    if not config.get("quantization_config") and not any(_QUANT_MARKER in name for name in ckpt):
+        return set()
+    from adaptertool.ops.quantized import open_quantized_view  # imports torch: quantised checkpoints only
+    from adaptertool.quant import Mxfp4Weight
+
+    try:
+        view = open_quantized_view(ckpt)
+    except AdapterToolError as err:
+        problems.append(str(err))
+        return set()
+    quantized = view.quantized.values() if view is not None else ()
+    return {w.layout.scales for w in quantized if isinstance(w.layout, Mxfp4Weight)}
+
+
+def _scan(ckpt: Checkpoint, e8m0: set[str], *, progress: bool) -> list[NonFinite]:
     import torch  # only the scan needs it; see adaptertool.io.format
 
     found = []
-    total = sum(s.nbytes for s in ckpt.specs() if s.dtype in _SCANNED_CODES)
+    total = sum(ckpt[n].nbytes for n in ckpt if ckpt[n].dtype in _SCANNED_CODES or n in e8m0)
     with tqdm(total=total, unit="B", unit_scale=True, desc="scan", disable=not progress) as bar:
         for name in ckpt:
             info = ckpt[name]
-            if info.dtype not in _SCANNED_CODES:
+            if info.dtype not in _SCANNED_CODES and name not in e8m0:
                 continue
             flat = ckpt.read(name).reshape(-1)
+            if name in e8m0:
+                flat = flat.view(torch.float8_e8m0fnu)
             nans = infs = 0
             for start in range(0, flat.numel(), _SCAN_CHUNK):
                 chunk = flat[start : start + _SCAN_CHUNK].float()
