@@ -74,7 +74,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from harness import emit, measure_alternating, remover
+from harness import READ_TENSORS, emit, measure_alternating, remover
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / ".cache" / "bench"
@@ -184,14 +184,7 @@ for extra in ("generation_config.json",):
 
 COMPARE_QUANTIZED = """
 import json, sys, torch
-from pathlib import Path
-from safetensors import safe_open
-def tensors(folder):
-    found = {}
-    for shard in sorted(Path(folder).glob("*.safetensors")):
-        f = safe_open(shard, "pt")
-        found.update({k: (f, k) for k in f.keys()})
-    return found
+""" + READ_TENSORS + """
 ours, peer = tensors(sys.argv[1]), tensors(sys.argv[2])
 report = {"same_keys": sorted(ours) == sorted(peer), "tensors": 0, "identical": 0, "code_mismatches": 0,
           "scale_max_rel_diff": 0.0, "differing": {}}

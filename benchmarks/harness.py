@@ -92,3 +92,16 @@ def emit(name: str, results: list[Measurement], extra: dict[str, object]) -> Non
     print(f"\n| {name} | median s | peak RSS MB |\n|---|---|---|", file=sys.stderr)
     for r in results:
         print(f"| {r.label} | {r.median_s:.2f} | {r.peak_rss_mb:.0f} |", file=sys.stderr)
+
+
+# For the comparison scripts the benchmarks run in a child process: {key: (open file, key)} of a folder.
+READ_TENSORS = """
+from pathlib import Path
+from safetensors import safe_open
+def tensors(folder):
+    found = {}
+    for shard in sorted(Path(folder).glob("*.safetensors")):
+        f = safe_open(shard, "pt")
+        found.update({k: (f, k) for k in f.keys()})
+    return found
+"""

@@ -23,11 +23,11 @@ import torch
 
 from adaptertool.adapters.experts import MoeLayer
 from adaptertool.adapters.peft_config import AdapterSettings
-from adaptertool.adapters.peft_keys import split_adapter_key
+from adaptertool.adapters.peft_keys import PEFT_PREFIX, split_adapter_key
 from adaptertool.errors import AdapterToolError
 
-__all__ = ["ParamLora", "expert_delta", "expert_factors", "fuse_gate_up", "plan_param_loras", "split_gate_up",
-           "stack_experts"]
+__all__ = ["ParamLora", "expert_delta", "expert_factors", "fuse_gate_up", "implied_layer", "param_lora_keys",
+           "plan_param_loras", "roles_depend_on_layout", "split_gate_up", "stack_experts"]
 
 Shape = tuple[int, ...]
 Factors = tuple[torch.Tensor, torch.Tensor]  # (A (r, in), B (out, r))
@@ -231,3 +231,56 @@ def _transposed(a_key: str, b_key: str, param: str, in_features: int, out_featur
         f"{a_key} is (E*r, {out_features}) and {b_key} ({in_features}, E*r) for {param} (in {in_features}, out "
         f"{out_features}): A and B have the roles that {made_by} gave them by mistake on this layout (fixed in PEFT "
         "0.19.1), which current PEFT cannot load either; train the adapter again with PEFT >= 0.19.1")
+
+
+def param_lora_keys(module: str, params: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """The ``(lora_A, lora_B)`` keys PEFT saves for target_parameters LoRAs on ``params`` of the experts
+    ``module``: the inverse of :func:`plan_param_loras`' nesting rule. ``params`` must be in the module's
+    registration order (:attr:`MoeLayer.params`), whose first is wrapped innermost."""
+    keys = {}
+    for i, param in enumerate(params):
+        key = PEFT_PREFIX + module + ".base_layer" * (len(params) - 1 - i)
+        keys[param] = (f"{key}.lora_A.weight", f"{key}.lora_B.weight")
+    return keys
+
+
+def roles_depend_on_layout(peft_version: str | None) -> bool:
+    """Whether PEFT ``peft_version`` (0.17.0-0.19.0) gave target_parameters LoRAs A/B roles that are
+    right or transposed depending on the base's layout, which only the base tells."""
+    return peft_version is not None and _swaps_roles(peft_version, transposed_storage=False)
+
+
+_EXPERTS_MODULE = re.compile(r"^(?P<layer>.+\.layers\.(?P<index>\d+))\.(?:mlp|block_sparse_moe)\.experts$")
+_REGISTERED = ("gate_up_proj", "down_proj")  # every family's fused parameters, in registration order
+
+
+def implied_layer(module: str, shapes: Mapping[str, Shape], *, settings: AdapterSettings,
+                  target_parameters: Sequence[str] | None) -> MoeLayer:
+    """The experts layer that a target_parameters adapter's own shapes imply, for a command without
+    a base (combine), to plan its LoRAs with :func:`plan_param_loras`.
+
+    The parameters nest in the registration order every known family has (gate_up_proj first); the
+    expert count is A's rows over the configured rank; hidden and intermediate sizes come from the
+    first parameter's shapes, which plan_param_loras then checks the second against. Whether gate
+    and up interleave (gpt-oss) is not knowable, and not needed where a LoRA is handled whole.
+    Where the keys cannot be resolved, the sizes stay 1 and plan_param_loras refuses with the reason.
+
+    Raises:
+        AdapterToolError: ``module`` is not named like a decoder layer's experts.
+    """
+    found = _EXPERTS_MODULE.match(module)
+    if found is None:
+        raise AdapterToolError(f"{next(iter(shapes))}: a target_parameters LoRA on {module}, which is not named like a "
+                               "mixture-of-experts layer's experts (model.layers.N.mlp.experts)")
+    targets = tuple(target_parameters or ())
+    targeted = [p for p in _REGISTERED if any(f"{module}.{p}" == t or f"{module}.{p}".endswith(f".{t}") for t in targets)]
+    experts = hidden = intermediate = 1
+    depth0 = [key for key in shapes if split_adapter_key(key) == (module, "lora_A")]
+    b_key = next((key for key in shapes if split_adapter_key(key) == (module, "lora_B")), None)
+    if targeted and depth0 and b_key is not None and len(shapes[depth0[0]]) == 2 and len(shapes[b_key]) == 2:
+        param = targeted[-1]  # the outermost wrapper's keys carry no .base_layer
+        (rows, columns), out = shapes[depth0[0]], shapes[b_key][0]
+        experts = max(rows // settings.module_rank(f"{module}.{param}"), 1)
+        hidden, intermediate = (columns, out // 2) if param == "gate_up_proj" else (out, columns)
+    return MoeLayer(int(found["index"]), "", "fused", module.removesuffix(".experts"), module, experts, hidden,
+                    intermediate, (), ())

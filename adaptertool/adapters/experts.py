@@ -149,6 +149,21 @@ class MoeLayer:
         bias = f"{name}_bias" if self.interleaved else None
         return ExpertWeight(name, shape, expert, outputs, self.interleaved, bias)
 
+    @property
+    def has_linears(self) -> bool:
+        """Whether the family ever stored its experts as one Linear each (gpt-oss never did)."""
+        return self.family in _NAMES
+
+    def linear_module(self, expert: int, projection: str) -> str:
+        """The Linear module of ``projection`` of ``expert`` as transformers 4 named it, and so
+        target_modules adapters and per-expert checkpoints do, whatever this checkpoint's layout:
+        ``model.layers.1.mlp.experts.3.gate_proj``, Mixtral's ``model.layers.1.block_sparse_moe.experts.3.w1``."""
+        if not self.has_linears:
+            raise ValueError(f"{self.family} experts have no per-expert Linear modules")
+        layer = self.module.removesuffix(".mlp.experts")
+        block = f"{layer}.block_sparse_moe" if self.family == "mixtral" else f"{layer}.mlp"
+        return f"{block}.experts.{expert}.{_NAMES[self.family][projection]}"
+
 
 @dataclass(frozen=True)
 class ExpertLayout:

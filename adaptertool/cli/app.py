@@ -43,8 +43,14 @@ class _Group(click.Group):
         except (AdapterToolError, OSError) as err:
             if ctx.params.get("debug"):
                 traceback.print_exc()
-            click.echo(f"error: {err}", err=True)
+            click.echo(f"error: {_printable(str(err))}", err=True)
             ctx.exit(1)
+
+
+def _printable(message: str) -> str:
+    """``message`` as one printable line: names read from files (tensor names, paths) may hold a
+    newline or, from a non-UTF-8 file name, a lone surrogate that stderr cannot encode."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in message)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -33,7 +33,11 @@ from adaptertool.io import torch_dtype
 @click.option("--max-rank", type=int, default=None,
               help="Cap on every module's rank [default: --rank, or 128 with --energy/--auto-rank].")
 @click.option("--targets", multiple=True, default=("all-linear",), show_default=True, metavar="NAME",
-              help="Modules to extract: all-linear, or names matched as PEFT target_modules (repeatable).")
+              help="Modules to extract: all-linear (experts included), experts, or names matched as PEFT "
+                   "target_modules (repeatable).")
+@click.option("--experts", type=click.Choice(["per-expert", "fused"]), default=None,
+              help="Mixture-of-experts: a LoRA per expert Linear (target_modules), or PEFT target_parameters LoRAs "
+                   "on the fused expert parameters [default: per-expert, fused for gpt-oss].")
 @click.option("--svd", type=click.Choice(["randomized", "exact"]), default="randomized", show_default=True,
               help="Randomized SVD (fast, seeded) or the exact full SVD (the optimum, slow).")
 @click.option("--niter", type=int, default=6, show_default=True, help="Power iterations of the randomized SVD.")
@@ -53,7 +57,7 @@ from adaptertool.io import torch_dtype
 @json_option
 @quiet_option
 def extract_cmd(base: Path, tuned: Path, out: Path, rank: int, energy: float | None, auto_rank: bool,
-                max_rank: int | None, targets: tuple[str, ...], svd: str, niter: int, oversample: int,
+                max_rank: int | None, targets: tuple[str, ...], experts: str | None, svd: str, niter: int, oversample: int,
                 embeddings: str, norms: bool, report_file: Path | None, dtype: str, device: str, seed: int, force: bool,
                 as_json: bool, quiet: bool) -> None:
     """Extract a LoRA adapter approximating a full fine-tune (truncated SVD of TUNED - BASE).
@@ -64,23 +68,29 @@ def extract_cmd(base: Path, tuned: Path, out: Path, rank: int, energy: float | N
 
     cfg = ExtractConfig(
         base=base, tuned=tuned, out=out, rank=rank, energy=energy, auto_rank=auto_rank, max_rank=max_rank,
-        targets=tuple(targets), svd=svd, niter=niter, oversample=oversample, embeddings=embeddings, norms=norms,
+        targets=tuple(targets), experts=experts, svd=svd, niter=niter, oversample=oversample, embeddings=embeddings, norms=norms,
         report=report_file, dtype=torch_dtype(DTYPE_CODES[dtype]), device=device, seed=seed, force=force,
     )
     emit(extract(cfg, progress=progress_enabled(quiet, as_json)), as_json, _extract_text)
 
 
 def _extract_text(r: Any) -> str:
-    width = max((len(m.module) for m in r.modules), default=6)
+    # Experts are listed by group (layer and projection, or fused parameter): --json has every one.
+    rows = [m for m in r.modules if m.group is None]
+    width = max([len(m.module) for m in rows] + [len(g.group) for g in r.expert_groups], default=6)
     lines = [f"{'module':<{width}}  rank  retained  rel.error"]
-    for m in r.modules:
+    for m in rows:
         flags = (" capped" if m.capped else "") + (" (size)" if m.size_capped else "") + (" +bias" if m.bias else "")
         lines.append(f"{m.module:<{width}}  {m.rank:>4}  {m.retained:>8.4f}  {m.rel_error:>9.4f}{flags}")
+    for g in r.expert_groups:
+        ranks = str(g.rank_min) if g.rank_min == g.rank_max else f"{g.rank_min}-{g.rank_max}"
+        lines.append(f"{g.group:<{width}}  {ranks:>4}  {g.retained:>8.4f}  {g.rel_error:>9.4f}  "
+                     f"{g.changed} of {g.experts} experts changed")
     norm_modules = {n.module for n in r.norms}
     whole = [m for m in r.modules_to_save if m not in norm_modules]
     saved = f"; modules_to_save: {', '.join(whole)}" if whole else ""
     lines += [
-        f"total: {len(r.modules)} modules (r={r.rank}), {len(r.unchanged)} unchanged skipped{saved}",
+        f"total: {_counts(r)} (r={r.rank}), {len(r.unchanged)} unchanged skipped{saved}",
         (f"  retained energy {r.retained:.4f}, relative Frobenius error {r.rel_error:.4f} "
          "(1 - retained is the share of the fine-tune's change the adapter leaves out)"),
         *_norms_lines(r.norms),
@@ -89,6 +99,13 @@ def _extract_text(r: Any) -> str:
         f"wrote {r.out} ({r.svd} SVD on {r.device}) in {r.seconds:.1f} s, peak memory {human_bytes(r.peak_rss_bytes)}",
     ]
     return "\n".join(lines)
+
+
+def _counts(r: Any) -> str:
+    """Modules with a LoRA each (experts' included), and fused expert parameters, each a row per expert in --json."""
+    params = {m.module for m in r.modules if m.group == m.module}
+    modules = sum(m.group != m.module for m in r.modules)
+    return f"{modules} modules" + (f" and {len(params)} fused expert parameters" if params else "")
 
 
 def _norms_lines(norms: list[Any]) -> list[str]:

@@ -30,8 +30,11 @@ from adaptertool.io import torch_dtype
 @click.option("--rank", type=int, default=16, show_default=True, help="LoRA rank r of every module.")
 @alpha_option
 @click.option("--targets", multiple=True, default=("all-linear",), show_default=True, metavar="NAME",
-              help="all-linear (every Linear but the output head, as PEFT), or names matched as PEFT target_modules "
-                   "(repeatable; embeddings get an embedding LoRA).")
+              help="all-linear (every Linear but the output head, as PEFT, experts included), experts (all experts), "
+                   "or names matched as PEFT target_modules (repeatable; embeddings get an embedding LoRA).")
+@click.option("--experts", type=click.Choice(["per-expert", "fused"]), default=None,
+              help="Mixture-of-experts bases: a LoRA per expert Linear (target_modules), or PEFT target_parameters "
+                   "LoRAs on the fused expert parameters [default: as the base stores its experts].")
 @click.option("--rslora/--no-rslora", default=False, show_default=True, help="rsLoRA scaling alpha/sqrt(r) instead of alpha/r.")
 @click.option("--dora/--no-dora", default=False, show_default=True,
               help="DoRA: also write the magnitude vectors (norms of the weights).")
@@ -48,9 +51,9 @@ from adaptertool.io import torch_dtype
 @force_option
 @json_option
 @quiet_option
-def init_cmd(base: Path, out: Path, rank: int, alpha: float | None, targets: tuple[str, ...], rslora: bool, dora: bool,
-             method: str, pissa_niter: int | None, residual_base: Path | None, seed: int, dtype: str, max_shard_size: str,
-             force: bool, as_json: bool, quiet: bool) -> None:
+def init_cmd(base: Path, out: Path, rank: int, alpha: float | None, targets: tuple[str, ...], experts: str | None,
+             rslora: bool, dora: bool, method: str, pissa_niter: int | None, residual_base: Path | None, seed: int,
+             dtype: str, max_shard_size: str, force: bool, as_json: bool, quiet: bool) -> None:
     """Write a fresh PEFT LoRA adapter for BASE, initialised as PEFT does.
 
     Example: adaptertool init ./SmolLM2-135M ./pissa-adapter --method pissa --rank 16 --residual-base ./SmolLM2-residual
@@ -58,9 +61,9 @@ def init_cmd(base: Path, out: Path, rank: int, alpha: float | None, targets: tup
     from adaptertool.ops.init import InitConfig, init_adapter
 
     cfg = InitConfig(
-        base=base, out=out, rank=rank, alpha=alpha, targets=tuple(targets), rslora=rslora, dora=dora, method=method,
-        pissa_niter=pissa_niter, residual_base=residual_base, seed=seed, dtype=torch_dtype(DTYPE_CODES[dtype]),
-        max_shard_bytes=shard_bytes(max_shard_size), force=force,
+        base=base, out=out, rank=rank, alpha=alpha, targets=tuple(targets), experts=experts, rslora=rslora, dora=dora,
+        method=method, pissa_niter=pissa_niter, residual_base=residual_base, seed=seed,
+        dtype=torch_dtype(DTYPE_CODES[dtype]), max_shard_bytes=shard_bytes(max_shard_size), force=force,
     )
     emit(init_adapter(cfg, progress=progress_enabled(quiet, as_json)), as_json, _init_text)
 
@@ -68,7 +71,7 @@ def init_cmd(base: Path, out: Path, rank: int, alpha: float | None, targets: tup
 def _init_text(r: Any) -> str:
     lines = [
         *(f"note: {note}" for note in r.notes),
-        (f"wrote {r.out}: {r.method} LoRA on {r.modules} modules ({', '.join(r.target_modules)}), r={r.rank}, "
+        (f"wrote {r.out}: {r.method} LoRA on {r.modules} modules ({', '.join(r.target_modules)}){_params(r)}, r={r.rank}, "
          f"alpha={r.alpha:g}, scaling {r.scaling:g}, {human_bytes(r.adapter_bytes)} in {r.seconds:.1f} s, "
          f"peak memory {human_bytes(r.peak_rss_bytes)}"),
     ]
@@ -76,3 +79,9 @@ def _init_text(r: Any) -> str:
         lines.append(f"wrote residual base {r.residual_base} ({r.copied} tensors copied unchanged); residual + adapter "
                      f"reproduces the base to a relative error of {r.reconstruction_error:.4f} (rounding to the base's dtype)")
     return "\n".join(lines)
+
+
+def _params(r: Any) -> str:
+    if not r.parameters:
+        return ""
+    return f" and {r.parameters} fused expert parameters ({', '.join(r.target_parameters)})"

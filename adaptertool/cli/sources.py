@@ -1,8 +1,9 @@
 """Input arguments that take a local path or a Hub id (``org/name`` or ``org/name@revision``).
 
 A path that exists always wins. Anything else shaped like ``org/name[@revision]`` is downloaded
-through the Hugging Face cache when the argument is converted, and the command receives the cached
-snapshot folder; huggingface_hub is imported only then, so commands on local files never load it.
+through the Hugging Face cache when the argument is converted (saying so once on stderr; with
+HF_HUB_OFFLINE only the cache is asked), and the command receives the cached snapshot folder;
+huggingface_hub is imported only then, so commands on local files never load it.
 A malformed id is a usage error (exit 2); a failed download (auth, missing repo, no network) is
 an AdapterToolError, which the command group prints as one line with exit 1.
 """
@@ -19,6 +20,8 @@ import click
 from adaptertool.errors import AdapterToolError
 
 __all__ = ["HubId", "SourcePath", "WeightedSource", "split_weight"]
+
+_LOOKED_UP: set[str] = set()  # Hub ids this process has said it looks up
 
 
 def _looks_like_hub_id(text: str) -> bool:
@@ -41,13 +44,17 @@ class SourcePath(click.ParamType):
         path = Path(value)
         if path.exists() or not _looks_like_hub_id(value):
             return path  # a missing local path is the command's to report, with its own message
-        from adaptertool.io.hub import parse_hub_id
+        from adaptertool.io.hub import offline, parse_hub_id
         from adaptertool.ops.hub import resolve_source
 
         try:
             parse_hub_id(value)
         except AdapterToolError:
             self.fail(f"{value!r} is neither an existing path nor a Hub id (org/name[@revision])", param, ctx)
+        if value not in _LOOKED_UP:  # said once: a mistyped local path should not reach the network unnoticed
+            _LOOKED_UP.add(value)
+            where = "the Hub cache (HF_HUB_OFFLINE is set)" if offline() else "the Hub"
+            click.echo(f"note: {value} is not a local path; looking it up in {where}", err=True)
         try:
             # Bars only for a person watching: the command's own --quiet/--json are not parsed yet here.
             return resolve_source(value, kind=self.kind, progress=sys.stderr.isatty())

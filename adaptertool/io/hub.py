@@ -26,7 +26,7 @@ from adaptertool.io.sidefiles import SIDE_FILES, read_json
 
 __all__ = [
     "PICKLE_PATTERNS", "USABLE_PATTERNS", "CommitResult", "HubRef", "Snapshot", "download", "download_checkpoint",
-    "hub_id_of_cache_path", "parse_hub_id", "read_card", "upload",
+    "hub_id_of_cache_path", "offline", "parse_hub_id", "read_card", "upload",
 ]
 
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt")
@@ -44,6 +44,9 @@ _HUB_ID = re.compile(rf"({_NAME}/{_NAME})(?:@(.+))?")
 # Everything the client raises for a failed call: HTTP errors, cache misses and offline mode are
 # OSErrors; transport failures (refused, dropped, timed out) are httpx2's own; Xet storage has one.
 _FAILURES = (OSError, httpx2.TransportError, errors.XetDownloadError)
+# How huggingface_hub's ValueErrors for a repo file name that escapes the target folder begin.
+_UNSAFE_NAME = ("Invalid filename", "Invalid pointer path")
+_CREDENTIALS = re.compile(r"://[^/@\s]*@")  # the user:password@ of a URL
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,13 @@ def download(ref: HubRef, *, include: Sequence[str] = USABLE_PATTERNS, exclude: 
         ))
     except _FAILURES as err:
         raise _hub_error(err, ref, endpoint=endpoint, token=token, cache_dir=cache_dir) from err
+    except ValueError as err:
+        # The client's refusal of a repo file name that would land outside the cache ("../x", "/etc/x").
+        if not str(err).startswith(_UNSAFE_NAME):
+            raise
+        raise AdapterToolError(_redact(f"{ref}: the repo holds a file whose name would be written outside the download "
+                                       f"folder ({str(err).splitlines()[0][:200]}); refusing it: ask its owner to "
+                                       "rename the file, or --include only the files you need")) from err
     try:
         listing = [f.path for f in hf.get_cached_repo_tree(ref.repo_id, revision=folder.name, cache_dir=cache_dir)]
     except errors.CachedRepoTreeNotFoundError:  # a cache filled by an older client: what is on disk is all we know
@@ -196,6 +206,11 @@ def upload(folder: Path, files: Sequence[str], repo_id: str, *, card: bytes | No
     return CommitResult(repo_url=str(repo_url), commit_url=info.commit_url, commit=info.oid, pr_url=info.pr_url)
 
 
+def offline() -> bool:
+    """Whether HF_HUB_OFFLINE is set: the cache alone answers, and nothing goes to the network."""
+    return bool(constants.HF_HUB_OFFLINE)
+
+
 class _Silent(tqdm):  # type: ignore[misc]
     """huggingface_hub's bars, switched off for this call only (its own switch is process-wide)."""
 
@@ -204,9 +219,21 @@ class _Silent(tqdm):  # type: ignore[misc]
         super().__init__(*args, **kwargs)
 
 
-def _hub_error(err: OSError | httpx2.TransportError | errors.XetDownloadError, ref: HubRef, *, endpoint: str | None, token: str | None,
-               cache_dir: Path | None = None, writing: bool = False) -> AdapterToolError:
-    """The one-line message for a failed Hub call: what went wrong and what to do."""
+def _hub_error(err: OSError | httpx2.TransportError | errors.XetDownloadError, ref: HubRef, *, endpoint: str | None,
+               token: str | None, cache_dir: Path | None = None, writing: bool = False) -> AdapterToolError:
+    """The one-line message for a failed Hub call, with any credentials in a URL taken out."""
+    described = _describe(err, ref, endpoint=endpoint, token=token, cache_dir=cache_dir, writing=writing)
+    return AdapterToolError(_redact(str(described)))
+
+
+def _redact(text: str) -> str:
+    """``text`` with the user:password of every URL in it (an HF_ENDPOINT may hold them) replaced by ***."""
+    return _CREDENTIALS.sub("://***@", text)
+
+
+def _describe(err: OSError | httpx2.TransportError | errors.XetDownloadError, ref: HubRef, *, endpoint: str | None,
+              token: str | None, cache_dir: Path | None = None, writing: bool = False) -> AdapterToolError:
+    """What went wrong and what to do, as one line."""
     where = endpoint or constants.ENDPOINT
     login = "run `hf auth login` or set HF_TOKEN"
     cause = err.__cause__ or err.__context__
@@ -229,7 +256,7 @@ def _hub_error(err: OSError | httpx2.TransportError | errors.XetDownloadError, r
         return AdapterToolError(f"{ref}: {where} answered HTTP {status}; try again later")
     if isinstance(err, errors.LocalEntryNotFoundError) and isinstance(cause, OSError | httpx2.TransportError) and not \
             isinstance(cause, errors.OfflineModeIsEnabled):
-        return _hub_error(cause, ref, endpoint=endpoint, token=token, cache_dir=cache_dir, writing=writing)
+        return _describe(cause, ref, endpoint=endpoint, token=token, cache_dir=cache_dir, writing=writing)
     if writing and isinstance(err, errors.LocalEntryNotFoundError | errors.OfflineModeIsEnabled):
         return AdapterToolError(f"uploading to {ref.repo_id} needs the network, and HF_HUB_OFFLINE is set; "
                                 "unset HF_HUB_OFFLINE to push")

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from adaptertool.errors import AdapterToolError
-from adaptertool.io.format import HEADER_LIMIT, ParsedHeader, parse_header, torch_dtype
+from adaptertool.io.format import DTYPES, HEADER_LIMIT, ParsedHeader, TensorSpec, parse_header, torch_dtype
 from adaptertool.io.sidefiles import read_json
 from adaptertool.io.source import TensorInfo, TensorTable
 
@@ -30,6 +31,9 @@ _COPY_CHUNK = 64 << 20
 # than the same bytes in 1-4 MB pieces (measured here: 0.44 GB/s vs 2.4 GB/s for writes).
 _IO_CHUNK = 4 << 20
 _WRITE_CHUNK = 1 << 20
+# JSON whitespace, which safetensors allows before the header's opening brace.
+_JSON_SPACE = b" \t\n\r"
+_HEADER_STARTS = (b"{", *(bytes([c]) for c in _JSON_SPACE))
 
 
 class Checkpoint(TensorTable):
@@ -68,6 +72,16 @@ class Checkpoint(TensorTable):
         """
         info = self.tensors[name]
         return read_range(self._handle(info.file), info, buffer=buffer)
+
+    def read_pieces(self, name: str, elements: int) -> Iterator[torch.Tensor]:
+        """Tensor ``name`` flattened, as consecutive 1-D pieces of at most ``elements`` elements, each
+        read when asked for: memory is bounded by a piece, whatever the tensor's size."""
+        info = self.tensors[name]
+        itemsize = DTYPES[info.dtype][0]
+        for start in range(0, info.nbytes, elements * itemsize):
+            count = min(elements, (info.nbytes - start) // itemsize)
+            piece = TensorInfo(TensorSpec(name, info.dtype, (count,)), info.file, info.offset + start)
+            yield read_range(self._handle(info.file), piece)
 
     def copyable(self, name: str) -> bool:
         """Always True: a checkpoint's stored bytes are the tensor."""
@@ -202,8 +216,9 @@ def _open_sharded(path: Path, index_file: Path) -> Checkpoint:
             tensors[name] = info
     for name, shard in weight_map.items():
         if owner.get(name) != shard:
-            where = f"is in {owner[name]}" if name in owner else "is in no shard"
-            raise AdapterToolError(f"{index_file}: maps tensor {name} to {shard} but it {where}; the checkpoint is corrupt")
+            where = f"it is in {owner[name]}" if name in owner else _unlisted_holder(folder, headers, name)
+            raise AdapterToolError(f"{index_file}: maps tensor {name} to {shard}, which does not hold it, and {where}; "
+                                   "the index does not match its shards: re-download the checkpoint")
     extra = next((n for n in owner if n not in weight_map), None)
     if extra is not None:
         raise AdapterToolError(f"{folder / owner[extra]}: tensor {extra} is not listed in {index_file.name}; the checkpoint is corrupt")
@@ -211,6 +226,18 @@ def _open_sharded(path: Path, index_file: Path) -> Checkpoint:
     # Shards written together carry the same __metadata__; the first one speaks for all.
     metadata = next(iter(headers.values())).metadata if headers else {}
     return Checkpoint(path, [folder / s for s in headers], tensors, index=index_file, metadata=metadata)
+
+
+def _unlisted_holder(folder: Path, listed: dict[str, ParsedHeader], name: str) -> str:
+    """Where tensor ``name``, which no shard the index names holds, is: in a shard it forgets, or nowhere."""
+    for other in sorted(folder.glob("*.safetensors")):
+        if other.name not in listed:
+            try:
+                if any(spec.name == name for spec, _ in read_header(other).tensors):
+                    return f"it is in {other.name}, which the index does not name"
+            except AdapterToolError:
+                continue  # a broken stray file is not the question here
+    return "no shard holds it"
 
 
 def _read_weight_map(index_file: Path) -> dict[str, str]:
@@ -243,7 +270,7 @@ def read_header(file: Path) -> ParsedHeader:
                 f"{file}: header length {length} is larger than the file ({size} bytes); the file is truncated or not safetensors"
             )
         head += fh.read(length)
-    if not head[8:9] == b"{":
+    if not head[8:].lstrip(_JSON_SPACE).startswith(b"{"):
         raise AdapterToolError(f"{file}: not a safetensors file (its header is not JSON)")
     return parse_header(file, head, size)
 
@@ -251,7 +278,7 @@ def read_header(file: Path) -> ParsedHeader:
 def _looks_pickled(file: Path) -> bool:
     with open(file, "rb") as fh:
         head = fh.read(9)
-    if head[8:9] == b"{":  # a safetensors JSON header, whatever its length's first bytes look like
+    if head[8:9] in _HEADER_STARTS:  # a safetensors JSON header, whatever its length's first bytes look like
         return False
     # torch.save writes a zip archive; legacy torch.save and pickle.dump start with PROTO (0x80).
     return head[:4] == b"PK\x03\x04" or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)

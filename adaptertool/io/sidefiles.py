@@ -44,11 +44,20 @@ def copy_side_files(source: Path | None, dest: Path, *, skip: tuple[str, ...] = 
 def read_json(path: Path) -> dict[str, Any]:
     """Read a JSON object from ``path`` with a one-line error naming the file."""
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"), parse_int=_integer)
     except FileNotFoundError as err:
         raise AdapterToolError(f"{path} does not exist; check the path") from err
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:  # ValueError: bad UTF-8 or JSON, or an integer past Python's 4300 digits
         raise AdapterToolError(f"{path}: cannot be read as JSON ({err})") from err
+    except RecursionError:
+        raise AdapterToolError(f"{path}: cannot be read as JSON (nested too deeply)") from None
     if not isinstance(value, dict):
         raise AdapterToolError(f"{path}: expected a JSON object")
     return value
+
+
+def _integer(text: str) -> int:
+    # Python's own refusal past 4300 digits tells the user to call sys.set_int_max_str_digits().
+    if len(text.lstrip("-")) > 4300:
+        raise ValueError(f"an integer of {len(text)} digits")
+    return int(text)

@@ -7,8 +7,10 @@ bytes straight to its file: one tensor in memory at a time, whatever the model's
 
 from __future__ import annotations
 
+import errno
 import json
 import re
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -118,6 +120,7 @@ class CheckpointWriter:
             self._file = None
 
     def __enter__(self) -> CheckpointWriter:
+        self._check_space()
         self._open = True
         return self
 
@@ -126,6 +129,17 @@ class CheckpointWriter:
             self.close()
         else:
             self.abort()
+
+    def _check_space(self) -> None:
+        """Refuse up front a plan that cannot fit on the disk, rather than fail when it is full.
+
+        Raises:
+            OSError: ENOSPC, with what the output needs; :func:`~adaptertool.io.staging.staged_output`
+                names OUT in the message.
+        """
+        free = shutil.disk_usage(self.directory).free
+        if free < self.total_bytes:
+            raise OSError(errno.ENOSPC, f"the output needs {self.total_bytes:,} bytes and {free:,} are free")
 
     def _advance(self, name: str) -> TensorSpec:
         if not self._open:

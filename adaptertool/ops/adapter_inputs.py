@@ -8,9 +8,10 @@ for a model tensor as they are.
 
 A PEFT ``target_parameters`` adapter (LoRA on the fused 3-D expert parameters of a mixture-of-experts
 model) adds a third kind: LoRAs whose keys name the experts module (``mlp.experts[.base_layer]``)
-but not the parameter. Only the base's expert layout tells which parameter each adapts, so
-:func:`plan_merge_adapter` plans them against it, for merge and subtract; :func:`plan_adapter`,
-which the pipelines without a base use, refuses such adapters.
+but not the parameter. Only the base's expert layout tells which parameter each adapts for sure, so
+:func:`plan_merge_adapter` plans them against it, for merge and subtract; combine, which has no base,
+plans them on the layout their own shapes imply (:func:`plan_adapter_alone`); :func:`plan_adapter`,
+which convert uses, refuses such adapters.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 
 import torch
 
-from adaptertool.adapters.expert_lora import ParamLora, plan_param_loras
+from adaptertool.adapters.expert_lora import ParamLora, implied_layer, plan_param_loras
 from adaptertool.adapters.experts import ExpertLayout, MoeLayer
 from adaptertool.adapters.modules import ModuleUpdate, plan_module
 from adaptertool.adapters.peft_config import AdapterSettings
@@ -33,7 +34,7 @@ from adaptertool.io import FLOAT_CODES, Checkpoint, open_adapter
 
 
 __all__ = ["AdapterModule", "LoadedAdapter", "ParamModule", "PlannedAdapter", "check_finite", "load_adapter",
-           "plan_adapter", "plan_merge_adapter", "read_checked"]
+           "plan_adapter", "plan_adapter_alone", "plan_merge_adapter", "read_checked"]
 
 # Elements per isfinite() call: bounds the temporary bool mask on a large whole-tensor copy.
 _NAN_CHUNK = 1 << 24
@@ -137,7 +138,7 @@ def plan_adapter(adapter: LoadedAdapter) -> tuple[list[str], dict[str, AdapterMo
     if adapter.target_parameters:
         raise AdapterToolError(
             f"{adapter.path}: adapter_config.json has target_parameters {list(adapter.target_parameters)}, LoRAs on "
-            "fused mixture-of-experts parameters; only merge and subtract support such adapters yet"
+            "fused mixture-of-experts parameters; only merge, subtract and combine (linear, cat) support such adapters yet"
         )
     whole, groups = _group_keys(adapter)
     return whole, {name: _plan_module(adapter, name, keys) for name, keys in groups.items()}
@@ -187,6 +188,31 @@ def plan_merge_adapter(adapter: LoadedAdapter, experts: Callable[[], ExpertLayou
             raise AdapterToolError(f"{adapter.path}: {err}") from None
         params[module] = ParamModule(module, layer, loras)
     return PlannedAdapter(whole, modules, params)
+
+
+def plan_adapter_alone(adapter: LoadedAdapter) -> PlannedAdapter:
+    """:func:`plan_merge_adapter` without a base: target_parameters LoRAs planned on the experts layers
+    that their own shapes imply (:func:`~adaptertool.adapters.expert_lora.implied_layer`).
+
+    Raises:
+        AdapterToolError: as plan_merge_adapter, naming the adapter.
+    """
+    return plan_merge_adapter(adapter, lambda: _implied_layout(adapter))
+
+
+def _implied_layout(adapter: LoadedAdapter) -> ExpertLayout:
+    targets = adapter.target_parameters
+    shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+    for name, keys in _group_keys(adapter)[1].items():
+        module = _stripped(name)
+        if module != name or module.endswith(".experts") or _names_parameter_of(module, targets):
+            shapes.setdefault(module, {}).update({key: tuple(adapter.weights[key].shape) for key in keys.values()})
+    try:
+        layers = tuple(implied_layer(module, found, settings=adapter.settings, target_parameters=targets)
+                       for module, found in shapes.items())
+    except AdapterToolError as err:
+        raise AdapterToolError(f"{adapter.path}: {err}") from None
+    return ExpertLayout("", "", layers, ())
 
 
 def _group_keys(adapter: LoadedAdapter) -> tuple[list[str], dict[str, dict[str, str]]]:

@@ -10,6 +10,10 @@ modules whose rank differs from the most common one get rank_pattern/alpha_patte
 ``target_modules`` names every module in full, so PEFT wraps exactly those (short names could wrap
 modules that only some inputs' layers_to_transform covered, which PEFT reports as missing keys).
 
+PEFT target_parameters LoRAs on fused experts (``lora_A (E*r, in)``, ``lora_B (out, E*r)``) combine
+by linear and cat only: each expert's factors are stacked as a module's are and the experts
+stacked back, so the output is a target_parameters LoRA of rank ``sum_i r_i`` per expert.
+
 Whole tensors (modules_to_save copies, saved embedding layers) cannot be weighted without the base
 they replace: each is copied once, and two adapters saving different values for one is an error.
 Biases (``lora_B.bias``) are summed with their weights and scalings for every method.
@@ -32,6 +36,7 @@ from adaptertool.adapters.combine import (
     combine_task_vectors,
     stack_factors,
 )
+from adaptertool.adapters.expert_lora import expert_factors, param_lora_keys, stack_experts
 from adaptertool.adapters.modules import ModuleUpdate
 from adaptertool.adapters.peft_config import uniform_scaling
 from adaptertool.adapters.peft_keys import lora_keys, module_order
@@ -46,9 +51,9 @@ from adaptertool.io import (
     write_adapter,
 )
 from adaptertool.ops.adapter_inputs import LoadedAdapter, load_adapter, read_checked
-from adaptertool.ops.combine_plan import CombinePlan, ModulePlan, plan_combine
+from adaptertool.ops.combine_plan import CombinePlan, ModulePlan, ParamPlan, plan_combine
 from adaptertool.ops.measure import Stopwatch, peak_rss_bytes
-from adaptertool.ops.options import SvdSettings, check_float_dtype
+from adaptertool.ops.options import SvdSettings, check_finite_numbers, check_float_dtype
 from adaptertool.ops.targets import module_seed
 
 
@@ -82,6 +87,7 @@ class CombineConfig:
                 raise AdapterToolError(f"{len(self.weights)} weights for {len(self.adapters)} adapters; give one weight per adapter")
             if not all(math.isfinite(w) for w in self.weights):
                 raise AdapterToolError(f"weights must be finite numbers, got {list(self.weights)}")
+        check_finite_numbers("--weights", *(self.weights or ()))
         pruning = self.method.startswith(_PRUNING)
         if pruning and self.density is None:
             raise AdapterToolError(f"--method {self.method} needs --density, the fraction of each delta kept, in (0, 1]")
@@ -185,13 +191,14 @@ def combine(cfg: CombineConfig, *, progress: bool = False) -> CombineReport:
 
 def _combine_all(plan: CombinePlan, inputs: list[LoadedAdapter], cfg: CombineConfig, *,
                  progress: bool) -> tuple[dict[str, _Result], list[str]]:
-    """Combine every module, one at a time; (results by module, modules dropped as zero)."""
+    """Combine every module and fused expert parameter, one at a time; (results by module or parameter
+    path, those dropped as zero)."""
     ranks = [p.rank for m in plan.modules.values() for p in m.parts]
     target_rank = cfg.rank or max(ranks, default=1)
     any_bias = any(p.update.changes_bias for m in plan.modules.values() for p in m.parts)
     results: dict[str, _Result] = {}
     dropped: list[str] = []
-    with tqdm(total=len(plan.modules), unit="module", desc="combine", disable=not progress) as bar:
+    with tqdm(total=len(plan.modules) + len(plan.params), unit="module", desc="combine", disable=not progress) as bar:
         for name, module in plan.modules.items():
             result = _combine_module(module, inputs, cfg, target_rank, any_bias) if module.parts else None
             if result is None:
@@ -199,9 +206,33 @@ def _combine_all(plan: CombinePlan, inputs: list[LoadedAdapter], cfg: CombineCon
             else:
                 results[name] = result
             bar.update(1)
+        for name, param in plan.params.items():
+            if param.parts:
+                results[name] = _combine_param(param, inputs, cfg)
+            else:
+                dropped.append(name)
+            bar.update(1)
     if dropped:
         plan.notes.append(f"{len(dropped)} modules combine to an exactly zero update and are left out (e.g. {dropped[0]})")
     return results, dropped
+
+
+def _combine_param(param: ParamPlan, inputs: list[LoadedAdapter], cfg: CombineConfig) -> _Result:
+    """A fused parameter's stacked factors: each expert's as linear/cat stack a module's, then the experts'."""
+    tensors = [(read_checked(inputs[i], lora.a_key), read_checked(inputs[i], lora.b_key)) for i, lora in param.parts]
+    weights = [inputs[i].weight for i, _ in param.parts]
+    factors = []
+    for expert in range(param.experts):
+        parts = []
+        for (lora_a, lora_b), (_, lora) in zip(tensors, param.parts):
+            a, b = expert_factors(lora_a, lora_b, expert, experts=param.experts)
+            parts.append(LowRank(b, a, lora.scaling))
+        b, a = stack_factors(parts, weights, balanced=cfg.method == "linear")
+        factors.append((a, b))
+    lora_a, lora_b = stack_experts(factors)
+    report = ModuleReport(module=param.path, shape=list(param.shape), rank=lora_a.shape[0] // param.experts,
+                          inputs=len(param.parts), rel_error=0.0)
+    return _Result(lora_b, lora_a, None, report, energy=0.0)
 
 
 def _combine_module(module: ModulePlan, inputs: list[LoadedAdapter], cfg: CombineConfig, target_rank: int,
@@ -290,12 +321,15 @@ def _adapter_config(inputs: list[LoadedAdapter], plan: CombinePlan, results: dic
     saved = sorted({m for i in contributing for m in i.settings.modules_to_save})
     config: dict[str, Any] = {
         "peft_type": "LORA", **uniform_scaling({name: res.report.rank for name, res in results.items()}, default_rank=1),
-        "lora_dropout": 0.0, "target_modules": sorted(results),
+        "lora_dropout": 0.0, "target_modules": sorted(name for name in results if name in plan.modules),
         "bias": "none", "use_rslora": False, "use_dora": False, "inference_mode": True, "init_lora_weights": True,
         "fan_in_fan_out": bool(plan.fan_in_fan_out),
         "base_model_name_or_path": contributing[0].settings.base_model if contributing else None,
         "task_type": task_types.pop() if len(task_types) == 1 else None,
     }
+    if any(name in plan.params for name in results):
+        # The inputs' own entries: each matched exactly the parameters its adapter holds.
+        config["target_parameters"] = list(dict.fromkeys(t for i in contributing for t in i.target_parameters))
     if any(res.bias is not None for res in results.values()):
         config["lora_bias"] = True
     if plan.whole and saved:
@@ -309,7 +343,16 @@ def _write(folder: Path, config: dict[str, Any], results: dict[str, _Result], pl
     out_dtype = cfg.dtype or torch.float32
     code = dtype_code(out_dtype)
     tensors: dict[str, torch.Tensor] = {}
+    nested: dict[str, list[str]] = {}  # experts module -> its combined parameters, in registration order
+    for name in (n for n in plan.params if n in results):
+        nested.setdefault(plan.params[name].module, []).append(plan.params[name].param)
     for name, res in results.items():
+        if name in plan.params:
+            param = plan.params[name]
+            order = sorted(nested[param.module], key=("gate_up_proj", "down_proj").index)
+            a_key, b_key = param_lora_keys(param.module, order)[param.param]
+            tensors[a_key], tensors[b_key] = res.a.to(out_dtype).contiguous(), res.b.to(out_dtype).contiguous()
+            continue
         keys = lora_keys(name, embedding=plan.modules[name].embedding)
         tensors[keys.a] = res.a.to(out_dtype).contiguous()
         tensors[keys.b] = res.b.to(out_dtype).contiguous()

@@ -2,7 +2,10 @@
 
 Each adapter's keys give one :class:`~adaptertool.adapters.modules.ModuleUpdate` per module; the
 output targets the union of the modules. Updates must be additive, and adapters adapting the same
-module must agree on its shape and layout. Whole tensors (modules_to_save copies, saved embedding
+module must agree on its shape and layout. PEFT target_parameters LoRAs on fused experts are
+planned per parameter (:func:`~adaptertool.ops.adapter_inputs.plan_adapter_alone`); they combine only
+by stacking their factors expert by expert (linear, cat), only with LoRAs on the same experts in the
+same form, and only from PEFT >= 0.19.1, whose A/B roles do not depend on the base's layout. Whole tensors (modules_to_save copies, saved embedding
 layers) are kept once; two adapters saving different values for one are refused, because a
 replacement cannot be weighted without the base it replaces.
 """
@@ -13,13 +16,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from adaptertool.adapters.expert_lora import ParamLora, roles_depend_on_layout
 from adaptertool.adapters.modules import ModuleUpdate
 from adaptertool.adapters.peft_config import AdapterSettings
 from adaptertool.adapters.peft_keys import full_tensor_name
 from adaptertool.errors import AdapterToolError
-from adaptertool.ops.adapter_inputs import AdapterModule, LoadedAdapter, plan_adapter
+from adaptertool.ops.adapter_inputs import AdapterModule, LoadedAdapter, ParamModule, plan_adapter_alone
 
-__all__ = ["CombinePlan", "ModulePlan", "Part", "plan_combine"]
+__all__ = ["CombinePlan", "ModulePlan", "ParamPlan", "Part", "plan_combine"]
 
 
 @dataclass
@@ -43,8 +47,25 @@ class ModulePlan:
 
 
 @dataclass
+class ParamPlan:
+    """One fused expert parameter and the target_parameters LoRAs combined into it."""
+
+    module: str  # the experts module: model.layers.0.mlp.experts
+    param: str  # gate_up_proj or down_proj
+    experts: int
+    shape: tuple[int, int]  # one expert's (out, in)
+    first: int  # the first adapter adapting it, for messages
+    parts: list[tuple[int, ParamLora]] = field(default_factory=list)  # (adapter, its LoRA), non-zero weights only
+
+    @property
+    def path(self) -> str:
+        return f"{self.module}.{self.param}"
+
+
+@dataclass
 class CombinePlan:
     modules: dict[str, ModulePlan] = field(default_factory=dict)
+    params: dict[str, ParamPlan] = field(default_factory=dict)  # <experts module>.<param> -> its plan
     whole: dict[str, tuple[int, str]] = field(default_factory=dict)  # model tensor -> (adapter, key)
     fan_in_fan_out: bool | None = None  # the Linear modules' layout, once one is seen
     notes: list[str] = field(default_factory=list)
@@ -63,11 +84,14 @@ def plan_combine(inputs: list[LoadedAdapter], *, exact_method: str | None = None
     """
     plan = CombinePlan()
     for index, item in enumerate(inputs):
-        whole, modules = plan_adapter(item)
-        for key in whole:
+        planned_adapter = plan_adapter_alone(item)
+        for key in planned_adapter.whole:
             _add_whole(plan, inputs, index, key)
-        for planned in modules.values():
+        for planned in planned_adapter.modules.values():
             _add_part(plan, inputs, index, planned, exact_method)
+        for params in planned_adapter.params.values():
+            _add_params(plan, inputs, index, params, exact_method)
+    _refuse_both_forms(plan, inputs)
     for name, (index, key) in plan.whole.items():
         module = name.rpartition(".")[0]
         # PEFT saves an adapted embedding's own base weight (".base_layer.") beside its LoRA: that is
@@ -111,6 +135,40 @@ def _add_part(plan: CombinePlan, inputs: list[LoadedAdapter], index: int, planne
         plan.fan_in_fan_out = update.fan_in_fan_out
     if item.weight != 0.0:
         entry.parts.append(Part(index, update, _part_rank(update, shapes, item.settings)))
+
+
+def _add_params(plan: CombinePlan, inputs: list[LoadedAdapter], index: int, params: ParamModule,
+                exact_method: str | None) -> None:
+    item = inputs[index]
+    example = params.loras[0].a_key
+    if exact_method is None:
+        raise AdapterToolError(f"{item.path}: {example} is a target_parameters LoRA on fused experts, which combines "
+                               "only by stacking its factors expert by expert: use --method linear or cat")
+    version = item.config.get("peft_version")
+    if roles_depend_on_layout(version):
+        raise AdapterToolError(f"{item.path}: made by PEFT {version}, whose target_parameters LoRAs have A/B roles that "
+                               "only the base's layout tells (PEFT < 0.19.1); merge it into its base instead of combining it")
+    for lora in params.loras:
+        shape = (lora.out_features, lora.in_features)
+        entry = plan.params.setdefault(f"{params.name}.{lora.param}",
+                                       ParamPlan(params.name, lora.param, lora.experts, shape, index))
+        if (entry.experts, entry.shape) != (lora.experts, shape):
+            raise AdapterToolError(f"{item.path}: {lora.a_key} is a LoRA on {lora.experts} experts of {list(shape)} "
+                                   f"(out, in) for {entry.path}, but {inputs[entry.first].path} has {entry.experts} experts "
+                                   f"of {list(entry.shape)}; the adapters were made for different base models")
+        if item.weight != 0.0:
+            entry.parts.append((index, lora))
+
+
+def _refuse_both_forms(plan: CombinePlan, inputs: list[LoadedAdapter]) -> None:
+    """A per-expert module and a target_parameters LoRA on the same experts: one output cannot hold both forms."""
+    experts = {entry.module.replace(".block_sparse_moe.", ".mlp."): entry for entry in plan.params.values()}
+    for name, module in plan.modules.items():
+        owner = experts.get(name.replace(".block_sparse_moe.", ".mlp.").rpartition(".experts.")[0] + ".experts")
+        if owner is not None and ".experts." in name:
+            raise AdapterToolError(f"{inputs[module.first].path}: {name} is a per-expert LoRA on the experts that "
+                                   f"{inputs[owner.first].path} adapts as fused parameters (target_parameters); combine "
+                                   "cannot hold both forms in one adapter: merge them one after the other")
 
 
 def _part_rank(update: ModuleUpdate, shapes: dict[str, tuple[int, ...]], settings: AdapterSettings) -> int:

@@ -15,14 +15,16 @@ changed norms (modules holding only 1-D tensors) are saved whole as ``modules_to
 ``--embeddings lora`` factors them instead: the head as a Linear LoRA, input embeddings as PEFT's
 embedding LoRA (``lora_embedding_A`` (r, vocab), ``lora_embedding_B`` (dim, r), the transpose of a
 Linear's layout). GPT-2's Conv1D weights are stored (in, out): they are factored transposed and the
-adapter says ``fan_in_fan_out``.
+adapter says ``fan_in_fan_out``. A mixture-of-experts fine-tune's experts become a LoRA per expert
+(default, in either layout of the base) or PEFT target_parameters LoRAs on the fused
+parameters (``experts="fused"``; :mod:`adaptertool.ops.extract_experts`); the report groups them.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,8 @@ from adaptertool.io import (
     write_adapter,
 )
 from adaptertool.io.hub_ids import source_name
+from adaptertool.ops.expert_targets import FORMS, ExpertUnit, ParamUnit, peft_drop_notes, target_parameters
+from adaptertool.ops.extract_experts import ExpertGroupReport, factor_experts, group_reports
 from adaptertool.ops.extract_plan import (
     TIED_INPUTS,
     ExtractPlan,
@@ -75,6 +79,7 @@ class ExtractConfig:
     auto_rank: bool = False  # keep singular values above the bf16/fp16 rounding-noise edge
     max_rank: int | None = None  # global cap; None: rank (fixed) or 128 (energy / auto)
     targets: tuple[str, ...] = ("all-linear",)  # or module names, matched as PEFT's target_modules list
+    experts: str | None = None  # per-expert or fused (expert_targets); None: per-expert (fused for gpt-oss)
     svd: str = "randomized"  # these three make svd_settings (options.SvdSettings says why 6 and 16)
     niter: int = 6
     oversample: int = 16
@@ -95,6 +100,8 @@ class ExtractConfig:
         check_float_dtype(self.dtype)
         if not self.targets:
             raise AdapterToolError("--targets names no module")
+        if self.experts not in (None, *FORMS):
+            raise AdapterToolError(f"--experts must be one of {', '.join(FORMS)}, not {self.experts!r}")
 
     def policy(self) -> RankPolicy:
         return RankPolicy(rank=self.rank, energy=self.energy, auto=self.auto_rank, max_rank=self.max_rank)
@@ -116,6 +123,8 @@ class ModuleReport:
     bias: bool = False
     size_capped: bool = False  # capped at the break-even point: a higher rank would not be smaller than the delta
     noise_floor: float = 0.0  # rel_error that the tuned side's bf16/fp16 rounding alone leaves (an estimate)
+    expert: int | None = None  # an expert's LoRA: its number (fused form: of the parameter ``module``, whose rank it has)
+    group: str | None = None  # the experts reported together: model.layers.0.mlp.experts.*.gate_proj, or the parameter
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -144,6 +153,8 @@ class ExtractReport:
     noise_floor: float  # whole-model rel_error that 16-bit rounding of TUNED alone leaves (0 for float32)
     adapter_bytes: int
     delta_bytes: int  # the extracted modules' deltas and the tensors saved whole, at the tuned checkpoint's dtype
+    experts: str | None = None  # the form of the expert LoRAs (per-expert or fused); None: no experts
+    expert_groups: list[ExpertGroupReport] = field(default_factory=list)  # per layer and projection / parameter
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     peak_rss_bytes: int = 0
@@ -173,11 +184,26 @@ def extract(cfg: ExtractConfig, *, progress: bool = False) -> ExtractReport:
         with TensorSpool(cfg.out.resolve().parent) as spool:
             modules, unchanged, delta_bytes = _factor_all(base, tuned, plan, cfg, spool, device=device,
                                                           out_dtype=out_dtype, progress=progress)
+
+            def factor(base_weight: torch.Tensor, tuned_weight: torch.Tensor,
+                       key: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]] | None:
+                return _factor_module(base_weight, tuned_weight, key, cfg, device=device, transpose=False,
+                                      factor_bytes=out_dtype.itemsize)
+
+            experts, idle, expert_bytes, params = factor_experts(base, tuned, plan, spool, factor, out_dtype=out_dtype)
+            units = plan.units
+            modules = [_in_group(m, units) for m in modules]
+            modules += [ModuleReport(module=f.module, shape=f.shape, expert=f.expert, group=f.group, **f.figures)
+                        for f in experts]
+            unchanged += idle
+            delta_bytes += expert_bytes
             saved, norms = _saved_whole(base, tuned, plan, cfg, notes, extracted=bool(modules))
             # What a dense delta would hold too: the tensors saved whole (a tied head's once).
             delta_bytes += sum(tuned[src].nbytes for src in set(saved.values()))
             notes += rank_notes(modules, tuned, plan, cfg, out_dtype)
-            config = _adapter_config(cfg, base, plan, modules, saved)
+            config = _adapter_config(cfg, base, plan, modules, saved, params)
+            if plan.experts is not None:
+                notes += peft_drop_notes(plan.experts, [m.module for m in modules if m.group is None])
             with staged_output(cfg.out, force=cfg.force, inputs=[cfg.base, cfg.tuned]) as tmp:
                 writer = _write_adapter(tmp, config, spool, tuned, {PEFT_PREFIX + key: src for key, src in saved.items()})
     kept_energy = sum(m.retained * m.delta_norm**2 for m in modules)
@@ -190,7 +216,9 @@ def extract(cfg: ExtractConfig, *, progress: bool = False) -> ExtractReport:
         norms=norms, retained=kept_energy / total if total else 1.0,
         rel_error=max(0.0, 1.0 - kept_energy / total) ** 0.5 if total else 0.0,
         noise_floor=(noise / total) ** 0.5 if total else 0.0,
-        adapter_bytes=writer.total_bytes, delta_bytes=delta_bytes, notes=notes,
+        adapter_bytes=writer.total_bytes, delta_bytes=delta_bytes,
+        experts=plan.experts.form if plan.experts is not None else None,
+        expert_groups=group_reports(modules, unchanged, plan), notes=notes,
         seconds=clock.seconds, peak_rss_bytes=peak_rss_bytes(),
     )
     if cfg.report is not None:
@@ -241,6 +269,12 @@ def _factor_all(base: TensorSource, tuned: Checkpoint, plan: ExtractPlan, cfg: E
                 spool.add(keys.bias, bias.to(out_dtype))
             modules.append(ModuleReport(module=module, shape=[out_features, in_features], bias=bias_changed, **figures))
     return modules, unchanged, delta_bytes
+
+
+def _in_group(m: ModuleReport, units: dict[str, ExpertUnit]) -> ModuleReport:
+    """``m`` with its expert and group, if it is an expert's (those the Linear loop factored)."""
+    unit = units.get(m.module)
+    return m if unit is None else replace(m, expert=unit.expert, group=unit.group)
 
 
 def _factor_module(base_weight: torch.Tensor, tuned_weight: torch.Tensor, module: str, cfg: ExtractConfig, *,
@@ -328,22 +362,27 @@ def _changed_norms(base: TensorSource, tuned: Checkpoint, plan: ExtractPlan, cha
 
 
 def _adapter_config(cfg: ExtractConfig, base: TensorSource, plan: ExtractPlan, modules: list[ModuleReport],
-                    saved: dict[str, str]) -> dict[str, object]:
-    extracted = {m.module for m in modules}
+                    saved: dict[str, str], params: list[ParamUnit]) -> dict[str, object]:
+    linear = [m for m in modules if m.group != m.module]  # all but the fused parameters
+    extracted = {m.module for m in linear}
     targets: list[str] = []
     for short in sorted({m.rpartition(".")[2] for m in extracted}):
-        group = [m for m in plan.linear if m.rpartition(".")[2] == short]
+        group = [m for m in plan.modules if m.rpartition(".")[2] == short]
         # A short name would also wrap the skipped (unchanged) modules, which have no weights in
         # the adapter: PEFT warns about missing keys. Name modules in full where some were skipped.
         targets += [short] if all(m in extracted for m in group) else sorted(m for m in group if m in extracted)
+    # A fused parameter has one rank (its experts' reports all carry it).
+    ranks = {m.module: m.rank for m in modules}
     config: dict[str, object] = {
         # r == lora_alpha for every module (patterns for the ranks that differ from r), so every
         # scaling is 1 and B @ A is the delta itself.
-        "peft_type": "LORA", **uniform_scaling({m.module: m.rank for m in modules}, default_rank=cfg.rank),
+        "peft_type": "LORA", **uniform_scaling(ranks, default_rank=cfg.rank),
         "lora_dropout": 0.0, "target_modules": targets,
         "bias": "none", "fan_in_fan_out": bool(plan.transposed - plan.embedding_lora), "use_rslora": False, "use_dora": False, "inference_mode": True,
         "init_lora_weights": True, "base_model_name_or_path": source_name(cfg.base), "task_type": task_type(base),
     }
+    if params and plan.experts is not None:
+        config["target_parameters"] = target_parameters(params, plan.experts.layout)
     if any(m.bias for m in modules):
         config["lora_bias"] = True
     if saved:

@@ -3,9 +3,12 @@ notes that explain what the adapter holds and why its ranks and errors are what 
 
 Roles: 2-D float weights of targeted modules are factored (embeddings and the head too under
 ``--embeddings lora``); other embedding / head weights may be saved whole; everything else is an
-"other", among which modules of only 1-D float tensors are norms that may be saved whole. The
-checks read headers, except the refusal of a LoRA on a changed embedding that the head is tied to,
-which compares that one tensor.
+"other", among which modules of only 1-D float tensors are norms that may be saved whole. Expert
+weights of a mixture-of-experts base are planned by :mod:`adaptertool.ops.expert_targets`: in the
+per-expert form those stored as their own tensor are factored like any Linear, those inside a fused
+tensor (``expert_views``) and, in the fused form, every targeted fused parameter (``experts.params``)
+by :mod:`adaptertool.ops.extract_experts`. The checks read headers, except the refusal of a LoRA on
+a changed embedding that the head is tied to, which compares that one tensor.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 
 from adaptertool.errors import AdapterToolError
 from adaptertool.io import FLOAT_CODES, Checkpoint, TensorSource, dtype_code, read_json
+from adaptertool.ops.expert_targets import ExpertPlan, ExpertUnit, base_experts, plan_experts
 from adaptertool.ops.targets import is_embedding, is_head, targeted
 
 if TYPE_CHECKING:  # extract imports this module; the types are only named here
@@ -43,6 +47,25 @@ class ExtractPlan:
     others: list[str] = field(default_factory=list)  # every other tensor (norms, unmatched biases...)
     norms: dict[str, list[str]] = field(default_factory=dict)  # module holding only 1-D tensors -> its tensors
     tied_head: bool = False  # lm_head.weight absent: the head is the input embedding
+    experts: ExpertPlan | None = None  # a mixture-of-experts base's experts, as targeted
+    expert_views: list[ExpertUnit] = field(default_factory=list)  # per-expert form: experts inside fused tensors
+
+    @property
+    def units(self) -> dict[str, ExpertUnit]:
+        """Per-expert module -> its expert (the per-expert form), for reports."""
+        return {unit.module: unit for unit in self.experts.units} if self.experts is not None else {}
+
+    @property
+    def weights(self) -> dict[str, str]:
+        """Every factored module or fused parameter -> a tensor that stores (part of) its weight."""
+        params = self.experts.params if self.experts is not None else ()
+        return {**self.linear, **{u.module: u.where.tensor for u in self.expert_views},
+                **{p.path: p.layer.weight(0, p.projections[0]).tensor for p in params}}
+
+    @property
+    def modules(self) -> list[str]:
+        """Every module that may get a Linear LoRA: the factored weights' and the experts' inside fused tensors."""
+        return [*self.linear, *(unit.module for unit in self.expert_views)]
 
 
 def plan_extract(base: TensorSource, tuned: Checkpoint, cfg: ExtractConfig) -> ExtractPlan:
@@ -55,9 +78,19 @@ def plan_extract(base: TensorSource, tuned: Checkpoint, cfg: ExtractConfig) -> E
     """
     _check_same_architecture(base, tuned, cfg)
     plan = ExtractPlan(tied_head="lm_head.weight" not in base and any(_is_embedding(n) for n in base))
+    # Per-expert LoRAs by default, whatever the layout: what PEFT loads on transformers 4 and 5 alike.
+    plan.experts = experts = plan_experts(base_experts(base), cfg.experts, cfg.targets, source=str(cfg.base),
+                                          default="per-expert")
+    stored = experts.stored if experts is not None else frozenset()
+    named = tuple(t for t in cfg.targets if t != "all-linear")
     conv1d = _conv1d_layout(base)
     for name in base:
         module, _, part = name.rpartition(".")
+        if name in stored:
+            continue  # an expert's weight: planned as its unit below, or with its fused parameter
+        if experts is not None and module in experts.not_linear and not targeted(module, named):
+            plan.others.append(name)  # a router PEFT cannot wrap, reached only by all-linear
+            continue
         matrix = part == "weight" and len(base[name].shape) == 2 and base[name].dtype in FLOAT_CODES
         if _is_embedding(name) and matrix and cfg.embeddings == "lora":
             plan.linear[module] = name
@@ -74,10 +107,21 @@ def plan_extract(base: TensorSource, tuned: Checkpoint, cfg: ExtractConfig) -> E
             plan.others.append(name)
     # A bias can precede its weight in storage order: reclaim those wrongly filed as "others".
     plan.others = [n for n in plan.others if n.rpartition(".")[0] not in plan.linear or not n.endswith(".bias")]
+    for unit in experts.units if experts is not None else ():
+        if unit.where.expert is None:
+            plan.linear[unit.module] = unit.where.tensor
+        else:
+            plan.expert_views.append(unit)
     plan.norms = _norm_modules(base, plan.others)
+    if experts is not None:  # expert weights no unit covers are others, which a note names if they changed
+        covered = {u.where.tensor for u in experts.units} | {
+            p.layer.weight(e, projection).tensor for p in experts.params for e in range(p.layer.experts)
+            for projection in p.projections}
+        plan.others += sorted(stored - covered)
     if "all-linear" not in cfg.targets:
-        for target in cfg.targets:
-            if not any(targeted(module, (target,)) for module in plan.linear):
+        units = [*plan.modules, *(p.path for p in experts.params)] if experts is not None else list(plan.linear)
+        for target in named:
+            if not (any(targeted(m, (target,)) for m in units) or (target == "experts" and experts is not None)):
                 raise AdapterToolError(f"{cfg.base}: --targets {target} matches no 2-D weight; check the module names (e.g. q_proj)")
     _refuse_tied_embedding_lora(base, tuned, plan)
     return plan
@@ -179,7 +223,8 @@ def rank_notes(modules: list[ModuleReport], tuned: Checkpoint, plan: ExtractPlan
     """Why ranks or errors are what they are: the break-even size cap, and a rounding-noise floor."""
     if not modules:
         return []
-    delta_code = Counter(tuned[plan.linear[m.module]].dtype for m in modules).most_common(1)[0][0]
+    weights = plan.weights
+    delta_code = Counter(tuned[weights[m.module]].dtype for m in modules).most_common(1)[0][0]
     delta_name, factor_name = (_DTYPE_NAMES.get(c, c) for c in (delta_code, dtype_code(out_dtype)))
     notes = [_size_cap_note(modules, delta_name, factor_name, out_dtype), _noise_note(modules, delta_name, cfg)]
     return [note for note in notes if note]

@@ -134,15 +134,19 @@ def _adapter_summary(config: dict[str, Any], ckpt: Checkpoint) -> AdapterSummary
         modules.add(module)
         if part in ("lora_A", "lora_embedding_A"):
             ranks.add(ckpt[name].shape[0])
+    # info describes what is there, broken or not (merge refuses what it cannot use): fields of the
+    # wrong type are left out rather than passed on to the summary and the --json output.
+    rank, alpha, base_model = config.get("r"), config.get("lora_alpha"), config.get("base_model_name_or_path")
+    saved = config.get("modules_to_save")
     return AdapterSummary(
         peft_type=str(config.get("peft_type", "unknown")),
-        base_model=config.get("base_model_name_or_path"),
-        rank=config.get("r"),
-        alpha=config.get("lora_alpha"),
+        base_model=base_model if isinstance(base_model, str) else None,
+        rank=rank if isinstance(rank, int) and not isinstance(rank, bool) else None,
+        alpha=alpha if isinstance(alpha, int | float) and not isinstance(alpha, bool) and math.isfinite(alpha) else None,
         ranks=sorted(ranks),
         rslora=bool(config.get("use_rslora", False)),
         dora=bool(config.get("use_dora", False)),
         targets=sorted({m.rsplit(".", 1)[-1] for m in modules}, key=module_order),
         modules=len(modules),
-        modules_to_save=sorted(config.get("modules_to_save") or [], key=module_order),
+        modules_to_save=sorted((m for m in saved if isinstance(m, str)) if isinstance(saved, list) else [], key=module_order),
     )

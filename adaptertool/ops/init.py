@@ -3,7 +3,10 @@
 
 Plan from the base's headers: which 2-D weights are targets (``all-linear``: every 2-D float weight
 except embeddings and the output head, as PEFT's "all-linear"; or names matched as PEFT's
-``target_modules`` list, embeddings included). Only target weights are ever read, and only when a
+``target_modules`` list, embeddings included). A mixture-of-experts base's experts take one of two
+forms (:mod:`adaptertool.ops.expert_targets`): a Linear LoRA per expert, or PEFT's target_parameters
+LoRA on each fused parameter, whose ``lora_A (E*r, in)`` is drawn expert by expert as PEFT's init
+draws it and ``lora_B`` is zero. Only target weights are ever read, and only when a
 method needs them (PiSSA, OLoRA, DoRA's magnitudes). PiSSA/OLoRA stream the base into
 ``residual_base``: each target weight becomes ``W - scaling * B @ A`` in the base's dtype, every
 other tensor is copied byte for byte, and the side files come along.
@@ -27,6 +30,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from adaptertool.adapters.expert_lora import stack_experts
+from adaptertool.adapters.experts import ExpertWeight
 from adaptertool.adapters.init import (
     InitFactors,
     default_factors,
@@ -52,6 +57,15 @@ from adaptertool.io import (
     write_adapter,
 )
 from adaptertool.io.hub_ids import source_name
+from adaptertool.ops.expert_targets import (
+    FORMS,
+    ExpertPlan,
+    ParamUnit,
+    base_experts,
+    peft_drop_notes,
+    plan_experts,
+    target_parameters,
+)
 from adaptertool.ops.measure import Stopwatch, peak_rss_bytes
 from adaptertool.ops.model_files import write_model_files
 from adaptertool.ops.options import check_float_dtype
@@ -72,6 +86,7 @@ class InitConfig:
     rank: int = 16
     alpha: float | None = None  # None: alpha = rank (scaling 1, PiSSA's recommendation)
     targets: tuple[str, ...] = ("all-linear",)  # or module names, matched as PEFT's target_modules list
+    experts: str | None = None  # per-expert or fused (expert_targets); None: as the base stores them
     rslora: bool = False
     dora: bool = False
     method: str = "default"
@@ -101,6 +116,8 @@ class InitConfig:
         check_float_dtype(self.dtype)
         if not self.targets:
             raise AdapterToolError("--targets names no module")
+        if self.experts not in (None, *FORMS):
+            raise AdapterToolError(f"--experts must be one of {', '.join(FORMS)}, not {self.experts!r}")
 
     @property
     def lora_alpha(self) -> float:
@@ -126,6 +143,9 @@ class InitReport:
     modules: int
     target_modules: list[str]
     adapter_bytes: int
+    experts: str | None = None  # the form of the expert LoRAs: per-expert (among modules) or fused; None: no experts
+    parameters: int = 0  # fused expert parameters with a target_parameters LoRA
+    target_parameters: list[str] = field(default_factory=list)
     residual_base: str | None = None
     residual_files: list[str] = field(default_factory=list)
     copied: int = 0  # residual base tensors copied byte for byte
@@ -138,8 +158,10 @@ class InitReport:
 
 @dataclass(frozen=True)
 class _Target:
-    weight: str  # the base tensor
+    weight: str  # the base tensor holding the weight (a fused one, for an expert of a fused base)
+    shape: tuple[int, ...]  # the weight's (out, in), or an embedding's (V, D)
     embedding: bool  # lora_embedding_A/B (an nn.Embedding) rather than lora_A/B
+    expert: ExpertWeight | None = None  # an expert's Linear: where it is stored
 
 
 def init_adapter(cfg: InitConfig, *, progress: bool = False) -> InitReport:
@@ -154,9 +176,9 @@ def init_adapter(cfg: InitConfig, *, progress: bool = False) -> InitReport:
     if cfg.residual_base is not None:
         check_output(cfg.residual_base, force=cfg.force, inputs=[cfg.base, cfg.out])
     with open_checkpoint(cfg.base) as base, ExitStack() as outputs:
-        targets = _plan_targets(base, cfg)
-        tensors: dict[str, torch.Tensor] = {}
         notes: list[str] = []
+        targets, experts = _plan_targets(base, cfg, notes)
+        tensors: dict[str, torch.Tensor] = {}
         if cfg.residual_base is None:
             for module, target in tqdm(targets.items(), desc="init", disable=not progress):
                 _add_module(tensors, module, _factors(base, module, target, cfg), base, target, cfg)
@@ -165,7 +187,10 @@ def init_adapter(cfg: InitConfig, *, progress: bool = False) -> InitReport:
             # Committed right after the adapter (the stack unwinds last); discarded if anything before fails.
             tmp = outputs.enter_context(staged_output(cfg.residual_base, force=cfg.force, inputs=[cfg.base]))
             error, residual_files, copied = _write_residual(tmp, base, targets, tensors, cfg, progress=progress)
-        config = _adapter_config(cfg, base, targets)
+        params = experts.params if experts is not None else ()
+        for unit in params:
+            tensors[unit.a_key], tensors[unit.b_key] = _param_factors(unit, cfg)
+        config = _adapter_config(cfg, base, targets, experts)
         specs = [TensorSpec(key, dtype_code(t.dtype), tuple(t.shape)) for key, t in tensors.items()]
         with staged_output(cfg.out, force=cfg.force, inputs=[cfg.base]) as tmp:
             writer = write_adapter(tmp, config, specs, tensors.__getitem__)
@@ -176,7 +201,9 @@ def init_adapter(cfg: InitConfig, *, progress: bool = False) -> InitReport:
         out=str(cfg.out), files=[f.name for f in writer.files], method=_method_name(cfg), rank=cfg.rank,
         alpha=cfg.lora_alpha, scaling=cfg.scaling, modules=len(targets),
         target_modules=sorted(config["target_modules"], key=module_order),
-        adapter_bytes=writer.total_bytes, residual_base=None if cfg.residual_base is None else str(cfg.residual_base),
+        adapter_bytes=writer.total_bytes, experts=experts.form if experts is not None else None,
+        parameters=len(params), target_parameters=list(config.get("target_parameters", [])),
+        residual_base=None if cfg.residual_base is None else str(cfg.residual_base),
         residual_files=residual_files, copied=copied, reconstruction_error=error, notes=notes,
         seconds=clock.seconds, peak_rss_bytes=peak_rss_bytes(),
     )
@@ -186,36 +213,83 @@ def _method_name(cfg: InitConfig) -> str:
     return f"pissa_niter_{cfg.pissa_niter}" if cfg.pissa_niter is not None else cfg.method
 
 
-def _plan_targets(base: Checkpoint, cfg: InitConfig) -> dict[str, _Target]:
-    """{module: target} in base order; "all-linear" means PEFT's: every Linear but the output head."""
+def _plan_targets(base: Checkpoint, cfg: InitConfig, notes: list[str]) -> tuple[dict[str, _Target], ExpertPlan | None]:
+    """{module: target} in base order, then the experts in their per-expert form; and the expert plan.
+
+    "all-linear" means PEFT's: every Linear but the output head, experts included (expert_targets).
+    """
+    experts = plan_experts(base_experts(base), cfg.experts, cfg.targets, source=str(cfg.base))
+    named = tuple(t for t in cfg.targets if t != "all-linear")
+    stored = experts.stored if experts is not None else frozenset()
+    moved = experts.moved_names if experts is not None else ()
     targets: dict[str, _Target] = {}
-    named = [t for t in cfg.targets if t != "all-linear"]
+    left_out: list[str] = []
     for name in base:
         module, _, part = name.rpartition(".")
         info = base[name]
-        if part != "weight" or len(info.shape) != 2 or info.dtype not in FLOAT_CODES:
+        if part != "weight" or len(info.shape) != 2 or info.dtype not in FLOAT_CODES or name in stored:
             continue
-        if targeted(module, cfg.targets):
-            targets[module] = _Target(name, embedding=is_embedding(module))
-    for target in named:
-        if not any(targeted(m, (target,)) for m in targets):
+        if not targeted(module, cfg.targets) or (experts is not None and module in experts.not_linear
+                                                  and not targeted(module, named)):
+            continue
+        if experts is not None and experts.form == "fused" and module.rpartition(".")[2] in moved:
+            if targeted(module, named):
+                raise AdapterToolError(_moved_message(cfg, experts, module))
+            left_out.append(module)
+            continue
+        targets[module] = _Target(name, info.shape, embedding=is_embedding(module))
+    for unit in experts.units if experts is not None else ():
+        targets[unit.module] = _Target(unit.where.tensor, unit.where.shape, embedding=False, expert=unit.where)
+    _check_targets(base, cfg, targets, experts)
+    if left_out:
+        notes.append(f"{len(left_out)} Linears named {'/'.join(moved)} outside the experts (e.g. {left_out[0]}) are left "
+                     "out: PEFT 0.21 on transformers 5 moves target_modules of those names onto the fused experts, so it "
+                     "could not load their LoRAs beside these; --experts per-expert adapts them (for transformers 4)")
+    if experts is not None:
+        notes += peft_drop_notes(experts, [m for m, t in targets.items() if t.expert is None])
+    return targets, experts
+
+
+def _check_targets(base: Checkpoint, cfg: InitConfig, targets: dict[str, _Target], experts: ExpertPlan | None) -> None:
+    units = [u.module for u in experts.units] + [p.path for p in experts.params] if experts is not None else []
+    for target in cfg.targets:
+        if target == "experts" and not units:
+            raise AdapterToolError(f"{cfg.base}: --targets experts, but the base has no experts (by its config.json and "
+                                   "tensor names)")
+        if target not in ("all-linear", "experts") and not any(targeted(m, (target,)) for m in [*targets, *units]):
             raise AdapterToolError(f"{cfg.base}: --targets {target} matches no 2-D float weight; check the module names (e.g. q_proj)")
-    if not targets:
+    if not targets and not units:
         raise AdapterToolError(f"{cfg.base}: holds no 2-D float weight to put a LoRA on; is it a model checkpoint?")
+    needs_weights = cfg.method in _RESIDUAL_METHODS or cfg.dora
+    what = f"--method {cfg.method}" if cfg.method in _RESIDUAL_METHODS else "--dora"
+    if needs_weights and experts is not None and experts.params:
+        per_expert = all(layer.layout == "per-expert" for layer in experts.layout.layers)
+        raise AdapterToolError(f"{cfg.base}: {what} is not defined for PEFT's target_parameters LoRAs on fused experts "
+                               f"({experts.params[0].path}); {'use --experts per-expert, or ' if per_expert else ''}"
+                               "leave the experts out of --targets")
+    fused = next((m for m, t in targets.items() if t.expert is not None and t.expert.expert is not None), None)
+    if needs_weights and fused is not None:
+        raise AdapterToolError(f"{cfg.base}: {what} on {fused} needs its weight as a tensor of its own, but the base "
+                               f"fuses its experts ({targets[fused].weight}); leave the experts out of --targets")
     if cfg.method in _RESIDUAL_METHODS:
         for module, target in targets.items():
-            smaller = min(base[target.weight].shape)
+            smaller = min(target.shape)
             if not target.embedding and cfg.rank > smaller:
                 raise AdapterToolError(f"{cfg.base}: --rank {cfg.rank} exceeds the smaller side ({smaller}) of {target.weight}; "
                                        f"{cfg.method} needs rank <= min(out, in)")
-    return targets
+
+
+def _moved_message(cfg: InitConfig, experts: ExpertPlan, module: str) -> str:
+    return (f"{cfg.base}: --targets names {module}, but PEFT 0.21 on transformers 5 moves target_modules named "
+            f"{'/'.join(experts.moved_names)} onto the fused experts of a {experts.layout.model_type} model, so it could "
+            "not load that LoRA beside them; use --experts per-expert (for transformers 4), or leave it out")
 
 
 def _factors(base: Checkpoint, module: str, target: _Target, cfg: InitConfig, *,
              weight: torch.Tensor | None = None) -> InitFactors:
     """The module's initial factors; reads the weight (unless given) only when the method needs it."""
     generator = torch.Generator().manual_seed(module_seed(cfg.seed, module))
-    rows, cols = base[target.weight].shape
+    rows, cols = target.shape
     if target.embedding:
         return embedding_factors(rows, cols, cfg.rank, generator=generator)
     if cfg.method == "default":
@@ -226,6 +300,19 @@ def _factors(base: Checkpoint, module: str, target: _Target, cfg: InitConfig, *,
     if cfg.method == "olora":
         return olora_factors(weight, cfg.rank, cfg.scaling)
     return pissa_factors(weight, cfg.rank, cfg.scaling, niter=cfg.pissa_niter, generator=generator)
+
+
+def _param_factors(unit: ParamUnit, cfg: InitConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fused parameter's ``(lora_A (E*r, in), lora_B (out, E*r))``: each expert's A drawn as PEFT
+    draws the stacked one (kaiming-uniform's bound depends on ``in`` alone; gaussian's std is 1/r of
+    the per-expert rank), B zero."""
+    generator = torch.Generator().manual_seed(module_seed(cfg.seed, unit.path))
+    draw = gaussian_factors if cfg.method == "gaussian" else default_factors
+    out_features, in_features = unit.shape
+    factors = [draw(out_features, in_features, cfg.rank, generator=generator) for _ in range(unit.layer.experts)]
+    a, b = stack_experts([(f.a, f.b) for f in factors])
+    out_dtype = cfg.dtype or torch.float32
+    return a.to(out_dtype), b.to(out_dtype)
 
 
 def _add_module(tensors: dict[str, torch.Tensor], module: str, factors: InitFactors, base: Checkpoint,
@@ -281,12 +368,14 @@ def _reconstruction_error(weight: torch.Tensor, residual: torch.Tensor, factors:
     return float((residual.float() + delta - original).norm()) / norm if norm else 0.0
 
 
-def _adapter_config(cfg: InitConfig, base: Checkpoint, targets: dict[str, _Target]) -> dict[str, object]:
+def _adapter_config(cfg: InitConfig, base: Checkpoint, targets: dict[str, _Target],
+                    experts: ExpertPlan | None) -> dict[str, object]:
+    named = {t for t in cfg.targets if t not in ("all-linear", "experts") and any(targeted(m, (t,)) for m in targets)}
     if "all-linear" in cfg.targets:
         # PEFT saves the expanded list: the short names of the Linear modules it wrapped.
-        names = sorted({m.rpartition(".")[2] for m in targets} | {t for t in cfg.targets if t != "all-linear"})
+        names = sorted({m.rpartition(".")[2] for m in targets} | named)
     else:
-        names = sorted(set(cfg.targets))
+        names = sorted(named | _expert_names(base, targets, experts, named) if "experts" in cfg.targets else named)
     alpha = cfg.lora_alpha
     config: dict[str, object] = {
         "peft_type": "LORA", "r": cfg.rank, "lora_alpha": int(alpha) if alpha.is_integer() else alpha,
@@ -297,4 +386,16 @@ def _adapter_config(cfg: InitConfig, base: Checkpoint, targets: dict[str, _Targe
         "base_model_name_or_path": str(cfg.residual_base) if cfg.residual_base is not None else source_name(cfg.base),
         "task_type": task_type(base),
     }
+    if experts is not None and experts.params:
+        config["target_parameters"] = target_parameters(experts.params, experts.layout)
     return config
+
+
+def _expert_names(base: Checkpoint, targets: dict[str, _Target], experts: ExpertPlan | None,
+                  named: set[str]) -> set[str]:
+    """target_modules entries for the per-expert modules that ``--targets experts`` alone reaches: their
+    short names, or their full names where a Linear outside the experts has that short name too."""
+    untargeted = {n.rpartition(".")[2] for n in (name.rpartition(".")[0] for name in base) if n not in targets}
+    units = [u.module for u in experts.units] if experts is not None else []
+    return {m if (short := m.rpartition(".")[2]) in untargeted else short
+            for m in units if not any(targeted(m, (t,)) for t in named)}

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from adaptertool.adapters.lora import merge_linear_into
 from adaptertool.errors import AdapterToolError
 from adaptertool.io import (
     DEFAULT_MAX_SHARD_BYTES,
@@ -39,10 +41,10 @@ from adaptertool.ops.adapter_inputs import LoadedAdapter, load_adapter
 from adaptertool.ops.quantized import QuantizedView, model_config, open_quantized_view, read_quantized_state, read_values
 from adaptertool.ops.measure import Stopwatch, peak_rss_bytes
 from adaptertool.ops.merge_plan import MergePlan, ReplaceStep, Step, Target, UpdateStep, plan_targets
-from adaptertool.ops.merge_experts import apply_expert_step, merge_fused
+from adaptertool.ops.merge_experts import apply_expert_step, expert_lora_factors, merge_fused
 from adaptertool.ops.merge_plan import ExpertStep, fused_target
 from adaptertool.ops.model_files import write_model_files
-from adaptertool.ops.options import check_device, check_float_dtype, resolve_device
+from adaptertool.ops.options import check_device, check_finite_numbers, check_float_dtype, resolve_device
 from adaptertool.ops.stream import Produce, SpooledGroups, stream_checkpoint
 from adaptertool.quant import (
     QUANT_TYPES,
@@ -76,6 +78,10 @@ class MergeConfig:
     def __post_init__(self) -> None:
         if not self.adapters:
             raise AdapterToolError("no adapter given")
+        check_finite_numbers("--scale", self.scale)
+        for path, weight in self.adapters:
+            check_finite_numbers(f"the weight of {path}", weight)
+            check_finite_numbers(f"the weight of {path} times --scale", weight * self.scale)
         check_float_dtype(self.dtype)
         if self.requantize and self.dtype is not None:
             raise AdapterToolError("--requantize keeps the base's 4-bit settings; it cannot be combined with --dtype")
@@ -256,12 +262,25 @@ class _Merger:
             return None  # copied byte for byte, or cast
         source, steps = target.source, target.steps
         out_dtype = torch_dtype(spec.dtype)
-        only = steps[0]
-        if (self.device.type == "cpu" and len(steps) == 1 and isinstance(only, UpdateStep) and not only.bias
-                and only.update.blockwise) and self.base.copyable(source):
+        factors = self._lora_factors(steps) if self.device.type == "cpu" and self.base.copyable(source) else None
+        if factors is not None:  # one plain LoRA: merged in row blocks that stay in cache
             weight = self.base.read(source, buffer=self.space.get("read", self.base[source].nbytes, torch.uint8))
-            return _merge_blockwise(weight, only, self.adapters, self.space, out_dtype)
+            out = self.space.get("out", weight.numel(), out_dtype).view(weight.shape)
+            return merge_linear_into(out, weight, *factors, scale=steps[0].scale)
         return self.merged(spec.name, out_dtype)
+
+    def _lora_factors(self, steps: list[Step]) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """(A, B, scaling) where ``steps`` is one plain Linear LoRA: a module's, or one expert's of a
+        target_parameters LoRA on its own tensor; else None."""
+        if len(steps) != 1:
+            return None
+        step, adapter = steps[0], self.adapters[steps[0].adapter]
+        if isinstance(step, ExpertStep):
+            return expert_lora_factors(step, adapter)
+        if isinstance(step, UpdateStep) and not step.bias and step.update.blockwise:
+            keys = step.update.keys
+            return adapter.weights.read(keys["lora_A"]), adapter.weights.read(keys["lora_B"]), step.update.scaling
+        return None
 
     def merged(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Target ``name`` merged in float32 and rounded once to ``dtype``, on the CPU."""
@@ -270,7 +289,9 @@ class _Merger:
         weight = read_values(self.base, target.source, buffer=buffer, device=self.device)
         if fused_target(target.steps):  # experts of a fused tensor, one at a time: never all of it in float32
             return merge_fused(weight, target.steps, self.adapters, self.device, dtype).cpu()
-        return _apply(weight, target.steps, self.adapters, self.device).to(dtype)
+        # A decoded quantised weight is a fresh float32 tensor: the steps may work on it in place.
+        owned = isinstance(self.base, QuantizedView) and target.source in self.base.quantized
+        return _apply(weight, target.steps, self.adapters, self.device, owned=owned).to(dtype)
 
 
 def _requantizing(merger: _Merger, view: QuantizedView, spool: TensorSpool) -> Produce:
@@ -328,17 +349,10 @@ def _requantized_note(view: QuantizedView, plan: MergePlan) -> str:
             "alone keep their bytes); every other quantised weight is copied, and config.json keeps its quantization_config")
 
 
-def _merge_blockwise(weight: torch.Tensor, step: UpdateStep, adapters: list[LoadedAdapter], space: _Workspace,
-                     out_dtype: torch.dtype) -> torch.Tensor:
-    adapter = adapters[step.adapter]
-    tensors = {part: adapter.weights.read(key) for part, key in step.update.keys.items()}
-    out = space.get("out", weight.numel(), out_dtype).view(weight.shape)
-    return step.update.merge_into(out, weight, tensors, scale=step.scale)
-
-
-def _apply(weight: torch.Tensor, steps: list[Step], adapters: list[LoadedAdapter], device: torch.device) -> torch.Tensor:
+def _apply(weight: torch.Tensor, steps: list[Step], adapters: list[LoadedAdapter], device: torch.device, *,
+           owned: bool = False) -> torch.Tensor:
     # One float32 working copy on the compute device; each step updates it in place.
-    work = weight.to(device=device, dtype=torch_dtype("F32"), copy=True)
+    work = weight.to(device=device, dtype=torch_dtype("F32"), copy=not owned)
     for step in steps:
         adapter = adapters[step.adapter]
         if isinstance(step, ReplaceStep):

@@ -21,7 +21,7 @@ from adaptertool.adapters.expert_lora import ParamLora
 from adaptertool.ops.adapter_inputs import LoadedAdapter
 from adaptertool.ops.merge_plan import ExpertStep, ReplaceStep, Step
 
-__all__ = ["apply_expert_step", "merge_fused"]
+__all__ = ["apply_expert_step", "expert_lora_factors", "merge_fused"]
 
 
 def merge_fused(weight: torch.Tensor, steps: list[Step], adapters: list[LoadedAdapter], device: torch.device,
@@ -53,6 +53,18 @@ def merge_fused(weight: torch.Tensor, steps: list[Step], adapters: list[LoadedAd
             apply_expert_step(work, step, adapters[step.adapter], device)
         out[expert].copy_(work[0])  # rounded once
     return out
+
+
+def expert_lora_factors(step: ExpertStep, adapter: LoadedAdapter) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """``(A, B, scaling)`` of a target_parameters LoRA step on a whole per-expert tensor, the expert's
+    own factors (B's rows of its projection), so the merge can take the row-blocked LoRA path; None
+    for any other step. Same products, scaling and add as :func:`apply_expert_step`."""
+    update, where = step.update, step.where
+    if not isinstance(update, ParamLora) or where.expert is not None or where.transposed or step.projection is None:
+        return None
+    a, b = update.projection_factors(adapter.read_recent(update.a_key), adapter.read_recent(update.b_key),
+                                     step.expert)[step.projection]
+    return a, b, update.scaling
 
 
 def apply_expert_step(work: torch.Tensor, step: ExpertStep, adapter: LoadedAdapter, device: torch.device) -> None:

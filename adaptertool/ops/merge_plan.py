@@ -10,6 +10,7 @@ on the fused parameter's expert ``e``, or on the per-expert tensors its rows spl
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -93,7 +94,7 @@ def plan_targets(base: TensorSource, adapters: list[LoadedAdapter], *, subtract:
     """Map every adapter tensor onto the output tensor it changes, in adapter order.
 
     Raises:
-        AdapterToolError: a module the base lacks, shapes that do not fit, NaN/Inf in an adapter,
+        AdapterToolError: an adapter without tensors, a module the base lacks, shapes that do not fit, NaN/Inf in an adapter,
             a weight on an update that is not additive, or (with ``subtract``) one that cannot be undone.
     """
     plan = MergePlan()
@@ -102,6 +103,8 @@ def plan_targets(base: TensorSource, adapters: list[LoadedAdapter], *, subtract:
     for index, adapter in enumerate(adapters):
         check_finite(adapter)
         planned = plan_merge_adapter(adapter, experts)
+        if not (planned.whole or planned.modules or planned.params):
+            raise AdapterToolError(_empty(adapter))
         for key in planned.whole:
             _add_replacement(plan, base, tied, index, adapter, key, subtract)
         for module in planned.modules.values():
@@ -112,6 +115,14 @@ def plan_targets(base: TensorSource, adapters: list[LoadedAdapter], *, subtract:
         if note is not None:
             plan.notes.append(note)
     return plan
+
+
+def _empty(adapter: LoadedAdapter) -> str:
+    """Why an adapter without tensors is refused: merging it would write a copy of the base and say it merged."""
+    targets = adapter.config.get("target_modules")
+    matched = f"its target_modules {json.dumps(targets)[:80]} matched no module" if targets else "it targets no module"
+    return (f"{adapter.path}: the adapter holds no tensors ({matched} when it was saved); there is nothing to merge: "
+            "check that it is the trained adapter")
 
 
 class _BaseExperts:

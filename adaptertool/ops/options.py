@@ -1,4 +1,5 @@
-"""Option types shared by several commands: the compute device, the SVD settings and the float dtype check.
+"""Option types shared by several commands: the compute device, the SVD settings, the float dtype check
+and the check of numbers that scale tensors.
 
 Each has one home here, so every command accepts the same values and refuses a bad one with the
 same one-line message.
@@ -15,7 +16,9 @@ from adaptertool.io import FLOAT_CODES, dtype_code
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["DEVICES", "SVD_METHODS", "SvdSettings", "check_device", "check_float_dtype", "resolve_device"]
+__all__ = [
+    "DEVICES", "SVD_METHODS", "SvdSettings", "check_device", "check_finite_numbers", "check_float_dtype", "resolve_device",
+]
 
 DEVICES = ("auto", "cpu", "cuda")
 SVD_METHODS = ("randomized", "exact")
@@ -44,6 +47,20 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not cuda:
         raise AdapterToolError("--device cuda, but torch sees no CUDA device; use --device cpu or auto")
     return torch.device("cuda" if name != "cpu" and cuda else "cpu")
+
+
+def check_finite_numbers(option: str, *values: float) -> None:
+    """Refuse a number given as ``option`` that is NaN, infinite or beyond float32's range: NaN or Inf
+    would pass every check on tensors and write a model of NaNs.
+
+    Raises:
+        AdapterToolError: naming the option and the value.
+    """
+    from adaptertool.adapters.peft_config import FLOAT32_MAX  # imports torch, which reshard does not load yet
+
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not abs(value) <= FLOAT32_MAX:
+            raise AdapterToolError(f"{option} must be a finite number within float32's range (+-3.4e38), not {value!r}")
 
 
 def check_float_dtype(dtype: torch.dtype | None, option: str = "--dtype") -> None:

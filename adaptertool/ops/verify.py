@@ -25,7 +25,7 @@ __all__ = ["NonFinite", "VerifyReport", "verify"]
 
 _SCANNED_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E8M0"}
 _QUANT_MARKER = ".quant_state.bitsandbytes__"
-_SCAN_CHUNK = 1 << 24  # elements per NaN/Inf check, to bound the float32 temporaries
+_SCAN_CHUNK = 1 << 24  # elements read and checked at a time: bounds memory by 64 MB of float32, whatever the tensor
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,10 @@ def _index_checks(ckpt: Checkpoint) -> tuple[list[str], list[str]]:
     if ckpt.index is None:
         return [], []
     problems, notes = [], []
-    total = read_json(ckpt.index).get("metadata", {}).get("total_size")
+    metadata = read_json(ckpt.index).get("metadata")
+    if not isinstance(metadata, dict | None):
+        problems.append(f"{ckpt.index}: metadata is not a JSON object; loaders may refuse the index")
+    total = metadata.get("total_size") if isinstance(metadata, dict) else None
     actual = sum(spec.nbytes for spec in ckpt.specs())
     if total is not None and total != actual:
         problems.append(f"{ckpt.index}: metadata.total_size is {total} but the shards hold {actual} bytes of tensors")
@@ -112,15 +115,12 @@ def _scan(ckpt: Checkpoint, e8m0: set[str], *, progress: bool) -> list[NonFinite
             info = ckpt[name]
             if info.dtype not in _SCANNED_CODES and name not in e8m0:
                 continue
-            flat = ckpt.read(name).reshape(-1)
-            if name in e8m0:
-                flat = flat.view(torch.float8_e8m0fnu)
             nans = infs = 0
-            for start in range(0, flat.numel(), _SCAN_CHUNK):
-                chunk = flat[start : start + _SCAN_CHUNK].float()
+            for piece in ckpt.read_pieces(name, _SCAN_CHUNK):  # a piece at a time: tensors larger than memory scan too
+                chunk = (piece.view(torch.float8_e8m0fnu) if name in e8m0 else piece).float()
                 nans += int(torch.isnan(chunk).sum())
                 infs += int(torch.isinf(chunk).sum())
+                bar.update(piece.numel() * piece.element_size())
             if nans or infs:
                 found.append(NonFinite(name, nans, infs))
-            bar.update(info.nbytes)
     return sorted(found, key=lambda bad: module_order(bad.tensor))

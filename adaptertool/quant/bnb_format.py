@@ -86,8 +86,8 @@ class FourBitState:
         """Parse and validate a stored quant_state; errors name ``source`` and ``key``."""
         try:
             raw = json.loads(blob.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise AdapterToolError(f"{source}: tensor {key} is not a bitsandbytes quant_state (not JSON: {err})") from err
+        except (ValueError, RecursionError) as err:  # bad UTF-8 or JSON, an integer past 4300 digits, deep nesting
+            raise AdapterToolError(f"{source}: tensor {key} is not a bitsandbytes quant_state (not JSON: {err})") from None
         if not isinstance(raw, dict):
             raise AdapterToolError(f"{source}: tensor {key} is not a bitsandbytes quant_state (not a JSON object)")
         try:

@@ -125,9 +125,13 @@ def test_failures_are_one_line_and_leave_no_output(hub: FakeHub, hub_env: dict[s
     args = ["pull", repo, str(out)] if command == "pull" else ["merge", repo, "me/lora", str(out)]
     done = run_cli(hub_env, *args, **env)
     assert done.code == 1 and done.out == ""
+    # merge says once that an input is not a local path and goes to the Hub; then the one-line error.
+    note = f"note: {repo} is not a local path; looking it up in the Hub\n" if command == "merge" else ""
+    assert done.err.startswith(note), done.err
+    err = done.err.removeprefix(note)
     if command == "merge" and case == "404-repo":  # an input may be a mistyped relative path too
-        assert done.err.startswith(f"error: {repo} is neither a local path nor a Hub repo: ")
-    assert done.err.startswith("error: ") and message in done.err and len(done.err.strip().splitlines()) == 1, done.err
+        assert err.startswith(f"error: {repo} is neither a local path nor a Hub repo: ")
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, done.err
     assert list(out.parent.iterdir()) == []  # no OUT, no staging leftovers
     assert TOKEN not in done.err and "hf_wrongToken" not in done.err
 
