@@ -18,7 +18,6 @@ from adaptertool.adapters.lora import (
     dora_rescale_,
     embedding_delta,
     linear_delta,
-    merge_linear_into,
 )
 from adaptertool.adapters.lycoris import loha_delta, lokr_delta
 from adaptertool.adapters.peft_config import AdapterSettings
@@ -54,14 +53,9 @@ class ModuleUpdate:
 
     @property
     def blockwise(self) -> bool:
-        """True for plain Linear LoRA, which :meth:`merge_into` handles without full-size temporaries."""
+        """True for plain Linear LoRA, which :func:`~adaptertool.adapters.lora.merge_linear_into` merges
+        in row blocks, without full-size temporaries."""
         return self.kind == "lora" and not self.dora and not self.fan_in_fan_out
-
-    def merge_into(self, out: torch.Tensor, weight: torch.Tensor, tensors: Mapping[str, torch.Tensor], *,
-                   scale: float = 1.0) -> torch.Tensor:
-        """``out = round(float32(weight) + scale * delta)`` for a :attr:`blockwise` update; identical
-        to :meth:`apply_` followed by a cast."""
-        return merge_linear_into(out, weight, tensors["lora_A"], tensors["lora_B"], self.scaling, scale=scale)
 
     @property
     def additive(self) -> bool:
