@@ -21,16 +21,30 @@ from dataclasses import dataclass
 
 import torch
 
-from adaptertool.adapters.experts import MoeLayer
+from adaptertool.adapters.experts import FAMILIES, MoeLayer
 from adaptertool.adapters.peft_config import AdapterSettings
 from adaptertool.adapters.peft_keys import PEFT_PREFIX, split_adapter_key
 from adaptertool.errors import AdapterToolError
 
-__all__ = ["ParamLora", "expert_delta", "expert_factors", "fuse_gate_up", "implied_layer", "param_lora_keys",
-           "plan_param_loras", "roles_depend_on_layout", "split_gate_up", "stack_experts"]
+__all__ = ["PEFT_MOVED", "PEFT_UNCONVERTED", "ParamLora", "expert_delta", "expert_factors", "fuse_gate_up",
+           "implied_layer", "param_lora_keys", "peft_moved_names", "plan_param_loras", "roles_depend_on_layout",
+           "split_gate_up", "stack_experts"]
 
 Shape = tuple[int, ...]
 Factors = tuple[torch.Tensor, torch.Tensor]  # (A (r, in), B (out, r))
+
+# PEFT 0.21 on transformers 5 loads a transformers-4 style (per-expert) LoRA by moving target_modules
+# of these names (any module: dense MLPs and shared experts too) to target_parameters on the fused
+# experts (peft/utils/transformers_weight_conversion.py), for every model_type transformers maps to
+# these families; every other Linear of the same name loses its LoRA. qwen2_moe itself has no
+# conversion entry, so its expert LoRAs are ignored instead (moe-fp8.md 5.1).
+PEFT_MOVED = {"qwen2_moe": ("gate_proj", "up_proj", "down_proj"), "mixtral": ("w1", "w2", "w3")}
+PEFT_UNCONVERTED = ("qwen2_moe",)
+
+
+def peft_moved_names(model_type: str) -> tuple[str, ...]:
+    """The target_modules names that PEFT 0.21 on transformers 5 moves to the experts of ``model_type``."""
+    return () if model_type in PEFT_UNCONVERTED else PEFT_MOVED.get(FAMILIES.get(model_type, ""), ())
 
 # PEFT 0.17.0-0.18.x gave every 3-D param (E, in, out) roles, 0.19.0 swapped them the wrong way round;
 # 0.19.1 fixed both (PEFT commit e84dd8f4, "FIX How to swapped in/out features for transposed").

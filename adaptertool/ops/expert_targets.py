@@ -22,21 +22,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from adaptertool.adapters.expert_lora import param_lora_keys
-from adaptertool.adapters.experts import FAMILIES, PROJECTIONS, ExpertLayout, ExpertWeight, MoeLayer, describe_experts
+from adaptertool.adapters.expert_lora import param_lora_keys, peft_moved_names
+from adaptertool.adapters.experts import PROJECTIONS, ExpertLayout, ExpertWeight, MoeLayer, describe_experts
 from adaptertool.errors import AdapterToolError
 from adaptertool.io import TensorSource, read_json
 from adaptertool.ops.targets import targeted
 
 __all__ = ["FORMS", "ExpertPlan", "ExpertUnit", "ParamUnit", "base_experts", "expert_targeted", "peft_drop_notes",
-           "peft_moved_names", "plan_experts", "target_parameters"]
+           "plan_experts", "target_parameters"]
 
 FORMS = ("per-expert", "fused")
 
-# PEFT 0.21 on transformers 5 moves target_modules of these names (any module: dense MLPs and shared
-# experts too) to the experts' target_parameters (peft/utils/transformers_weight_conversion.py), for
-# every model_type that transformers maps to these families but qwen2_moe itself (moe-fp8.md 5.1).
-_PEFT_MOVES = {"qwen2_moe": ("gate_proj", "up_proj", "down_proj"), "mixtral": ("w1", "w2", "w3")}
 
 
 @dataclass(frozen=True)
@@ -96,12 +92,6 @@ def base_experts(base: TensorSource) -> ExpertLayout | None:
         return None
     path = base.root / "config.json"
     return describe_experts(read_json(path), {name: base[name].shape for name in base}, source=str(path))
-
-
-def peft_moved_names(model_type: str) -> tuple[str, ...]:
-    """The target_modules names that PEFT 0.21 on transformers 5 moves to the experts of ``model_type``."""
-    family = FAMILIES.get(model_type, "")
-    return () if model_type == "qwen2_moe" else _PEFT_MOVES.get(family, ())
 
 
 def expert_targeted(name: str, targets: tuple[str, ...]) -> bool:

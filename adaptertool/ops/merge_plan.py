@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from adaptertool.adapters.expert_lora import ParamLora
+from adaptertool.adapters.expert_lora import PEFT_MOVED, PEFT_UNCONVERTED, ParamLora
 from adaptertool.adapters.experts import FAMILIES, ExpertLayout, ExpertWeight, MoeLayer, describe_experts
 from adaptertool.adapters.modules import ModuleUpdate, ia3_fits
 from adaptertool.adapters.peft_keys import full_tensor_name
@@ -270,24 +270,19 @@ def _parameter_weight(layer: MoeLayer, param: str, expert: int) -> ExpertWeight:
 
 
 _EXPERT_MODULE = re.compile(r"^(?P<experts>.+\.experts)\.(?P<expert>\d+)\.\w+$")
-# PEFT 0.21 with transformers 5 loads a transformers-4 style (per-expert) LoRA by moving these
-# target_modules names to target_parameters on the fused experts (peft/utils/transformers_weight_conversion.py);
-# every other Linear of the same name loses its LoRA. qwen2_moe itself has no conversion entry.
-_PEFT_MOVES = {"qwen2_moe": ("gate_proj", "up_proj", "down_proj"), "mixtral": ("w1", "w2", "w3")}
-_PEFT_UNCONVERTED = ("qwen2_moe",)
 
 
 def _peft_drops(adapter: LoadedAdapter, modules: list[str], experts: _BaseExperts) -> str | None:
     """A note naming the modules that PEFT would drop, silently, from this adapter on this base."""
     model_type = experts.model_type
-    names = _PEFT_MOVES.get(FAMILIES.get(model_type, ""))
+    names = PEFT_MOVED.get(FAMILIES.get(model_type, ""))
     if adapter.settings.peft_type != "LORA" or names is None:
         return None
     candidates = [m for m in modules if m.rpartition(".")[2] in names or ".experts." in m]
     if not candidates:
         return None
     located = {m: experts.locate(m) is not None for m in candidates}
-    if model_type in _PEFT_UNCONVERTED:
+    if model_type in PEFT_UNCONVERTED:
         dropped = [m for m in candidates if located[m]]
         why = (f"its per-expert LoRAs: PEFT converts per-expert names for the models that transformers maps to "
                f"{model_type}, but not for {model_type} itself")
