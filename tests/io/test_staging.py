@@ -74,7 +74,9 @@ def test_output_may_not_overlap_input(tiny_sharded: Path, out: str) -> None:
 
 # A child process that streams slowly (one tensor per 50 ms) and says when it has started writing.
 _SLOW_CHILD = textwrap.dedent("""
-    import sys, time
+    import signal, sys, time
+    # Ctrl-C as a shell delivers it: a child inherits an ignored SIGINT from a parent that ignores it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from adaptertool.io import Checkpoint
     real = Checkpoint.copy_bytes
     def slow(self, name, dst):
