@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import random
 import re
+import subprocess
 import sys
 from collections.abc import Generator
 from pathlib import Path
@@ -14,7 +17,7 @@ import pytest
 import torch
 from pytest import CollectReport, TestReport
 
-from adaptertool.ops.examples import TINY, write_llama, write_lora_adapter
+from adaptertool.ops.examples import TINY, LlamaShape, write_llama, write_lora_adapter
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -138,6 +141,25 @@ def smollm2_tuned(smollm2: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF file ``smollm2`` is converted from (cached): a base llama.cpp loads."""
+    builder = _builder()
+    return builder.smollm2_gguf(builder.default_cache_dir())
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_converter() -> Path:
+    """llama.cpp's convert_lora_to_gguf.py, with what it imports, from llama-cpp-python's source distribution
+    (cached); skips where pip cannot download it."""
+    builder = _builder()
+    try:
+        return builder.build("llama-cpp-converter", builder.default_cache_dir())
+    except subprocess.CalledProcessError as err:
+        name, version = builder.LLAMA_CPP_SDIST
+        pytest.skip(f"llama.cpp's converter is not available: pip download {name}=={version} failed ({err})")
+
+
+@pytest.fixture(scope="session")
 def moe_fixtures() -> Path:
     """Tiny MoE models (fixtures/build_moe.py): ``<family>/{per-expert,fused}/``, ``<family>/adapters/<name>/``
     and ``<family>/oracles/<name>/`` (PEFT's float32 merge of that adapter); cached, a fresh build takes seconds."""
@@ -157,3 +179,32 @@ def minilm() -> Path:
     """The real all-MiniLM-L6-v2: one float32 BERT file with config and tokenizer (cached)."""
     builder = _builder()
     return builder.build("minilm", builder.default_cache_dir())
+
+
+TINY_WORDS = ["the", "cat", "dog", "sat", "ran", "on", "a", "mat", "log", "and", "what", "did", "do", "?"]
+TINY_SPECIAL = ["<unk>", "<s>", "</s>"]
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny float32 Llama whose vocabulary is a word-level tokenizer's, with train/eval JSONL."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    root = tmp_path_factory.mktemp("train")
+    vocab = {t: i for i, t in enumerate(TINY_SPECIAL + TINY_WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(TINY_SPECIAL)
+    base = root / "base"
+    write_llama(base, LlamaShape(hidden=32, intermediate=64, layers=2, heads=4, kv_heads=2, vocab=len(vocab)),
+                dtype=torch.float32)
+    (base / "tokenizer.json").write_text(tok.to_str(), encoding="utf-8")
+    (base / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "bos_token": "<s>"}), encoding="utf-8")
+    r = random.Random(0)
+    for name, n in (("train", 48), ("eval", 12)):
+        with (root / f"{name}.jsonl").open("w") as f:
+            for _ in range(n):
+                animal = r.choice(["cat", "dog"])
+                f.write(json.dumps({"prompt": f"what did the {animal} do ?",
+                                    "completion": "sat on the mat" if animal == "cat" else "ran on a log"}) + "\n")
+    return {"root": root, "base": base, "train": root / "train.jsonl", "eval": root / "eval.jsonl"}

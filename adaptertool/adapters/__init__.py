@@ -7,6 +7,7 @@ __all__, __getattr__ = lazy_exports(__name__, {
     "expert_lora": ("ParamLora", "expert_delta", "expert_factors", "fuse_gate_up", "plan_param_loras", "split_gate_up",
                     "stack_experts"),
     "experts": ("FAMILIES", "LAYOUTS", "PROJECTIONS", "ExpertLayout", "ExpertWeight", "MoeLayer", "describe_experts"),
+    "gguf_lora": ("SUPPORTED_ARCHITECTURES", "GgufBase", "GgufTarget", "gguf_factors", "gguf_target", "scale_fold"),
     "init": ("default_factors", "dora_magnitude", "embedding_factors", "gaussian_factors", "olora_factors",
              "pissa_factors"),
     "modules": ("ADDITIVE_KINDS", "ModuleUpdate", "ia3_fits", "plan_module"),

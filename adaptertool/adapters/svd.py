@@ -89,7 +89,10 @@ class Factors:
 
     b: torch.Tensor
     a: torch.Tensor
-    singular_values: torch.Tensor  # every value computed (>= r of them), descending, float32 on the CPU
+    # Every value computed (>= r of them), descending, float32 on the CPU: the exact SVD's whole
+    # spectrum, or the randomized sketch's rank + oversample estimates (each a lower bound of the
+    # true value: close for the top ones, increasingly low past the rank the sketch aimed at).
+    singular_values: torch.Tensor
     rank: int
     retained: float
     rel_error: float
@@ -98,6 +101,7 @@ class Factors:
     size_capped: bool = False  # ... and the binding cap was the break-even size, not max_rank
     # Relative error that the tuned side's rounding noise alone leaves after rank r (0 without noise_std).
     noise_floor: float = 0.0
+    threshold: float | None = None  # the auto rule's cut: it kept the singular values above this
 
 
 def break_even_rank(out_features: int, in_features: int, *, factor_bytes: int = 1, delta_bytes: int = 1) -> int:
@@ -159,8 +163,14 @@ def noise_floor_energy(noise_std: float, out_features: int, in_features: int, ra
 
 def exact_svd(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The optimal rank-``rank`` triplets (U_r, S_r, Vh_r) from a full thin SVD (float32)."""
+    u, s, vh = _exact(delta, rank)
+    return u, s[:rank], vh
+
+
+def _exact(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U_r, every singular value, Vh_r) of the full thin SVD."""
     u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
-    return u[:, :rank], s[:rank], vh[:rank]
+    return u[:, :rank], s, vh[:rank]
 
 
 def randomized_svd(delta: torch.Tensor, rank: int, *, generator: torch.Generator, niter: int = 6,
@@ -176,6 +186,13 @@ def randomized_svd(delta: torch.Tensor, rank: int, *, generator: torch.Generator
             +12 % excess error with 0, +0.1 % with 2 at rank 16).
         oversample: extra columns in the sketch beyond ``rank``.
     """
+    u, s, vh = _randomized(delta, rank, generator=generator, niter=niter, oversample=oversample)
+    return u, s[:rank], vh
+
+
+def _randomized(delta: torch.Tensor, rank: int, *, generator: torch.Generator, niter: int,
+                oversample: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U_r, the sketch's rank + oversample singular values, Vh_r) of :func:`randomized_svd`."""
     out_features, in_features = delta.shape
     width = min(rank + oversample, out_features, in_features)
     omega = torch.randn(in_features, width, generator=generator, dtype=torch.float32).to(delta.device)
@@ -187,7 +204,7 @@ def randomized_svd(delta: torch.Tensor, rank: int, *, generator: torch.Generator
         q = torch.linalg.qr(delta @ p).Q
     small = q.T @ delta  # (k, out) @ (out, in) -> (k, in)
     u_small, s, vh = torch.linalg.svd(small, full_matrices=False)
-    return (q @ u_small[:, :rank]), s[:rank], vh[:rank]
+    return (q @ u_small[:, :rank]), s, vh[:rank]
 
 
 def choose_rank(singular_values: torch.Tensor, total_energy: float, policy: RankPolicy, *, cap: int,
@@ -201,12 +218,7 @@ def choose_rank(singular_values: torch.Tensor, total_energy: float, policy: Rank
     if policy.auto:
         if edge is None:
             raise ValueError("auto rank needs the noise edge")
-        # 10 % above the edge: finite matrices' largest noise singular value fluctuates around it
-        # (measured here on 576x1536 bf16 rounding noise: within 1 % of the edge). For float32
-        # checkpoints the storage noise is below what a float32 SVD resolves: singular values under
-        # eps32 * s_max * sqrt(n) are numerically zero whatever the storage noise says.
-        resolution = float(s[0]) * torch.finfo(torch.float32).eps * len(s) ** 0.5 if len(s) else 0.0
-        wanted = int((s > max(1.1 * edge, resolution)).sum())
+        wanted = int((s > _auto_threshold(s, edge)).sum())
     elif policy.energy is not None:
         kept = torch.cumsum(s.square(), 0) / total_energy if total_energy > 0 else torch.ones_like(s)
         reached = torch.nonzero(kept >= policy.energy - 1e-12)
@@ -215,6 +227,19 @@ def choose_rank(singular_values: torch.Tensor, total_energy: float, policy: Rank
     else:
         wanted = policy.rank
     return max(1, min(wanted, cap)), wanted > cap
+
+
+def _auto_threshold(singular_values: torch.Tensor, edge: float) -> float:
+    """The auto rule's cut: it keeps the descending ``singular_values`` above this.
+
+    10 % above the noise ``edge``: finite matrices' largest noise singular value fluctuates around it
+    (measured here on 576x1536 bf16 rounding noise: within 1 % of the edge). For float32 checkpoints
+    the storage noise is below what a float32 SVD resolves: singular values under
+    eps32 * s_max * sqrt(n) are numerically zero whatever the storage noise says.
+    """
+    s = singular_values
+    resolution = float(s[0]) * torch.finfo(torch.float32).eps * len(s) ** 0.5 if len(s) else 0.0
+    return max(1.1 * edge, resolution)
 
 
 def factor_delta(delta: torch.Tensor, policy: RankPolicy, *, method: str = "randomized",
@@ -246,7 +271,8 @@ def factor_delta(delta: torch.Tensor, policy: RankPolicy, *, method: str = "rand
         raise ValueError("delta is all zero; skip the module instead of factoring it")
     # Adaptive rules look one triplet past the cap so that "capped" can be told apart from "exactly cap".
     width = min(cap + 1, out_features, in_features) if policy.adaptive else cap
-    u, s, vh = _svd(delta, width, method, generator=generator, niter=niter, oversample=oversample)
+    u, computed, vh = _svd(delta, width, method, generator=generator, niter=niter, oversample=oversample)
+    s = computed[:width]  # the rule sees the same values whatever else was computed
     edge = noise_edge(noise_std, out_features, in_features) if policy.auto else None
     rank, capped = choose_rank(s, total, policy, cap=cap, edge=edge)
     if not policy.adaptive:
@@ -258,7 +284,7 @@ def factor_delta(delta: torch.Tensor, policy: RankPolicy, *, method: str = "rand
     return Factors(
         b=b,
         a=a,
-        singular_values=s.detach().cpu(),
+        singular_values=computed.detach().cpu(),
         rank=rank,
         retained=max(0.0, 1.0 - residual / total),
         rel_error=math.sqrt(residual / total),
@@ -266,18 +292,20 @@ def factor_delta(delta: torch.Tensor, policy: RankPolicy, *, method: str = "rand
         capped=capped,
         size_capped=capped and break_even < policy.ceiling,
         noise_floor=math.sqrt(min(floor, residual) / total),
+        threshold=_auto_threshold(s.double().cpu(), edge) if edge is not None else None,
     )
 
 
 def _svd(delta: torch.Tensor, width: int, method: str, *, generator: torch.Generator | None, niter: int,
          oversample: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U_width, every singular value computed, Vh_width)."""
     if method == "exact" or (method == "randomized" and _sketch_too_wide(width + oversample, *delta.shape)):
-        return exact_svd(delta, width)
+        return _exact(delta, width)
     if method != "randomized":
         raise AdapterToolError(f"--svd must be randomized or exact, not {method!r}")
     if generator is None:
         raise ValueError("randomized SVD needs an explicit torch.Generator")
-    return randomized_svd(delta, width, generator=generator, niter=niter, oversample=oversample)
+    return _randomized(delta, width, generator=generator, niter=niter, oversample=oversample)
 
 
 def _sketch_too_wide(columns: int, out_features: int, in_features: int) -> bool:

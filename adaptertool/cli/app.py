@@ -24,6 +24,7 @@ import click
 from adaptertool import __version__
 from adaptertool.errors import AdapterToolError
 from adaptertool.io import parse_size
+from adaptertool.train.launch import reported_elsewhere
 
 __all__ = [
     "DTYPE_CODES", "alpha_option", "cli", "emit", "force_option", "human_bytes", "human_count", "json_option", "main",
@@ -43,7 +44,8 @@ class _Group(click.Group):
         except (AdapterToolError, OSError) as err:
             if ctx.params.get("debug"):
                 traceback.print_exc()
-            click.echo(f"error: {_printable(str(err))}", err=True)
+            if not reported_elsewhere(err):  # a process of a train job other than the one that reports
+                click.echo(f"error: {_printable(str(err))}", err=True)
             ctx.exit(1)
 
 

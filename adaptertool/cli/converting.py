@@ -1,4 +1,4 @@
-"""The convert command: PiSSA/OLoRA to plain LoRA, rank resizing, and the export form."""
+"""The convert command: PiSSA/OLoRA to plain LoRA, rank resizing, the export form, and llama.cpp's GGUF."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from adaptertool.cli.app import (
     quiet_option,
 )
 from adaptertool.cli.sources import SourcePath
+from adaptertool.errors import AdapterToolError
 from adaptertool.io import torch_dtype
 
 
@@ -37,18 +38,38 @@ from adaptertool.io import torch_dtype
 @click.option("--export/--no-export", default=False, show_default=True,
               help="Fold the scaling into B: one r == lora_alpha, no rsLoRA, no patterns (llama.cpp/vLLM-style loaders).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD.")
+@click.option("--to", "to", type=click.Choice(["peft", "gguf"]), default="peft", show_default=True,
+              help="Output format: a PEFT adapter folder, or one GGUF file for llama.cpp / Ollama (the adapter as it is).")
+@click.option("--base", type=SourcePath("model", config_only=True), default=None,
+              help="With --to gguf: the base model's folder or Hub id, for its config.json [default: the adapter's "
+                   "base_model_name_or_path].")
 @click.option("--dtype", type=click.Choice(["auto", *sorted(DTYPE_CODES)]), default="auto", show_default=True,
               help="dtype of the factors; auto keeps the adapter's.")
 @force_option
 @json_option
 @quiet_option
 def convert_cmd(adapter: Path, out: Path, from_pissa: Path | None, from_olora: Path | None, rank: int | None,
-                energy: float | None, max_rank: int | None, svd: str, export: bool, seed: int, dtype: str, force: bool,
-                as_json: bool, quiet: bool) -> None:
-    """Convert an adapter: PiSSA/OLoRA to plain LoRA, resize its rank, or the export form.
+                energy: float | None, max_rank: int | None, svd: str, export: bool, seed: int, to: str,
+                base: Path | None, dtype: str, force: bool, as_json: bool, quiet: bool) -> None:
+    """Convert an adapter: PiSSA/OLoRA to plain LoRA, resize its rank, the export form, or llama.cpp's GGUF.
 
     Example: adaptertool convert ./pissa-trained ./lora --from-pissa ./pissa-adapter
     """
+    steps = [flag for flag, value in (("--from-pissa", from_pissa), ("--from-olora", from_olora), ("--rank", rank),
+                                      ("--energy", energy), ("--max-rank", max_rank), ("--export", export or None))
+             if value is not None]
+    if to == "gguf":
+        if steps:
+            raise AdapterToolError(f"--to gguf writes ADAPTER as it is and does not combine with {steps[0]}; convert "
+                                   "into a folder first, then convert that folder --to gguf")
+        from adaptertool.ops.convert_gguf import GgufConvertConfig, convert_to_gguf
+
+        gguf_cfg = GgufConvertConfig(adapter=adapter, out=out, base=base, force=force,
+                                     dtype=None if dtype == "auto" else torch_dtype(DTYPE_CODES[dtype]))
+        emit(convert_to_gguf(gguf_cfg, progress=progress_enabled(quiet, as_json)), as_json, _gguf_text)
+        return
+    if base is not None:
+        raise AdapterToolError("--base names the base for --to gguf; the other conversions need no base")
     from adaptertool.ops.convert import ConvertConfig, convert
 
     cfg = ConvertConfig(
@@ -67,4 +88,13 @@ def _convert_text(r: Any) -> str:
         *(f"note: {note}" for note in r.notes),
         (f"wrote {r.out} ({' + '.join(r.steps)}): {len(r.modules)} modules, {shown}, alpha={r.alpha:g}{error}; "
          f"{human_bytes(r.adapter_bytes)} in {r.seconds:.1f} s, peak memory {human_bytes(r.peak_rss_bytes)}"),
+    ])
+
+
+def _gguf_text(r: Any) -> str:
+    ranks = f"r={r.ranks[0]}" if len(r.ranks) == 1 else f"ranks {r.ranks[0]}-{r.ranks[-1]}"
+    return "\n".join([
+        *(f"note: {note}" for note in r.notes),
+        (f"wrote {r.out} (GGUF LoRA for llama.cpp, architecture {r.architecture} from {r.base_config}): "
+         f"{r.modules} modules, {ranks}, alpha={r.alpha:g}, {r.dtype}; {human_bytes(r.file_bytes)} in {r.seconds:.1f} s"),
     ])

@@ -47,7 +47,8 @@ from adaptertool.io import torch_dtype
 @click.option("--norms/--no-norms", default=True, show_default=True,
               help="Save changed norm layers (RMSNorm/LayerNorm weights and biases) whole as modules_to_save.")
 @click.option("--report", "report_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also write the full report (every module) as JSON to this file.")
+              help="Also write the full report (every module) to this file: for a name ending .html, a "
+                   "self-contained page charting each module's singular values; else JSON.")
 @click.option("--dtype", type=click.Choice(sorted(DTYPE_CODES)), default="fp32", show_default=True,
               help="dtype of the LoRA factors.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True,

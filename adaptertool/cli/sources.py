@@ -35,8 +35,9 @@ class SourcePath(click.ParamType):
 
     name = "path"
 
-    def __init__(self, kind: str = "model") -> None:
+    def __init__(self, kind: str = "model", *, config_only: bool = False) -> None:
         self.kind = kind  # "model" or "adapter": only words in messages; both download the same top-level files
+        self.config_only = config_only  # a Hub id downloads its config.json alone (a base whose architecture is all we need)
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Path:
         if isinstance(value, Path):
@@ -45,7 +46,7 @@ class SourcePath(click.ParamType):
         if path.exists() or not _looks_like_hub_id(value):
             return path  # a missing local path is the command's to report, with its own message
         from adaptertool.io.hub import offline, parse_hub_id
-        from adaptertool.ops.hub import resolve_source
+        from adaptertool.ops.hub import resolve_config, resolve_source
 
         try:
             parse_hub_id(value)
@@ -57,6 +58,8 @@ class SourcePath(click.ParamType):
             click.echo(f"note: {value} is not a local path; looking it up in {where}", err=True)
         try:
             # Bars only for a person watching: the command's own --quiet/--json are not parsed yet here.
+            if self.config_only:
+                return resolve_config(value, progress=sys.stderr.isatty())
             return resolve_source(value, kind=self.kind, progress=sys.stderr.isatty())
         except AdapterToolError as err:
             if "no such repo" not in str(err):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from adaptertool.cli.app import (
     alpha_option,
@@ -19,6 +21,7 @@ from adaptertool.cli.app import (
     quiet_option,
 )
 from adaptertool.cli.sources import SourcePath
+from adaptertool.errors import AdapterToolError
 
 
 @cli.command("train")
@@ -66,19 +69,31 @@ from adaptertool.cli.sources import SourcePath
               help="Where to train.")
 @click.option("--bf16/--no-bf16", default=True, show_default=True,
               help="On CUDA: bf16 base weights and autocast (the CPU always trains in float32).")
+@click.option("--devices", type=click.IntRange(min=1), default=None,
+              help="Train on N processes of this machine (N GPUs, or N CPU processes), started by torchrun's launcher.")
+@click.option("--parallel", type=click.Choice(["auto", "ddp", "fsdp"]), default="auto", show_default=True,
+              help="On several processes: ddp replicates the base, fsdp shards it (FSDP2); auto picks by its size.")
+@click.option("--replicate-nodes/--no-replicate-nodes", default=False, show_default=True,
+              help="fsdp on several nodes: shard within each node, replicate across nodes (HSDP).")
+@click.option("--dist-timeout", type=float, default=1800.0, show_default=True,
+              help="Seconds a collective waits for the other processes before the job fails.")
 @force_option
 @json_option
 @quiet_option
-def train_cmd(base: Path, data: Path, out: Path, eval_data: Path | None, rank: int, alpha: float | None,
+@click.pass_context
+def train_cmd(ctx: click.Context, base: Path, data: Path, out: Path, eval_data: Path | None, rank: int, alpha: float | None,
               dropout: float, targets: tuple[str, ...], rslora: bool, dora: bool, qlora: bool,
               gradient_checkpointing: bool, epochs: int | None, max_steps: int | None, batch_size: int,
               grad_accum: int, lr: float, seq_len: int, packing: bool, warmup_steps: int | None,
               warmup_ratio: float | None, schedule: str, weight_decay: float, max_grad_norm: float, optim: str,
               eval_every: int, save_every: int, checkpoint_dir: Path | None, resume: Path | None, seed: int,
-              device: str, bf16: bool, force: bool, as_json: bool, quiet: bool) -> None:
+              device: str, bf16: bool, devices: int | None, parallel: str, replicate_nodes: bool, dist_timeout: float,
+              force: bool, as_json: bool, quiet: bool) -> None:
     """Train a LoRA (or QLoRA) adapter on BASE with the JSONL examples in DATA.
 
     Example: adaptertool train ./SmolLM2-135M train.jsonl ./my-adapter --eval val.jsonl --epochs 2 --seq-len 512
+
+    On several GPUs or machines: torchrun --nproc-per-node 8 -m adaptertool train ... (or --devices 8 on one machine).
     """
     from adaptertool.ops.train import TrainConfig, train
 
@@ -89,9 +104,49 @@ def train_cmd(base: Path, data: Path, out: Path, eval_data: Path | None, rank: i
         packing=packing, warmup_steps=warmup_steps, warmup_ratio=warmup_ratio, schedule=schedule,
         weight_decay=weight_decay, max_grad_norm=max_grad_norm, optim=optim, eval_every=eval_every,
         save_every=save_every, checkpoint_dir=checkpoint_dir, resume=resume, seed=seed, device=device, bf16=bf16,
-        force=force,
+        parallel=parallel, replicate_nodes=replicate_nodes, dist_timeout=dist_timeout, force=force,
     )
-    emit(train(cfg, progress=progress_enabled(quiet, as_json)), as_json, _train_text)
+    if _launches(devices):
+        from adaptertool.ops.train import checkpoint_folder
+        from adaptertool.train.launch import launch
+
+        launch(_command_line(ctx), devices, checkpoint_dir=checkpoint_folder(cfg))  # the first process prints the report
+        return
+    report = train(cfg, progress=progress_enabled(quiet, as_json))
+    if report.rank == 0:
+        emit(report, as_json, _train_text)
+
+
+def _launches(devices: int | None) -> bool:
+    """Whether --devices asks this process to start the job (not already one of its processes).
+
+    Raises:
+        AdapterToolError: --devices disagreeing with the processes torchrun started on this node.
+    """
+    if "WORLD_SIZE" not in os.environ:
+        return devices is not None and devices > 1
+    started = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if devices is not None and devices != started:
+        raise AdapterToolError(f"--devices {devices}, but torchrun started {started} processes on this node; "
+                               "give one or the other")
+    return False
+
+
+def _command_line(ctx: click.Context) -> list[str]:
+    """This train command's arguments, rebuilt from the parsed values (for the processes it starts)."""
+    args = ["--debug"] if ctx.find_root().params.get("debug") else []
+    args.append(ctx.info_name or "train")
+    for param in ctx.command.params:
+        value = ctx.params[param.name]  # type: ignore[index]
+        if isinstance(param, click.Argument):
+            args.append(str(value))
+        elif value is not None and ctx.get_parameter_source(param.name) is not ParameterSource.DEFAULT:  # type: ignore[arg-type]
+            assert isinstance(param, click.Option)
+            if param.is_flag:
+                args.append(param.opts[0] if value else param.secondary_opts[0])
+            else:
+                args += [item for v in (value if param.multiple else [value]) for item in (param.opts[-1], str(v))]
+    return args
 
 
 def _train_text(r: Any) -> str:
@@ -110,7 +165,8 @@ def _train_text(r: Any) -> str:
         *(f"note: {note}" for note in r.notes),
         (f"wrote {r.out} ({', '.join(r.files)}) in {r.seconds:.1f} s, {r.tokens_per_s:.0f} tokens/s, "
          f"peak memory {human_bytes(r.peak_rss_bytes)}"
-         + (f", peak VRAM {human_bytes(r.peak_vram_bytes)}" if r.peak_vram_bytes else "")),
+         + (f", peak VRAM {human_bytes(r.peak_vram_bytes)}" if r.peak_vram_bytes else "")
+         + (f" (rank 0 of {r.processes}; its share of the model {human_bytes(r.model_bytes)})" if r.processes > 1 else "")),
     ]
     if r.checkpoint_dir:
         lines.append(f"checkpoints kept in {r.checkpoint_dir}")

@@ -32,6 +32,7 @@ from adaptertool.io.staging import (
     check_output,
     is_unfinished,
     scratch_prefix,
+    staged_file,
     staged_output,
 )
 from adaptertool.io.writer import DEFAULT_MAX_SHARD_BYTES, CheckpointWriter, parse_size
@@ -63,6 +64,7 @@ __all__ = [
     "parse_size",
     "read_json",
     "scratch_prefix",
+    "staged_file",
     "staged_output",
     "torch_dtype",
     "write_adapter",

@@ -13,6 +13,9 @@ moved aside, the new one renamed in, and the old one deleted. An advisory lock o
 folder (flock) keeps two adaptertool runs from interleaving these steps, and stands in for
 renameat2 where the system lacks it (a check and a rename under the lock).
 
+An output that is one file (a GGUF adapter) is staged the same way, as a file in such a folder,
+and moved out of it into place.
+
 An OSError with an errno (a full disk, an I/O error) while staging becomes one AdapterToolError
 naming OUT.
 """
@@ -33,7 +36,7 @@ from pathlib import Path
 
 from adaptertool.errors import AdapterToolError
 
-__all__ = ["check_output", "is_unfinished", "scratch_prefix", "staged_output"]
+__all__ = ["check_output", "is_unfinished", "scratch_prefix", "staged_file", "staged_output"]
 
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
@@ -69,6 +72,29 @@ def staged_output(out: Path, *, force: bool, inputs: Sequence[Path] = ()) -> Ite
         AdapterToolError: what :func:`check_output` refuses, an OUT that another process made while
             this one was writing (without ``force``), or an OSError with an errno, naming OUT.
     """
+    with _staged(out, force=force, inputs=inputs, commit=_commit) as tmp:
+        yield tmp
+
+
+@contextmanager
+def staged_file(out: Path, *, force: bool, inputs: Sequence[Path] = ()) -> Iterator[Path]:
+    """:func:`staged_output` for an output that is one file: yield a path in a temporary folder
+    beside ``out``, renamed to ``out`` when the block completes (with ``force``, one atomic
+    ``os.replace`` of the old file).
+
+    Raises:
+        AdapterToolError: as staged_output, and an OUT that is a folder.
+    """
+    if out.is_dir() and not out.is_symlink():
+        raise AdapterToolError(f"output {out} is a folder, and this output is one file; name a file, or remove the folder")
+    with _staged(out, force=force, inputs=inputs, commit=_commit_file) as tmp:
+        yield tmp / out.name
+
+
+@contextmanager
+def _staged(out: Path, *, force: bool, inputs: Sequence[Path], commit: Callable[..., None]) -> Iterator[Path]:
+    """The staging both outputs share: a temporary folder, flushed and handed to ``commit``
+    (``commit(tmp, OUT, force=force)``) when the block completes, removed on any failure."""
     check_output(out, force=force, inputs=inputs)
     tmp: Path | None = None
     try:
@@ -81,7 +107,7 @@ def staged_output(out: Path, *, force: bool, inputs: Sequence[Path] = ()) -> Ite
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; OUT gets a normal folder's mode
         yield tmp
         _sync_tree(tmp)
-        _commit(tmp, parent / out.name, force=force)
+        commit(tmp, parent / out.name, force=force)
     except BaseException as err:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -145,6 +171,18 @@ def _commit(tmp: Path, out: Path, *, force: bool) -> None:
         # not worth reporting OUT as unwritten.
         with suppress(OSError):
             _fsync(out.parent)
+
+
+def _commit_file(tmp: Path, out: Path, *, force: bool) -> None:
+    """Rename the file ``tmp/<OUT's name>`` to ``out``, replacing an existing ``out`` only with ``force``."""
+    with _parent_locked(out.parent):
+        if force:
+            os.replace(tmp / out.name, out)  # atomic for a file: no moment without an OUT
+        else:
+            _rename_new(tmp / out.name, out)
+        with suppress(OSError):
+            _fsync(out.parent)
+    os.rmdir(tmp)
 
 
 def _rename_new(tmp: Path, out: Path) -> None:

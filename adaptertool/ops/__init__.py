@@ -8,6 +8,7 @@ from adaptertool._lazy import lazy_exports
 __all__, __getattr__ = lazy_exports(__name__, {
     "combine": ("CombineConfig", "CombineReport", "combine"),
     "convert": ("ConvertConfig", "ConvertReport", "convert"),
+    "convert_gguf": ("GgufConvertConfig", "GgufConvertReport", "convert_to_gguf"),
     "demo": ("DemoConfig", "DemoReport", "demo"),
     "dequantize": ("DequantConfig", "DequantReport", "dequantize"),
     "info": ("InfoReport", "info"),

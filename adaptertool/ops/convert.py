@@ -57,7 +57,7 @@ from adaptertool.ops.options import SvdSettings, check_float_dtype
 from adaptertool.ops.targets import module_seed
 
 
-__all__ = ["ConvertConfig", "ConvertReport", "ModuleChange", "convert"]
+__all__ = ["ConvertConfig", "ConvertReport", "ModuleChange", "convert", "factor_dtype"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -183,7 +183,7 @@ def convert(cfg: ConvertConfig, *, progress: bool = False) -> ConvertReport:
             if full:
                 notes.append(f"{len(full)} full tensors (modules_to_save) kept as they are; llama.cpp's converter refuses them")
         config = _output_config(adapter, modules, cfg)
-        tensors = _output_tensors(modules, cfg.dtype or _factor_dtype(adapter))
+        tensors = _output_tensors(modules, cfg.dtype or factor_dtype(adapter))
         specs = [TensorSpec(key, dtype_code(t.dtype), tuple(t.shape)) for key, t in tensors.items()]
         specs += [adapter.weights[key].spec for key in full]
         with staged_output(cfg.out, force=cfg.force, inputs=inputs) as tmp:
@@ -369,7 +369,7 @@ def _output_tensors(modules: dict[str, _Module], dtype: torch.dtype) -> dict[str
     return tensors
 
 
-def _factor_dtype(adapter: LoadedAdapter) -> torch.dtype:
+def factor_dtype(adapter: LoadedAdapter) -> torch.dtype:
     """The dtype of the adapter's first factor tensor: the output keeps it unless --dtype says otherwise."""
     key = next(k for k in adapter.weights if split_adapter_key(k) is not None)
     code = adapter.weights[key].dtype

@@ -22,9 +22,8 @@ parameters (``experts="fused"``; :mod:`adaptertool.ops.extract_experts`); the re
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +48,7 @@ from adaptertool.io import (
 from adaptertool.io.hub_ids import source_name
 from adaptertool.ops.expert_targets import FORMS, ExpertUnit, ParamUnit, peft_drop_notes, target_parameters
 from adaptertool.ops.extract_experts import ExpertGroupReport, factor_experts, group_reports
+from adaptertool.ops.extract_report import Spectrum, check_report_path, wants_html, write_report
 from adaptertool.ops.extract_plan import (
     TIED_INPUTS,
     ExtractPlan,
@@ -85,7 +85,7 @@ class ExtractConfig:
     oversample: int = 16
     embeddings: str = "auto"  # auto/save: modules_to_save when changed; skip: never; lora: factored
     norms: bool = True  # changed norm modules (only 1-D tensors) saved whole as modules_to_save
-    report: Path | None = None  # also write the report as JSON here
+    report: Path | None = None  # also write the report here: a page for a name ending .html/.htm, else JSON
     device: str = "cpu"
     seed: int = 0
     dtype: torch.dtype | None = None  # factor dtype; None: float32
@@ -172,6 +172,10 @@ def extract(cfg: ExtractConfig, *, progress: bool = False) -> ExtractReport:
     out_dtype = cfg.dtype or torch.float32
     # Refuse an existing OUT now, not after minutes of SVDs (staged_output checks again at the end).
     check_output(cfg.out, force=cfg.force, inputs=[cfg.base, cfg.tuned])
+    if cfg.report is not None:
+        check_report_path(cfg.report, out=cfg.out, inputs=[cfg.base, cfg.tuned])
+    # The page draws the singular values the SVDs computed anyway; only it needs them kept.
+    spectra: dict[str, Spectrum] | None = {} if wants_html(cfg.report) else None
     with open_checkpoint(cfg.base) as stored, open_checkpoint(cfg.tuned) as tuned:
         # A quantised BASE (FP8, MXFP4, 4-bit) counts as the model it encodes: deltas against its values.
         view = open_quantized_view(stored)
@@ -183,12 +187,12 @@ def extract(cfg: ExtractConfig, *, progress: bool = False) -> ExtractReport:
             notes.append(f"BASE holds {kinds} weights: deltas are taken against their dequantised values")
         with TensorSpool(cfg.out.resolve().parent) as spool:
             modules, unchanged, delta_bytes = _factor_all(base, tuned, plan, cfg, spool, device=device,
-                                                          out_dtype=out_dtype, progress=progress)
+                                                          out_dtype=out_dtype, progress=progress, spectra=spectra)
 
             def factor(base_weight: torch.Tensor, tuned_weight: torch.Tensor,
                        key: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]] | None:
                 return _factor_module(base_weight, tuned_weight, key, cfg, device=device, transpose=False,
-                                      factor_bytes=out_dtype.itemsize)
+                                      factor_bytes=out_dtype.itemsize, spectra=spectra)
 
             experts, idle, expert_bytes, params = factor_experts(base, tuned, plan, spool, factor, out_dtype=out_dtype)
             units = plan.units
@@ -222,12 +226,13 @@ def extract(cfg: ExtractConfig, *, progress: bool = False) -> ExtractReport:
         seconds=clock.seconds, peak_rss_bytes=peak_rss_bytes(),
     )
     if cfg.report is not None:
-        cfg.report.write_text(json.dumps(asdict(report), indent=2) + "\n", encoding="utf-8")
+        write_report(cfg.report, report, spectra, policy=cfg.policy(), inputs=[cfg.base, cfg.tuned])
     return report
 
 
 def _factor_all(base: TensorSource, tuned: Checkpoint, plan: ExtractPlan, cfg: ExtractConfig, spool: TensorSpool, *,
-                device: torch.device, out_dtype: torch.dtype, progress: bool) -> tuple[list[ModuleReport], list[str], int]:
+                device: torch.device, out_dtype: torch.dtype, progress: bool,
+                spectra: dict[str, Spectrum] | None) -> tuple[list[ModuleReport], list[str], int]:
     """Factor every changed targeted module into ``spool``; (reports, unchanged modules, delta bytes)."""
     modules: list[ModuleReport] = []
     unchanged: list[str] = []
@@ -246,7 +251,7 @@ def _factor_all(base: TensorSource, tuned: Checkpoint, plan: ExtractPlan, cfg: E
             bias_changed = bias_name in base and changed(base, tuned, bias_name)
             transpose = module in plan.transposed
             factored = _factor_module(read_values(base, name), tuned.read(name), module, cfg, device=device, transpose=transpose,
-                                      factor_bytes=out_dtype.itemsize)
+                                      factor_bytes=out_dtype.itemsize, spectra=spectra)
             bar.update(base[name].nbytes)
             if factored is None and not bias_changed:
                 unchanged.append(module)
@@ -278,10 +283,10 @@ def _in_group(m: ModuleReport, units: dict[str, ExpertUnit]) -> ModuleReport:
 
 
 def _factor_module(base_weight: torch.Tensor, tuned_weight: torch.Tensor, module: str, cfg: ExtractConfig, *,
-                   device: torch.device, transpose: bool,
-                   factor_bytes: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]] | None:
+                   device: torch.device, transpose: bool, factor_bytes: int,
+                   spectra: dict[str, Spectrum] | None) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]] | None:
     """(B, A, report figures) for one module's weight delta (its transpose with ``transpose``), or
-    None when the weight did not change."""
+    None when the weight did not change; its spectrum goes to ``spectra`` (if given) under ``module``."""
     if same_values(base_weight, tuned_weight):
         return None
     policy = cfg.policy()
@@ -303,6 +308,8 @@ def _factor_module(base_weight: torch.Tensor, tuned_weight: torch.Tensor, module
     generator = torch.Generator().manual_seed(module_seed(cfg.seed, module))
     f = factor_delta(delta, policy, method=cfg.svd, generator=generator, niter=cfg.niter,
                      oversample=cfg.oversample, noise_std=noise, break_even=break_even)
+    if spectra is not None:
+        spectra[module] = Spectrum(f.singular_values.tolist(), f.threshold)
     figures = {"rank": f.rank, "retained": f.retained, "rel_error": f.rel_error, "delta_norm": f.delta_norm,
                "capped": f.capped, "size_capped": f.size_capped, "noise_floor": f.noise_floor}
     return f.b, f.a, figures

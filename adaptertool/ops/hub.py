@@ -4,7 +4,8 @@ pull downloads what adaptertool can use (never pickles unless asked) into the ca
 to OUT when one is given. push refuses folders holding pickles or the debris of an unfinished run,
 checks the checkpoint's headers, and commits the folder with a model card (README.md) whose YAML
 metadata says what the folder is; the card is built in memory, so the folder is never modified.
-``resolve_source`` turns a hub id given where a path is expected into a cached snapshot folder.
+``resolve_source`` turns a hub id given where a path is expected into a cached snapshot folder, and
+``resolve_config`` into one that holds only its config.json (for a base whose architecture alone is needed).
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ from adaptertool.ops.measure import Stopwatch
 from adaptertool.ops.verify import verify
 
 __all__ = [
-    "ModelCard", "PullConfig", "PullReport", "PushConfig", "PushReport", "model_card", "pull", "push", "resolve_source",
+    "ModelCard", "PullConfig", "PullReport", "PushConfig", "PushReport", "model_card", "pull", "push", "resolve_config",
+    "resolve_source",
 ]
 
 _NOT_UPLOADED = (".git", ".cache")  # git metadata; huggingface_hub's local_dir bookkeeping
@@ -55,6 +57,19 @@ def resolve_source(text: str, *, kind: str = "checkpoint", progress: bool = Fals
     """
     ref = parse_hub_id(text)
     return download_checkpoint(ref, what=kind, progress=progress)
+
+
+def resolve_config(text: str, *, progress: bool = False) -> Path:
+    """The cached snapshot folder of hub id ``text`` with its top-level config.json alone downloaded.
+
+    Raises:
+        AdapterToolError: a malformed id, a failed download, or a repo without a top-level config.json.
+    """
+    ref = parse_hub_id(text)
+    snapshot = download(ref, include=["config.json"], progress=progress)
+    if "config.json" not in snapshot.files:
+        raise AdapterToolError(f"{ref} has no config.json at its top level; is it a model repo?")
+    return snapshot.folder
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -19,7 +19,11 @@ if TYPE_CHECKING:
 # Only quantised checkpoints (this marker, or a quantization_config) need the summary, whose module imports torch.
 _QUANT_MARKER = ".quant_state.bitsandbytes__"
 
-__all__ = ["AdapterSummary", "ExpertsSummary", "InfoReport", "info"]
+__all__ = ["INFO_SCHEMA", "AdapterSummary", "ExpertsSummary", "InfoReport", "info"]
+
+# The --json layout's version (docs/commands/info.md lists every field): raised when a field is removed,
+# renamed, or changes type or meaning, so that scripts can tell; a new field may appear without it.
+INFO_SCHEMA = 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -27,7 +31,7 @@ class AdapterSummary:
     peft_type: str
     base_model: str | None
     rank: int | None  # the config's r
-    alpha: float | None
+    alpha: float | None  # always a float (8.0, never 8), whatever the config's JSON held
     ranks: list[int]  # ranks found in the tensors (differ from r under rank_pattern)
     rslora: bool
     dora: bool
@@ -54,6 +58,7 @@ class ExpertsSummary:
 
 @dataclass(frozen=True, kw_only=True)
 class InfoReport:
+    schema: int = INFO_SCHEMA
     path: str
     format: str  # "safetensors", "sharded safetensors" or "peft adapter"
     files: list[str]
@@ -142,7 +147,7 @@ def _adapter_summary(config: dict[str, Any], ckpt: Checkpoint) -> AdapterSummary
         peft_type=str(config.get("peft_type", "unknown")),
         base_model=base_model if isinstance(base_model, str) else None,
         rank=rank if isinstance(rank, int) and not isinstance(rank, bool) else None,
-        alpha=alpha if isinstance(alpha, int | float) and not isinstance(alpha, bool) and math.isfinite(alpha) else None,
+        alpha=float(alpha) if isinstance(alpha, int | float) and not isinstance(alpha, bool) and math.isfinite(alpha) else None,
         ranks=sorted(ranks),
         rslora=bool(config.get("use_rslora", False)),
         dora=bool(config.get("use_dora", False)),

@@ -21,7 +21,11 @@ from adaptertool.errors import AdapterToolError
 from adaptertool.io import Checkpoint, open_checkpoint, read_json
 from adaptertool.ops.measure import Stopwatch
 
-__all__ = ["NonFinite", "VerifyReport", "verify"]
+__all__ = ["VERIFY_SCHEMA", "NonFinite", "VerifyReport", "verify"]
+
+# The --json layout's version (docs/commands/verify.md lists every field): raised when a field is removed,
+# renamed, or changes type or meaning, so that scripts can tell; a new field may appear without it.
+VERIFY_SCHEMA = 1
 
 _SCANNED_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E8M0"}
 _QUANT_MARKER = ".quant_state.bitsandbytes__"
@@ -37,6 +41,7 @@ class NonFinite:
 
 @dataclass(frozen=True, kw_only=True)
 class VerifyReport:
+    schema: int = VERIFY_SCHEMA
     path: str
     files: int
     tensors: int

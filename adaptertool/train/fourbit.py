@@ -69,6 +69,14 @@ class FourBitWeight(nn.Module):
         return cls(StoredWeight(state=done.state, packed=done.packed, absmax=done.absmax,
                                 quant_map=book.values.clone(), **nested))
 
+    def codes_as_parameters(self) -> None:
+        """Hold the codes and scales as frozen parameters instead of buffers, so that FSDP2, which
+        shards parameters and replicates buffers, shards them; the two small code tables stay buffers."""
+        for name in ("packed", "absmax", "nested_absmax"):
+            if name in self._buffers:
+                tensor = self._buffers.pop(name)
+                self.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
+
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """The dense weight on the buffers' device: ``float32(quant_map[code] * absmax)``, cast once to ``dtype``."""
         return dequantize_stored(self._stored(), dtype=dtype)

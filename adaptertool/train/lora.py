@@ -31,7 +31,7 @@ from adaptertool.adapters.lora import lora_scaling
 from adaptertool.errors import AdapterToolError
 from adaptertool.train.fourbit import FourBitWeight
 
-__all__ = ["ALL_LINEAR", "FrozenLinear", "LoRALinear", "LoraSpec", "add_lora", "dropout_mask", "lora_modules"]
+__all__ = ["ALL_LINEAR", "FrozenLinear", "LoRALinear", "LoraSpec", "add_lora", "check_targets", "dropout_mask", "lora_modules"]
 
 ALL_LINEAR = "all-linear"
 
@@ -264,29 +264,30 @@ class LoRALinear(nn.Module):
         return f"rank={self.rank}, scaling={self.scaling:g}, dora={self.lora_magnitude_vector is not None}"
 
 
-def add_lora(model: nn.Module, spec: LoraSpec, *, seed: int, candidates: list[str]) -> list[str]:
-    """Wrap the targeted Linear modules of ``model`` in :class:`LoRALinear`, in place.
-
-    Args:
-        model: holds :class:`FrozenLinear` modules at the names in ``candidates``.
-        spec: rank, scaling and targets.
-        seed: seeds one generator that initialises every A in ``candidates`` order.
-        candidates: the Linear module names LoRA may target (a decoder's block Linears).
-
-    Returns:
-        The wrapped module names, in ``candidates`` order.
+def check_targets(spec: LoraSpec, candidates: list[str]) -> None:
+    """Refuse a LoRA target that matches none of ``candidates`` (the decoder's block Linear names).
 
     Raises:
-        AdapterToolError: a target that matches no candidate.
+        AdapterToolError: naming the target and the module names to choose from.
     """
     for target in spec.targets:
         if target != ALL_LINEAR and not any(LoraSpec(targets=(target,)).matches(name) for name in candidates):
             short = sorted({name.rsplit(".", 1)[-1] for name in candidates})
             raise AdapterToolError(f"LoRA target {target!r} matches no Linear in the transformer blocks; choose from "
                                    f"{', '.join(short)} or all-linear")
-    generator = torch.Generator().manual_seed(seed)
+
+
+def add_lora(model: nn.Module, spec: LoraSpec, *, generator: torch.Generator, names: list[str]) -> list[str]:
+    """Wrap the Linear modules of ``model`` at ``names`` that ``spec`` targets in :class:`LoRALinear`, in place.
+
+    ``generator`` draws every A in the order of ``names``: a caller that adds the layers block by
+    block with one generator gets the same adapter as one call over all names.
+
+    Returns:
+        The wrapped module names, in ``names`` order.
+    """
     wrapped = []
-    for name in candidates:
+    for name in names:
         if spec.matches(name):
             parent, _, leaf = name.rpartition(".")
             owner = model.get_submodule(parent)

@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from adaptertool.adapters.peft_keys import PEFT_PREFIX, split_adapter_key
 from adaptertool.errors import AdapterToolError
+from adaptertool.train.distributed import full_tensor, shard_like
 from adaptertool.train.fused import head_cross_entropy, rms_norm, rope, swiglu
 from adaptertool.train.lora import ALL_LINEAR, FrozenLinear, LoraSpec, lora_modules
 
@@ -308,14 +309,16 @@ class Decoder(nn.Module):
         return self.model.norm(x)
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """The LoRA tensors under PEFT's saved names, as float32 CPU copies."""
+        """The LoRA tensors under PEFT's saved names, as whole float32 CPU copies (under FSDP2 a
+        collective: every process must call it)."""
         state = {}
         for name, module in lora_modules(self):
             prefix = f"{PEFT_PREFIX}{name}."
-            state[prefix + "lora_A.weight"] = module.lora_A.detach().to("cpu", torch.float32, copy=True)
-            state[prefix + "lora_B.weight"] = module.lora_B.detach().to("cpu", torch.float32, copy=True)
-            if module.lora_magnitude_vector is not None:
-                state[prefix + "lora_magnitude_vector"] = module.lora_magnitude_vector.detach().to("cpu", torch.float32, copy=True)
+            parts = {"lora_A.weight": module.lora_A, "lora_B.weight": module.lora_B,
+                     "lora_magnitude_vector": module.lora_magnitude_vector}
+            for key, param in parts.items():
+                if param is not None:
+                    state[prefix + key] = full_tensor(param.detach()).to("cpu", torch.float32, copy=True)
         return state
 
     def load_adapter_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
@@ -341,7 +344,7 @@ class Decoder(nn.Module):
                 if tuple(tensor.shape) != tuple(param.shape):
                     raise AdapterToolError(f"adapter tensor {key} has shape {list(tensor.shape)} but the model needs "
                                            f"{list(param.shape)}; was it saved with the same rank?")
-                param.copy_(tensor)
+                param.copy_(shard_like(tensor, param))
 
     def adapter_config(self, *, base_model_name_or_path: str) -> dict[str, Any]:
         """A PEFT LoRA adapter_config.json for this model's LoRA layers (keys PEFT >= 0.13 knows)."""

@@ -9,6 +9,7 @@ blocksize 64, from the stored dtype: exactly what ``adaptertool quantize`` write
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ from adaptertool.quant import (
     read_stored,
 )
 from adaptertool.train.fourbit import FourBitWeight
-from adaptertool.train.lora import FrozenLinear, LoraSpec, add_lora
+from adaptertool.train.lora import FrozenLinear, LoraSpec, add_lora, check_targets
 from adaptertool.train.model import Decoder, DecoderConfig
 
 __all__ = ["load_decoder"]
@@ -37,7 +38,8 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers older transformers saved
 
 
 def load_decoder(path: Path, *, lora: LoraSpec, qlora: bool = False, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, seed: int = 0, gradient_checkpointing: bool = False) -> Decoder:
+                 dtype: torch.dtype = torch.float32, seed: int = 0, gradient_checkpointing: bool = False,
+                 shard: Callable[[nn.Module], None] | None = None) -> Decoder:
     """Load a decoder with fresh LoRA layers from a checkpoint folder (config.json beside the weights).
 
     Args:
@@ -48,6 +50,9 @@ def load_decoder(path: Path, *, lora: LoraSpec, qlora: bool = False, device: str
         dtype: dtype of the frozen 16-bit weights and of the compute; LoRA tensors are float32.
         seed: seeds the LoRA initialisation.
         gradient_checkpointing: recompute each block in the backward instead of keeping its activations.
+        shard: called on each block once it is loaded with its LoRA layers, then on the whole model
+            (FSDP2 keeps this process's shard of each): resident memory is then the shards plus one
+            block instead of the whole model.
 
     Raises:
         AdapterToolError: no config.json, an unsupported architecture, or tensors missing, unexpected or
@@ -65,21 +70,43 @@ def load_decoder(path: Path, *, lora: LoraSpec, qlora: bool = False, device: str
         with torch.device("meta"):
             model = Decoder(config)
         _check_tensors(model, ckpt, quantized, states)
+        candidates = model.linear_names()
+        check_targets(lora, candidates)
         books = (codebook("nf4"), nested_codebook()) if qlora and not quantized else None
-        for name, module in list(model.named_modules()):
-            if isinstance(module, FrozenLinear) and name != "lm_head":
-                _set_module(model, name, _read_linear(ckpt, name, quantized, books, device, dtype))
-        for name, param in list(model.named_parameters()):
-            if param.is_meta and not name.startswith("lm_head."):
-                _set_parameter(model, name, _read(ckpt, name, device, dtype))
+        generator = torch.Generator().manual_seed(seed)  # one for all blocks: A is drawn in candidates order
+        for i, block in enumerate(model.model.layers):
+            prefix = f"model.layers.{i}."
+            _load(model, ckpt, prefix, quantized, books, device, dtype)
+            block.requires_grad_(False)
+            add_lora(model, lora, generator=generator, names=[n for n in candidates if n.startswith(prefix)])
+            if shard is not None:
+                shard(block)
+        _load(model, ckpt, "", quantized, books, device, dtype)  # embeddings and the final norm
         head = model.model.embed_tokens.weight if config.tie_word_embeddings else _read(ckpt, "lm_head.weight", device, dtype)
         model.lm_head = FrozenLinear(head, compute_dtype=dtype)
-    model.requires_grad_(False)
+    model.model.embed_tokens.requires_grad_(False)
+    model.model.norm.requires_grad_(False)
     model.lora = lora
-    add_lora(model, lora, seed=seed, candidates=model.linear_names())
     model.gradient_checkpointing = gradient_checkpointing
     assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()]), "a placeholder was left unloaded"
+    if shard is not None:
+        shard(model)
     return model
+
+
+def _load(model: Decoder, ckpt: Checkpoint, prefix: str, quantized: dict[str, QuantizedKeys],
+          books: tuple[Codebook, NestedCodebook] | None, device: torch.device, dtype: torch.dtype) -> None:
+    """Read the still unloaded Linears and parameters whose names start with ``prefix``."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, FrozenLinear) and name != "lm_head" and name.startswith(prefix) and _is_meta(module):
+            _set_module(model, name, _read_linear(ckpt, name, quantized, books, device, dtype))
+    for name, param in list(model.named_parameters()):
+        if param.is_meta and name.startswith(prefix) and not name.startswith("lm_head."):
+            _set_parameter(model, name, _read(ckpt, name, device, dtype))
+
+
+def _is_meta(linear: FrozenLinear) -> bool:
+    return linear.weight is not None and linear.weight.is_meta
 
 
 def _check_tensors(model: Decoder, ckpt: Checkpoint, quantized: dict[str, QuantizedKeys],

@@ -164,7 +164,8 @@ def test_caps_break_even_and_max_rank() -> None:
 def test_size_cap_is_reported_and_wide_sketches_take_the_exact_svd(monkeypatch: pytest.MonkeyPatch) -> None:
     delta = _flat_spectrum(96, 160)
     calls: list[int] = []
-    monkeypatch.setattr(svd, "randomized_svd", lambda d, rank, **kw: calls.append(rank) or randomized_svd(d, rank, **kw))
+    sketch = svd._randomized  # factor_delta's route to randomized_svd (which also keeps the oversampled values)
+    monkeypatch.setattr(svd, "_randomized", lambda d, rank, **kw: calls.append(rank) or sketch(d, rank, **kw))
     f = factor_delta(delta, RankPolicy(rank=1000), generator=_gen(1), break_even=20)
     assert (f.rank, f.capped, f.size_capped) == (20, True, True)
     assert calls == []  # 20 + 16 columns span over 30 % of 96: the full SVD is cheaper, and optimal

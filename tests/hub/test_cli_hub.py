@@ -165,3 +165,15 @@ def test_a_local_path_wins_and_needs_no_hub(hub: FakeHub, hub_env: dict[str, str
                           check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("me/base: safetensors") and hub.requests == []
+
+
+def test_convert_to_gguf_downloads_only_the_bases_config(hub: FakeHub, hub_env: dict[str, str], models: dict[str, Path],
+                                                         tmp_path: Path) -> None:
+    hub.seed("me/base", _tree(models["base"]))  # the adapter's base_model_name_or_path
+    done = run_cli(hub_env, "convert", str(models["lora"]), str(tmp_path / "a.gguf"), "--to", "gguf", "--json")
+    assert done.code == 0, done.err
+    assert json.loads(done.out)["base_config"] == "me/base"
+    snapshots = Path(hub_env["HF_HOME"]) / "hub" / "models--me--base" / "snapshots"
+    assert [p.name for p in snapshots.rglob("*") if p.is_file()] == ["config.json"]  # not the weights
+    done = run_cli(hub_env, "convert", str(models["lora"]), str(tmp_path / "b.gguf"), "--to", "gguf", "--base", "me/nothing")
+    assert done.code == 1 and done.err.splitlines()[-1].startswith("error: me/nothing is neither a local path nor a Hub repo")

@@ -18,39 +18,9 @@ from click.testing import CliRunner
 import adaptertool.train.weights
 from adaptertool.cli import cli
 from adaptertool.io import open_adapter
-from adaptertool.ops.examples import LlamaShape, write_llama
 from adaptertool.ops.train import TrainConfig, train
 from adaptertool.train.state import load_state
 from tests.train import Faulty
-
-WORDS = ["the", "cat", "dog", "sat", "ran", "on", "a", "mat", "log", "and", "what", "did", "do", "?"]
-SPECIAL = ["<unk>", "<s>", "</s>"]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A tiny float32 Llama whose vocabulary is a word-level tokenizer's, with train/eval JSONL."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    root = tmp_path_factory.mktemp("train")
-    vocab = {t: i for i, t in enumerate(SPECIAL + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.add_special_tokens(SPECIAL)
-    base = root / "base"
-    write_llama(base, LlamaShape(hidden=32, intermediate=64, layers=2, heads=4, kv_heads=2, vocab=len(vocab)),
-                dtype=torch.float32)
-    (base / "tokenizer.json").write_text(tok.to_str(), encoding="utf-8")
-    (base / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "bos_token": "<s>"}), encoding="utf-8")
-    r = random.Random(0)
-    for name, n in (("train", 48), ("eval", 12)):
-        with (root / f"{name}.jsonl").open("w") as f:
-            for _ in range(n):
-                animal = r.choice(["cat", "dog"])
-                f.write(json.dumps({"prompt": f"what did the {animal} do ?",
-                                    "completion": "sat on the mat" if animal == "cat" else "ran on a log"}) + "\n")
-    return {"root": root, "base": base, "train": root / "train.jsonl", "eval": root / "eval.jsonl"}
-
 
 def _cfg(tiny: dict[str, Path], out: Path, **kw: object) -> TrainConfig:
     options = {"eval_data": tiny["eval"], "rank": 4, "seq_len": 16, "batch_size": 4, "max_steps": 12, "lr": 1e-2,
