@@ -77,6 +77,8 @@ from adaptertool.errors import AdapterToolError
               help="fsdp on several nodes: shard within each node, replicate across nodes (HSDP).")
 @click.option("--dist-timeout", type=float, default=1800.0, show_default=True,
               help="Seconds a collective waits for the other processes before the job fails.")
+@click.option("--report-to", "report_to", multiple=True, type=click.Choice(["tensorboard", "wandb"]), metavar="NAME",
+              help="Also log the metrics to tensorboard or wandb (repeatable; their packages are optional extras).")
 @force_option
 @json_option
 @quiet_option
@@ -88,7 +90,7 @@ def train_cmd(ctx: click.Context, base: Path, data: Path, out: Path, eval_data: 
               warmup_ratio: float | None, schedule: str, weight_decay: float, max_grad_norm: float, optim: str,
               eval_every: int, save_every: int, checkpoint_dir: Path | None, resume: Path | None, seed: int,
               device: str, bf16: bool, devices: int | None, parallel: str, replicate_nodes: bool, dist_timeout: float,
-              force: bool, as_json: bool, quiet: bool) -> None:
+              report_to: tuple[str, ...], force: bool, as_json: bool, quiet: bool) -> None:
     """Train a LoRA (or QLoRA) adapter on BASE with the JSONL examples in DATA.
 
     Example: adaptertool train ./SmolLM2-135M train.jsonl ./my-adapter --eval val.jsonl --epochs 2 --seq-len 512
@@ -104,7 +106,8 @@ def train_cmd(ctx: click.Context, base: Path, data: Path, out: Path, eval_data: 
         packing=packing, warmup_steps=warmup_steps, warmup_ratio=warmup_ratio, schedule=schedule,
         weight_decay=weight_decay, max_grad_norm=max_grad_norm, optim=optim, eval_every=eval_every,
         save_every=save_every, checkpoint_dir=checkpoint_dir, resume=resume, seed=seed, device=device, bf16=bf16,
-        parallel=parallel, replicate_nodes=replicate_nodes, dist_timeout=dist_timeout, force=force,
+        parallel=parallel, replicate_nodes=replicate_nodes, dist_timeout=dist_timeout, report_to=tuple(report_to),
+        force=force,
     )
     if _launches(devices):
         from adaptertool.ops.train import checkpoint_folder

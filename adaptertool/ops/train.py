@@ -14,12 +14,14 @@ or interrupted run keeps it, so ``resume`` can continue from its newest checkpoi
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import math
 import os
 import shutil
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,6 +69,7 @@ from adaptertool.train.loop import (
 )
 from adaptertool.train.schedule import SCHEDULES, warmup_steps
 from adaptertool.train.state import latest_checkpoint
+from adaptertool.train.trackers import REPORT_TO, TENSORBOARD_DIR, Trackers
 
 if TYPE_CHECKING:
     from adaptertool.train.lora import LoraSpec
@@ -115,6 +118,7 @@ class TrainConfig:
     parallel: str = "auto"  # on several processes: ddp, fsdp, or auto (from the base's size)
     replicate_nodes: bool = False  # fsdp on several nodes: shard within each node, replicate across them
     dist_timeout: float = 1800.0  # seconds a collective may wait for the other processes
+    report_to: tuple[str, ...] = ()  # metrics trackers besides train_log.jsonl: tensorboard, wandb
     force: bool = False
 
     def __post_init__(self) -> None:
@@ -141,6 +145,9 @@ class TrainConfig:
             raise AdapterToolError(f"--parallel must be one of {', '.join(PARALLEL)}, not {self.parallel!r}")
         if not self.dist_timeout > 0:
             raise AdapterToolError(f"--dist-timeout must be positive, not {self.dist_timeout}")
+        for name in self.report_to:
+            if name not in REPORT_TO:
+                raise AdapterToolError(f"--report-to must be one of {', '.join(REPORT_TO)}, not {name!r}")
         warmup_steps(1, steps=self.warmup_steps, ratio=self.warmup_ratio)  # validates both
         self.lora()  # validates rank, alpha, dropout, targets
 
@@ -236,25 +243,27 @@ def _train(cfg: TrainConfig, job: Group | None, device: torch.device, progress: 
             shard = shard_block(group, device, replicate_nodes=cfg.replicate_nodes)
     if device.type == "cpu":
         _tune_heap(transient_weights=cfg.qlora or parallel == "fsdp")
-    # FSDP2 takes each block from the CPU as it is loaded and keeps this process's shard on the device
-    model = load_decoder(cfg.base, lora=cfg.lora(), qlora=cfg.qlora, device="cpu" if shard else device, dtype=dtype,
-                         seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing, shard=shard)
-    replicas = parallelize(model, parallel, device)
-    adapter_config = model.adapter_config(base_model_name_or_path=source_name(cfg.base))
-    eval_batches = evalset.batches if evalset is not None else None
-    eval_start = (evaluate(model, eval_batches, device=device, bf16=cuda_bf16, replicas=replicas, group=group)
-                  if eval_batches is not None and resume is None else None)
     checkpoint_dir = checkpoint_folder(cfg)
+    fingerprint = _fingerprint(cfg, dataset.stats, loop_cfg, group)
     if group.main:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    result = train_loop(model, dataset.batches, cfg=loop_cfg, device=device, adapter_config=adapter_config,
-                        fingerprint=_fingerprint(cfg, dataset.stats, loop_cfg, group), eval_batches=eval_batches,
-                        checkpoint_dir=checkpoint_dir, resume=resume, log_path=checkpoint_dir / LOG_FILE,
-                        progress=progress, replicas=replicas, group=group)
+    with _trackers(cfg, group, checkpoint_dir, fingerprint) as on_record:  # before the load: a missing package fails fast
+        # FSDP2 takes each block from the CPU as it is loaded and keeps this process's shard on the device
+        model = load_decoder(cfg.base, lora=cfg.lora(), qlora=cfg.qlora, device="cpu" if shard else device, dtype=dtype,
+                             seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing, shard=shard)
+        replicas = parallelize(model, parallel, device)
+        adapter_config = model.adapter_config(base_model_name_or_path=source_name(cfg.base))
+        eval_batches = evalset.batches if evalset is not None else None
+        eval_start = (evaluate(model, eval_batches, device=device, bf16=cuda_bf16, replicas=replicas, group=group)
+                      if eval_batches is not None and resume is None else None)
+        result = train_loop(model, dataset.batches, cfg=loop_cfg, device=device, adapter_config=adapter_config,
+                            fingerprint=fingerprint, eval_batches=eval_batches, checkpoint_dir=checkpoint_dir,
+                            resume=resume, log_path=checkpoint_dir / LOG_FILE, progress=progress, replicas=replicas,
+                            group=group, on_record=on_record)
     state = {k: v.detach() for k, v in model.adapter_state_dict().items()}  # every process takes part
     files: list[str] = []
     if group.main:
-        files, written = _write_out(cfg, state, adapter_config, result)
+        files, written = _write_out(cfg, state, adapter_config, result, checkpoint_dir)
         notes += written
         if cfg.checkpoint_dir is None:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
@@ -272,6 +281,22 @@ def _train(cfg: TrainConfig, job: Group | None, device: torch.device, progress: 
         peak_vram_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0,
         processes=group.world, parallel=parallel, rank=group.rank, model_bytes=resident_bytes(model),
     )
+
+
+@contextlib.contextmanager
+def _trackers(cfg: TrainConfig, group: Group, folder: Path,
+              fingerprint: dict[str, Any]) -> Iterator[Callable[[dict[str, Any]], None] | None]:
+    """The --report-to trackers' per-step callback (the first process's), closed with the run's outcome."""
+    if not (cfg.report_to and group.main):
+        yield None
+        return
+    trackers = Trackers(cfg.report_to, folder=folder, config=fingerprint, run_name=cfg.out.name)
+    try:
+        yield trackers.log
+    except BaseException:
+        trackers.close(failed=True)
+        raise
+    trackers.close()
 
 
 def checkpoint_folder(cfg: TrainConfig) -> Path:
@@ -411,8 +436,9 @@ def _fingerprint(cfg: TrainConfig, stats: DataStats, loop_cfg: LoopConfig, group
 
 
 def _write_out(cfg: TrainConfig, state: dict[str, torch.Tensor], adapter_config: dict[str, Any],
-               result: LoopResult) -> tuple[list[str], list[str]]:
-    """OUT, atomically: the adapter, the log and (when matplotlib imports) the loss plot."""
+               result: LoopResult, checkpoint_dir: Path) -> tuple[list[str], list[str]]:
+    """OUT, atomically: the adapter, the log, (when matplotlib imports) the loss plot and the
+    TensorBoard events of --report-to tensorboard."""
     notes: list[str] = []
     specs = [TensorSpec(k, dtype_code(v.dtype), tuple(v.shape)) for k, v in state.items()]
     inputs = [p for p in (cfg.base, cfg.data, cfg.eval_data) if p is not None]
@@ -421,6 +447,8 @@ def _write_out(cfg: TrainConfig, state: dict[str, torch.Tensor], adapter_config:
         (tmp / LOG_FILE).write_text("".join(line + "\n" for line in result.log), encoding="utf-8")
         if not _plot(tmp / PLOT_FILE, result.log):
             notes.append("matplotlib is not installed: no loss.png (pip install matplotlib)")
+        if (checkpoint_dir / TENSORBOARD_DIR).is_dir():
+            shutil.copytree(checkpoint_dir / TENSORBOARD_DIR, tmp / TENSORBOARD_DIR)
         files = sorted(p.name for p in tmp.iterdir())
     return files, notes
 

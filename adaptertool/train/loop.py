@@ -18,7 +18,7 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -100,10 +100,12 @@ def make_optimizer(name: str, params: list[torch.nn.Parameter], *, lr: float, we
 def train_loop(model: Decoder, batches: list[Batch], *, cfg: LoopConfig, device: torch.device,
                adapter_config: dict[str, Any], fingerprint: dict[str, Any], eval_batches: list[Batch] | None = None,
                checkpoint_dir: Path | None = None, resume: TrainState | None = None, log_path: Path | None = None,
-               progress: bool = False, replicas: Replicas | None = None, group: Group = SINGLE) -> LoopResult:
+               progress: bool = False, replicas: Replicas | None = None, group: Group = SINGLE,
+               on_record: Callable[[dict[str, Any]], None] | None = None) -> LoopResult:
     """Train the model's trainable (LoRA) parameters on ``batches``; see the module docstring.
 
-    ``log_path`` receives the JSONL log as it grows (rewritten from the checkpoint's on resume).
+    ``log_path`` receives the JSONL log as it grows (rewritten from the checkpoint's on resume), and
+    ``on_record`` each step's record (the metrics trackers).
     On several processes (``group``), ``replicas`` is the model under DDP or FSDP2 and every
     process runs this with the same arguments; only the first writes checkpoints and the log.
 
@@ -182,6 +184,8 @@ def train_loop(model: Decoder, batches: list[Batch], *, cfg: LoopConfig, device:
             if log_file is not None:
                 log_file.write(log[-1] + "\n")
                 log_file.flush()
+            if on_record is not None and writes:
+                on_record(record)
             bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
             if checkpoint_dir is not None and cfg.save_every and step % cfg.save_every == 0 and not done:

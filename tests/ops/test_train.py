@@ -17,6 +17,7 @@ from click.testing import CliRunner
 
 import adaptertool.train.weights
 from adaptertool.cli import cli
+from adaptertool.errors import AdapterToolError
 from adaptertool.io import open_adapter
 from adaptertool.ops.train import TrainConfig, train
 from adaptertool.train.state import load_state
@@ -284,3 +285,49 @@ def test_data_and_out_given_the_other_way_round_are_caught(tiny: dict[str, Path]
         assert (f"error: DATA {tmp_path / 'adapter'} does not exist and OUT {data} is a file: are they swapped? "
                 "the order is train BASE DATA OUT") in result.stderr
         assert data.read_bytes() == tiny["train"].read_bytes()
+
+
+def test_report_to_tensorboard_and_wandb_log_every_step(tiny: dict[str, Path], tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """TensorBoard's own reader finds each step's scalars in OUT/tensorboard, and the real (offline)
+    W&B run is given them at their steps; both equal train_log.jsonl."""
+    pytest.importorskip("tensorboard")
+    wandb = pytest.importorskip("wandb")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for name, value in (("WANDB_MODE", "offline"), ("WANDB_SILENT", "true"), ("WANDB_DIR", str(tmp_path))):
+        monkeypatch.setenv(name, value)
+    # wandb 0.31 reads its run files back only in its Go core: watch what the real Run is given
+    logged: list[tuple[dict[str, float], int]] = []
+    real_log = wandb.Run.log
+    monkeypatch.setattr(wandb.Run, "log", lambda run, data, step=None, commit=None: (
+        logged.append((dict(data), step)), real_log(run, data, step=step, commit=commit))[1])
+    out = tmp_path / "adapter"
+    report = train(_cfg(tiny, out, max_steps=4, eval_every=2, report_to=("tensorboard", "wandb")))
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    for name, key in (("train/loss", "loss"), ("train/lr", "lr"), ("train/grad_norm", "grad_norm")):
+        scalars = events.Scalars(name)
+        assert [s.step for s in scalars] == [r["step"] for r in log]
+        assert [s.value for s in scalars] == pytest.approx([r[key] for r in log], rel=1e-6)
+    evals = events.Scalars("eval/loss")
+    assert [(s.step, s.value) for s in evals] == [(r["step"], pytest.approx(r["eval_loss"], rel=1e-6))
+                                                  for r in log if "eval_loss" in r]
+    assert [step for _, step in logged] == [1, 2, 3, 4]
+    assert [data["train/loss"] for data, _ in logged] == pytest.approx([r["loss"] for r in log], rel=1e-6)
+    assert [data.get("eval/loss") for data, _ in logged] == [r.get("eval_loss") for r in log]
+    # the run's files outlive the default checkpoint folder, which went once OUT was written
+    assert report.checkpoint_dir is None and not (tmp_path / "adapter.checkpoints").exists()
+    (run,) = tmp_path.glob("wandb/offline-run-*")
+    assert next(run.glob("*.wandb")).stat().st_size > 0
+
+
+def test_report_to_a_missing_package_fails_before_the_model_loads(tiny: dict[str, Path], tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+    loads = []
+    monkeypatch.setattr(adaptertool.train.weights, "load_decoder", lambda *a, **k: loads.append(1))
+    with pytest.raises(AdapterToolError, match="--report-to wandb needs the wandb package: pip install wandb"):
+        train(_cfg(tiny, tmp_path / "out", report_to=("wandb",)))
+    assert not loads and not (tmp_path / "out").exists()
