@@ -72,16 +72,20 @@ def test_output_may_not_overlap_input(tiny_sharded: Path, out: str) -> None:
         reshard(ReshardConfig(source=tiny_sharded, out=target, force=True))
 
 
-# A child process that streams slowly (one tensor per 50 ms) and says when it has started writing.
+# A child process that streams slowly (one tensor per 50 ms), says when it has started writing, and
+# from its fourth tensor on waits for the signal: under load the parent may read the third line late,
+# and a child that finished meanwhile would exit 0 (seen once in CI).
 _SLOW_CHILD = textwrap.dedent("""
     import signal, sys, time
     # Ctrl-C as a shell delivers it: a child inherits an ignored SIGINT from a parent that ignores it.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     from adaptertool.io import Checkpoint
     real = Checkpoint.copy_bytes
+    calls = []
     def slow(self, name, dst):
+        calls.append(name)
         print("writing", flush=True)
-        time.sleep(0.05)
+        time.sleep(0.05 if len(calls) <= 3 else 60)
         real(self, name, dst)
     Checkpoint.copy_bytes = slow
     sys.argv = ["adaptertool", "reshard", sys.argv[1], sys.argv[2], "--max-shard-size", "8KB"]
