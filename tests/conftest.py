@@ -141,6 +141,13 @@ def smollm2_tuned(smollm2: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma3_270m() -> Path:
+    """The real Gemma 3 270M (Gemma3ForCausalLM): bf16, 3 shards + index + tokenizer, from a Q4_K_M GGUF (cached)."""
+    builder = _builder()
+    return builder.build("gemma3-270m", builder.default_cache_dir())
+
+
+@pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """The SmolLM2-135M-Instruct Q4_1 GGUF file ``smollm2`` is converted from (cached): a base llama.cpp loads."""
     builder = _builder()

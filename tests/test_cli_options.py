@@ -74,7 +74,7 @@ def test_every_command_with_an_output_found() -> None:
 def test_alpha_has_one_default_everywhere(tmp_path: Path) -> None:
     from adaptertool.ops.init import InitConfig
     from adaptertool.ops.train import TrainConfig
-    from adaptertool.train.lora import LoraSpec
+    from adaptertool.training.lora import LoraSpec
 
     alphas = {name: p for name, command in COMMANDS for p in command.params if p.name == "alpha"}
     assert set(alphas) == {"init", "train"}

@@ -1,4 +1,4 @@
-"""Imports flow one way: cli -> ops -> {adapters, quant, train, io}; the maths never touches files."""
+"""Imports flow one way: cli -> api -> ops -> {adapters, quant, training, io}; the maths never touches files."""
 
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ PACKAGE = Path(adaptertool.__file__).parent
 
 # package folder -> import prefixes it must never use
 FORBIDDEN = {
-    "adapters": ("adaptertool.io", "adaptertool.ops", "adaptertool.cli", "click", "tqdm", "huggingface_hub"),
-    "quant": ("adaptertool.io", "adaptertool.ops", "adaptertool.cli", "click", "tqdm", "huggingface_hub"),
-    "io": ("adaptertool.adapters", "adaptertool.quant", "adaptertool.train", "adaptertool.ops", "adaptertool.cli", "click"),
-    "ops": ("adaptertool.cli", "click"),
-    "train": ("adaptertool.cli", "adaptertool.ops", "click"),
+    "adapters": ("adaptertool.io", "adaptertool.ops", "adaptertool.api", "adaptertool.cli", "click", "tqdm", "huggingface_hub"),
+    "quant": ("adaptertool.io", "adaptertool.ops", "adaptertool.api", "adaptertool.cli", "click", "tqdm", "huggingface_hub"),
+    "io": ("adaptertool.adapters", "adaptertool.quant", "adaptertool.training", "adaptertool.ops", "adaptertool.api",
+           "adaptertool.cli", "click"),
+    "api": ("adaptertool.cli", "click"),
+    "ops": ("adaptertool.api", "adaptertool.cli", "click"),
+    "training": ("adaptertool.api", "adaptertool.cli", "adaptertool.ops", "click"),
 }
 
 
@@ -46,3 +48,4 @@ def test_only_io_hub_imports_huggingface_hub() -> None:
     users = [p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py")
              if any(n.startswith("huggingface_hub") for n in _imports(p))]
     assert set(users) <= {"io/hub.py"}
+

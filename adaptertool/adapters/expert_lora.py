@@ -24,7 +24,7 @@ import torch
 from adaptertool.adapters.experts import FAMILIES, MoeLayer
 from adaptertool.adapters.peft_config import AdapterSettings
 from adaptertool.adapters.peft_keys import PEFT_PREFIX, split_adapter_key
-from adaptertool.errors import AdapterToolError
+from adaptertool.errors import AdapterToolError, InputError
 
 __all__ = ["PEFT_MOVED", "PEFT_UNCONVERTED", "ParamLora", "expert_delta", "expert_factors", "fuse_gate_up",
            "implied_layer", "param_lora_keys", "peft_moved_names", "plan_param_loras", "roles_depend_on_layout",
@@ -81,8 +81,8 @@ def stack_experts(factors: Sequence[Factors]) -> tuple[torch.Tensor, torch.Tenso
     """
     shapes = {(tuple(a.shape), tuple(b.shape)) for a, b in factors}
     if len(shapes) != 1:
-        raise AdapterToolError(f"experts have LoRA factors of different shapes {sorted(shapes)}; "
-                               "a fused expert parameter takes one rank for all experts")
+        raise InputError(f"experts have LoRA factors of different shapes {sorted(shapes)}; "
+                         "a fused expert parameter takes one rank for all experts")
     lora_a = torch.cat([a for a, _ in factors])
     lora_b = torch.stack([b for _, b in factors], dim=2).flatten(1)  # (out, r, E): column k*E + e
     return lora_a, lora_b
@@ -167,8 +167,8 @@ def plan_param_loras(module: str, shapes: Mapping[str, Shape], *, layer: MoeLaye
     for key in shapes:
         split = split_adapter_key(key)
         if split is None or split[1] not in ("lora_A", "lora_B"):
-            raise AdapterToolError(f"{key}: only plain LoRA (lora_A, lora_B) applies to fused experts; "
-                                   "PEFT's target_parameters supports neither DoRA nor lora_bias")
+            raise InputError(f"{key}: only plain LoRA (lora_A, lora_B) applies to fused experts; "
+                             "PEFT's target_parameters supports neither DoRA nor lora_bias")
         path, part = split
         if path.replace(".base_layer", "") != module:
             raise ValueError(f"{key} is not a tensor of {module}")
@@ -176,20 +176,20 @@ def plan_param_loras(module: str, shapes: Mapping[str, Shape], *, layer: MoeLaye
         by_depth.setdefault(depth, {})[part] = key
     example = next(iter(shapes))
     if not targets:
-        raise AdapterToolError(f"{example}: a LoRA on the fused experts {module}, but adapter_config.json has no "
-                               f"target_parameters, so which of {', '.join(params)} it adapts is unknown; add "
-                               f"target_parameters (e.g. {['mlp.experts.' + p for p in params]}) to adapter_config.json")
+        raise InputError(f"{example}: a LoRA on the fused experts {module}, but adapter_config.json has no "
+                         f"target_parameters, so which of {', '.join(params)} it adapts is unknown; add "
+                         f"target_parameters (e.g. {['mlp.experts.' + p for p in params]}) to adapter_config.json")
     if not targeted:
-        raise AdapterToolError(f"{example}: target_parameters {list(targets)} names no parameter of {module}, "
-                               f"which has {', '.join(params)}; the adapter is for another model")
+        raise InputError(f"{example}: target_parameters {list(targets)} names no parameter of {module}, "
+                         f"which has {', '.join(params)}; the adapter is for another model")
     if set(by_depth) != set(range(len(targeted))):
-        raise AdapterToolError(f"{module}: the adapter holds LoRAs at {len(by_depth)} nesting depths but target_parameters "
-                               f"names {len(targeted)} of its parameters ({', '.join(targeted)}); the adapter is inconsistent")
+        raise InputError(f"{module}: the adapter holds LoRAs at {len(by_depth)} nesting depths but target_parameters "
+                         f"names {len(targeted)} of its parameters ({', '.join(targeted)}); the adapter is inconsistent")
     plans = []
     for depth, keys in sorted(by_depth.items()):
         if set(keys) != {"lora_A", "lora_B"}:
-            raise AdapterToolError(f"{next(iter(keys.values()))}: lacks its {({'lora_A', 'lora_B'} - set(keys)).pop()}; "
-                                   "the adapter is incomplete")
+            raise InputError(f"{next(iter(keys.values()))}: lacks its {({'lora_A', 'lora_B'} - set(keys)).pop()}; "
+                             "the adapter is incomplete")
         param = targeted[len(targeted) - 1 - depth]  # the first registered param is wrapped innermost
         plans.append(_plan_one(module, param, keys["lora_A"], keys["lora_B"], shapes, layer, settings, targeted,
                                peft_version))
@@ -204,11 +204,11 @@ def _plan_one(module: str, param: str, a_key: str, b_key: str, shapes: Mapping[s
     path = f"{module}.{param}"
     rank = settings.module_rank(path)
     if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
-        raise AdapterToolError(f"{a_key} {list(a)} and {b_key} {list(b)} do not chain (A is (E*r, in), B (out, E*r))")
+        raise InputError(f"{a_key} {list(a)} and {b_key} {list(b)} do not chain (A is (E*r, in), B (out, E*r))")
     if a[0] != experts * rank:
         made_for = f"{a[0] // rank} experts" if a[0] % rank == 0 else "no whole number of experts"
-        raise AdapterToolError(f"{a_key} has {a[0]} rows, which at rank {rank} (adapter_config.json) is {made_for}, "
-                               f"but {layer.block} has {experts} experts; the adapter is for another model")
+        raise InputError(f"{a_key} has {a[0]} rows, which at rank {rank} (adapter_config.json) is {made_for}, "
+                         f"but {layer.block} has {experts} experts; the adapter is for another model")
     fits = {p: _features(layer, p) for p in targeted}
     if (a[1], b[0]) != (in_features, out_features):
         if (a[1], b[0]) == (out_features, in_features):
@@ -216,10 +216,10 @@ def _plan_one(module: str, param: str, a_key: str, b_key: str, shapes: Mapping[s
                               "PEFT 0.19.0" if layer.interleaved else "PEFT 0.17-0.19.0")
         other = next((p for p, f in fits.items() if f == (a[1], b[0])), None)
         if other is not None:
-            raise AdapterToolError(f"{a_key}: PEFT's nesting makes it the LoRA of {param}, but its shapes fit {other}; "
-                                   "cannot tell which parameter it adapts")
-        raise AdapterToolError(f"{a_key} {list(a)} and {b_key} {list(b)} do not fit {path} (in {in_features}, "
-                               f"out {out_features}); the adapter is for another model")
+            raise InputError(f"{a_key}: PEFT's nesting makes it the LoRA of {param}, but its shapes fit {other}; "
+                             "cannot tell which parameter it adapts")
+        raise InputError(f"{a_key} {list(a)} and {b_key} {list(b)} do not fit {path} (in {in_features}, "
+                         f"out {out_features}); the adapter is for another model")
     if in_features == out_features and peft_version is not None and _swaps_roles(peft_version, layer.interleaved):
         raise _transposed(a_key, b_key, param, in_features, out_features, f"PEFT {peft_version}")
     return ParamLora(module, param, a_key, b_key, experts, rank, in_features, out_features,
@@ -241,7 +241,7 @@ def _swaps_roles(version: str, transposed_storage: bool) -> bool:
 
 
 def _transposed(a_key: str, b_key: str, param: str, in_features: int, out_features: int, made_by: str) -> AdapterToolError:
-    return AdapterToolError(
+    return InputError(
         f"{a_key} is (E*r, {out_features}) and {b_key} ({in_features}, E*r) for {param} (in {in_features}, out "
         f"{out_features}): A and B have the roles that {made_by} gave them by mistake on this layout (fixed in PEFT "
         "0.19.1), which current PEFT cannot load either; train the adapter again with PEFT >= 0.19.1")
@@ -284,8 +284,8 @@ def implied_layer(module: str, shapes: Mapping[str, Shape], *, settings: Adapter
     """
     found = _EXPERTS_MODULE.match(module)
     if found is None:
-        raise AdapterToolError(f"{next(iter(shapes))}: a target_parameters LoRA on {module}, which is not named like a "
-                               "mixture-of-experts layer's experts (model.layers.N.mlp.experts)")
+        raise InputError(f"{next(iter(shapes))}: a target_parameters LoRA on {module}, which is not named like a "
+                         "mixture-of-experts layer's experts (model.layers.N.mlp.experts)")
     targets = tuple(target_parameters or ())
     targeted = [p for p in _REGISTERED if any(f"{module}.{p}" == t or f"{module}.{p}".endswith(f".{t}") for t in targets)]
     experts = hidden = intermediate = 1

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from adaptertool.errors import AdapterToolError
+from adaptertool.errors import InputError
 
 if TYPE_CHECKING:  # only views take tensors: describing a layout from headers must not import torch
     import torch
@@ -245,13 +245,13 @@ def describe_experts(config: Mapping[str, Any], shapes: Mapping[str, Sequence[in
     family = FAMILIES.get(model_type)
     if family is None:
         if blocks:
-            raise AdapterToolError(
+            raise InputError(
                 f"{source}: model_type {model_type or '(missing)'} is not a known mixture-of-experts family, but "
                 f"{next(iter(blocks))}.experts holds experts; adaptertool knows {', '.join(sorted(FAMILIES))}")
         return None
     if not blocks:
-        raise AdapterToolError(f"{source}: model_type {model_type} has experts, but no tensor is named like them "
-                               "(mlp.experts... / block_sparse_moe.experts...); is the config for these weights?")
+        raise InputError(f"{source}: model_type {model_type} has experts, but no tensor is named like them "
+                         "(mlp.experts... / block_sparse_moe.experts...); is the config for these weights?")
     experts = _config_int(config, _EXPERT_COUNT_KEYS, source)
     hidden = _config_int(config, ("hidden_size",), source)
     intermediate = _config_int(config, _INTERMEDIATE_KEYS, source)
@@ -268,8 +268,8 @@ def describe_experts(config: Mapping[str, Any], shapes: Mapping[str, Sequence[in
         shared = tuple(sorted(f"{block}.{rest}" for rest in tensors if rest.startswith("shared_expert")))
         for name in router:
             if name.endswith(".weight") and shapes[name][0] != experts:
-                raise AdapterToolError(f"router {name} has {shapes[name][0]} rows, but {sizes}; "
-                                       "the weights and config.json are of different models")
+                raise InputError(f"router {name} has {shapes[name][0]} rows, but {sizes}; "
+                                 "the weights and config.json are of different models")
         layers.append(MoeLayer(int(found["layer"]), family, layout, block,
                                f"{found['root']}.layers.{found['layer']}.mlp.experts",
                                experts, hidden, intermediate, router, shared))
@@ -288,9 +288,9 @@ def _config_int(config: Mapping[str, Any], keys: tuple[str, ...], source: str) -
         value = config.get(key)
         if value is not None:
             if not isinstance(value, int) or value <= 0:
-                raise AdapterToolError(f"{source}: {key} is {value!r}, expected a positive integer")
+                raise InputError(f"{source}: {key} is {value!r}, expected a positive integer")
             return value
-    raise AdapterToolError(f"{source}: lacks {' or '.join(keys)}, which the expert layout needs")
+    raise InputError(f"{source}: lacks {' or '.join(keys)}, which the expert layout needs")
 
 
 def _check_experts(family: str, block: str, tensors: Mapping[str, Shape], experts: int, hidden: int,
@@ -300,11 +300,11 @@ def _check_experts(family: str, block: str, tensors: Mapping[str, Shape], expert
     fused = [rest for rest in tensors if not rest.split(".")[0].isdigit()]
     per_expert = [rest for rest in tensors if rest.split(".")[0].isdigit()]
     if fused and per_expert:
-        raise AdapterToolError(f"{block}.experts holds both per-expert tensors ({block}.experts.{per_expert[0]}) and fused "
-                               f"ones ({block}.experts.{fused[0]}); the checkpoint mixes two layouts")
+        raise InputError(f"{block}.experts holds both per-expert tensors ({block}.experts.{per_expert[0]}) and fused "
+                         f"ones ({block}.experts.{fused[0]}); the checkpoint mixes two layouts")
     if per_expert:
         if family not in _NAMES:
-            raise AdapterToolError(f"{block}.experts.{per_expert[0]}: {family} experts are fused on disk, never per expert")
+            raise InputError(f"{block}.experts.{per_expert[0]}: {family} experts are fused on disk, never per expert")
         expected = {p: (h, i) if p == "down" else (i, h) for p in PROJECTIONS}
         by_name = {name: p for p, name in _NAMES[family].items()}
         seen: dict[str, set[int]] = {p: set() for p in PROJECTIONS}
@@ -312,22 +312,22 @@ def _check_experts(family: str, block: str, tensors: Mapping[str, Shape], expert
             name = f"{block}.experts.{rest}"
             found = _PER_EXPERT.match(rest)
             if found is None or found["name"] not in by_name:
-                raise AdapterToolError(f"{name} is not a {family} expert weight (expected experts.N."
-                                       f"{{{','.join(_NAMES[family].values())}}}.weight)")
+                raise InputError(f"{name} is not a {family} expert weight (expected experts.N."
+                                 f"{{{','.join(_NAMES[family].values())}}}.weight)")
             if found["part"] != "weight":
                 continue  # a quantised weight's companion (weight_scale_inv...), which its format checks
             projection, expert = by_name[found["name"]], int(found["expert"])
             if expert >= experts:
-                raise AdapterToolError(f"{name} is expert {expert}, but {sizes}; "
-                                       "the weights and config.json are of different models")
+                raise InputError(f"{name} is expert {expert}, but {sizes}; "
+                                 "the weights and config.json are of different models")
             if shape != expected[projection]:
-                raise AdapterToolError(f"{name} has shape {list(shape)}, expected {list(expected[projection])} ({sizes})")
+                raise InputError(f"{name} has shape {list(shape)}, expected {list(expected[projection])} ({sizes})")
             seen[projection].add(expert)
         for projection, have in seen.items():
             missing = sorted(set(range(experts)) - have)
             if missing:
-                raise AdapterToolError(f"{block}.experts: experts {missing} have no {_NAMES[family][projection]}.weight, "
-                                       f"but {sizes}; the checkpoint is incomplete")
+                raise InputError(f"{block}.experts: experts {missing} have no {_NAMES[family][projection]}.weight, "
+                                 f"but {sizes}; the checkpoint is incomplete")
         return "per-expert"
     transposed = family == "gpt_oss"
     expected = {"gate_up_proj": (experts, h, 2 * i) if transposed else (experts, 2 * i, h),
@@ -337,18 +337,18 @@ def _check_experts(family: str, block: str, tensors: Mapping[str, Shape], expert
     for rest, shape in tensors.items():
         name = f"{block}.experts.{rest}"
         if rest.endswith(("_blocks", "_scales")):
-            raise AdapterToolError(f"{name}: MXFP4-packed experts have no 16-bit layout here; dequantize the checkpoint first")
+            raise InputError(f"{name}: MXFP4-packed experts have no 16-bit layout here; dequantize the checkpoint first")
         if rest not in expected and rest.startswith(tuple(f"{p}_" for p in _FUSED)):
             continue  # a quantised weight's companion (gate_up_proj_scale_inv...), which its format checks
         if rest not in expected:
-            raise AdapterToolError(f"{name} is not a {family} fused expert tensor (expected {', '.join(expected)})")
+            raise InputError(f"{name} is not a {family} fused expert tensor (expected {', '.join(expected)})")
         if len(shape) == len(expected[rest]) and shape[0] != experts:
-            raise AdapterToolError(f"{name} holds {shape[0]} experts, but {sizes}; "
-                                   "the weights and config.json are of different models")
+            raise InputError(f"{name} holds {shape[0]} experts, but {sizes}; "
+                             "the weights and config.json are of different models")
         if shape != expected[rest]:
             layout = "(experts, in, out)" if transposed else "(experts, out, in)"
-            raise AdapterToolError(f"{name} has shape {list(shape)}, expected {list(expected[rest])} {layout} ({sizes})")
+            raise InputError(f"{name} has shape {list(shape)}, expected {list(expected[rest])} {layout} ({sizes})")
     for rest in expected:
         if rest not in tensors:
-            raise AdapterToolError(f"{block}.experts has no {rest}; the checkpoint is incomplete")
+            raise InputError(f"{block}.experts has no {rest}; the checkpoint is incomplete")
     return "fused-transposed" if transposed else "fused"

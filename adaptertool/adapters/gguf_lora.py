@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from adaptertool.errors import AdapterToolError
+from adaptertool.errors import InputError
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "GgufBase", "GgufTarget", "gguf_factors", "gguf_target", "scale_fold"]
 
@@ -80,8 +80,8 @@ class GgufBase:
         names = config.get("architectures") or []
         hf_arch = names[0] if isinstance(names, list) and names else None
         if hf_arch not in _ARCHITECTURES:
-            raise AdapterToolError(f"{source}: architecture {hf_arch or '(none given)'} is not supported by --to gguf; "
-                                   f"it supports {', '.join(SUPPORTED_ARCHITECTURES)}")
+            raise InputError(f"{source}: architecture {hf_arch or '(none given)'} is not supported by --to gguf; "
+                             f"it supports {', '.join(SUPPORTED_ARCHITECTURES)}")
         heads = _size(config, "num_attention_heads", source)
         hidden = _size(config, "hidden_size", source)
         return cls(
@@ -115,22 +115,22 @@ def gguf_target(module: str, base: GgufBase) -> GgufTarget:
     q_rows, kv_rows = base.heads * base.head_dim, base.kv_heads * base.head_dim
     if module == "model.embed_tokens":
         if base.tied:
-            raise AdapterToolError(f"module {module}: the base ties its embeddings to lm_head, and llama.cpp would apply "
-                                   "this LoRA to its output layer too (one tensor, token_embd.weight); merge the adapter instead")
+            raise InputError(f"module {module}: the base ties its embeddings to lm_head, and llama.cpp would apply "
+                             "this LoRA to its output layer too (one tensor, token_embd.weight); merge the adapter instead")
         return GgufTarget("token_embd.weight", (base.vocab, base.hidden), 0, True)
     if module == "lm_head":
         if base.tied:
-            raise AdapterToolError(f"module {module}: the base ties lm_head to embed_tokens (tie_word_embeddings), so "
-                                   "llama.cpp's model has no output.weight to adapt; merge the adapter instead")
+            raise InputError(f"module {module}: the base ties lm_head to embed_tokens (tie_word_embeddings), so "
+                             "llama.cpp's model has no output.weight to adapt; merge the adapter instead")
         return GgufTarget("output.weight", (base.vocab, base.hidden), 0, False)
     found = _LAYER_MODULE.fullmatch(module)
     if found is None or found.group(2) not in _LAYER_TENSORS:
-        raise AdapterToolError(f"module {module} has no tensor in llama.cpp's {base.architecture} model; --to gguf maps "
-                               "the attention and MLP projections, embed_tokens and lm_head")
+        raise InputError(f"module {module} has no tensor in llama.cpp's {base.architecture} model; --to gguf maps "
+                         "the attention and MLP projections, embed_tokens and lm_head")
     layer, part = int(found.group(1)), found.group(2)
     if layer >= base.layers:
-        raise AdapterToolError(f"module {module} is in layer {layer} but the base has {base.layers} layers; "
-                               "is it the right base?")
+        raise InputError(f"module {module} is in layer {layer} but the base has {base.layers} layers; "
+                         "is it the right base?")
     shapes = {
         "self_attn.q_proj": (q_rows, base.hidden), "self_attn.k_proj": (kv_rows, base.hidden),
         "self_attn.v_proj": (kv_rows, base.hidden), "self_attn.o_proj": (base.hidden, q_rows),
@@ -181,5 +181,5 @@ def _size(config: dict[str, Any], key: str, source: str, *, default: int | None 
     if value is None and default is not None:
         return default
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise AdapterToolError(f"{source}: {key} must be a positive whole number, got {value!r}; is it a model's config.json?")
+        raise InputError(f"{source}: {key} must be a positive whole number, got {value!r}; is it a model's config.json?")
     return value

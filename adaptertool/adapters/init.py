@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from adaptertool.adapters.svd import exact_svd, randomized_svd
-from adaptertool.errors import AdapterToolError
+from adaptertool.errors import OptionError
 
 __all__ = [
     "InitFactors",
@@ -122,5 +122,5 @@ def _matrix(weight: torch.Tensor, rank: int) -> torch.Tensor:
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D, got shape {list(weight.shape)}")
     if not 0 < rank <= min(weight.shape):
-        raise AdapterToolError(f"rank {rank} must lie in [1, {min(weight.shape)}] for a {list(weight.shape)} weight")
+        raise OptionError(f"rank {rank} must lie in [1, {min(weight.shape)}] for a {list(weight.shape)} weight")
     return weight.float()  # a copy for any non-float32 input; never written to below

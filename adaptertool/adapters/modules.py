@@ -21,7 +21,7 @@ from adaptertool.adapters.lora import (
 )
 from adaptertool.adapters.lycoris import loha_delta, lokr_delta
 from adaptertool.adapters.peft_config import AdapterSettings
-from adaptertool.errors import AdapterToolError
+from adaptertool.errors import InputError
 
 __all__ = ["ADDITIVE_KINDS", "ModuleUpdate", "ia3_fits", "plan_module"]
 
@@ -120,7 +120,7 @@ def plan_module(module: str, keys: Mapping[str, str], shapes: Mapping[str, Shape
     kind = _kind(settings.peft_type, set(keys), module)
     rank = _rank(kind, shapes, module)
     if kind in ("lora", "lora_embedding", "loha") and settings.module_rank(module) != rank:
-        raise AdapterToolError(
+        raise InputError(
             f"module {module} has rank {rank} in its tensors but the config says r={settings.module_rank(module)}; "
             "the adapter is inconsistent"
         )
@@ -129,7 +129,7 @@ def plan_module(module: str, keys: Mapping[str, str], shapes: Mapping[str, Shape
     fifo = settings.fan_in_fan_out and kind != "lora_embedding"
     dora = "lora_magnitude_vector" in keys
     if settings.dora and not dora:
-        raise AdapterToolError(f"module {module}: the config says use_dora but there is no lora_magnitude_vector; the adapter is incomplete")
+        raise InputError(f"module {module}: the config says use_dora but there is no lora_magnitude_vector; the adapter is incomplete")
     update = ModuleUpdate(module, kind, dict(keys), settings.module_scaling(module, rank), fifo, dora)
     shape = _target_shape(kind, shapes)
     if shape is not None and fifo:
@@ -137,7 +137,7 @@ def plan_module(module: str, keys: Mapping[str, str], shapes: Mapping[str, Shape
     if dora:
         rows = shape[1] if kind == "lora_embedding" or fifo else shape[0]
         if tuple(shapes["lora_magnitude_vector"]) != (rows,):
-            raise AdapterToolError(f"module {module}: lora_magnitude_vector has shape {list(shapes['lora_magnitude_vector'])}, expected [{rows}]")
+            raise InputError(f"module {module}: lora_magnitude_vector has shape {list(shapes['lora_magnitude_vector'])}, expected [{rows}]")
     return update, shape
 
 
@@ -159,7 +159,7 @@ def _kind(peft_type: str, parts: set[str], module: str) -> str:
     required, optional = _KINDS[kind]
     unknown = parts - required - optional
     if unknown:
-        raise AdapterToolError(
+        raise InputError(
             f"module {module}: {peft_type} tensors {sorted(unknown)} are not supported "
             "(convolution layers and mixed families cannot be merged yet)"
         )
@@ -169,7 +169,7 @@ def _kind(peft_type: str, parts: set[str], module: str) -> str:
             if side not in parts and not {f"{side}_a", f"{side}_b"} <= parts:
                 missing = missing | {side}
     if missing:
-        raise AdapterToolError(f"module {module} lacks {sorted(missing)}; the adapter is incomplete")
+        raise InputError(f"module {module} lacks {sorted(missing)}; the adapter is incomplete")
     return kind
 
 
@@ -178,13 +178,13 @@ def _rank(kind: str, shapes: Mapping[str, Shape], module: str) -> int:
         a_part, b_part = ("lora_embedding_A", "lora_embedding_B") if kind == "lora_embedding" else ("lora_A", "lora_B")
         a, b = shapes[a_part], shapes[b_part]
         if len(a) != 2 or len(b) != 2:
-            raise AdapterToolError(f"module {module}: {a_part} has shape {list(a)}; LoRA on convolution layers is not supported")
+            raise InputError(f"module {module}: {a_part} has shape {list(a)}; LoRA on convolution layers is not supported")
         if a[0] != b[1]:
-            raise AdapterToolError(f"module {module}: {a_part} {list(a)} and {b_part} {list(b)} do not chain (A is (r, in), B (out, r))")
+            raise InputError(f"module {module}: {a_part} {list(a)} and {b_part} {list(b)} do not chain (A is (r, in), B (out, r))")
         return a[0]
     if kind == "loha":
         if any(len(shape) != 2 for shape in shapes.values()):
-            raise AdapterToolError(f"module {module}: LoHa on convolution layers is not supported")
+            raise InputError(f"module {module}: LoHa on convolution layers is not supported")
         return shapes["hada_w1_b"][0]
     return 0  # LoKr's factors need not show r; IA3 has none
 
@@ -198,7 +198,7 @@ def _target_shape(kind: str, shapes: Mapping[str, Shape]) -> Shape | None:
         one = (shapes["hada_w1_a"][0], shapes["hada_w1_b"][1])
         two = (shapes["hada_w2_a"][0], shapes["hada_w2_b"][1])
         if one != two:
-            raise AdapterToolError(f"LoHa factors disagree: w1 gives {list(one)}, w2 gives {list(two)}")
+            raise InputError(f"LoHa factors disagree: w1 gives {list(one)}, w2 gives {list(two)}")
         return one
     if kind == "lokr":
         w1 = shapes["lokr_w1"] if "lokr_w1" in shapes else (shapes["lokr_w1_a"][0], shapes["lokr_w1_b"][1])

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from adaptertool.adapters.lora import lora_scaling
-from adaptertool.errors import AdapterToolError
+from adaptertool.errors import InputError
 
 __all__ = ["FLOAT32_MAX", "SUPPORTED_PEFT_TYPES", "AdapterSettings", "match_pattern", "uniform_scaling"]
 
@@ -76,14 +76,14 @@ class AdapterSettings:
         """
         peft_type = str(config.get("peft_type", "")).upper()
         if peft_type not in SUPPORTED_PEFT_TYPES:
-            raise AdapterToolError(
+            raise InputError(
                 f"{source}: peft_type {peft_type or '(missing)'} is not supported; adaptertool merges "
                 + ", ".join(SUPPORTED_PEFT_TYPES)
             )
         # LoHa/LoKr call their alpha "alpha"; LoRA and AdaLoRA "lora_alpha". PEFT's defaults apply when absent.
         alpha_key = "alpha" if peft_type in ("LOHA", "LOKR") else "lora_alpha"
         if peft_type != "IA3" and "r" not in config:
-            raise AdapterToolError(f"{source}: {peft_type} config lacks 'r'; is the file complete?")
+            raise InputError(f"{source}: {peft_type} config lacks 'r'; is the file complete?")
         rank = 0 if peft_type == "IA3" else _rank(config["r"], "r", source)
         base_model = config.get("base_model_name_or_path")
         return cls(
@@ -124,7 +124,7 @@ def _rank(value: object, key: str, source: str) -> int:
     if isinstance(value, float) and math.isfinite(value) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise AdapterToolError(f"{source}: {key} must be a positive whole number, got {_show(value)}")
+        raise InputError(f"{source}: {key} must be a positive whole number, got {_show(value)}")
     return value
 
 
@@ -132,7 +132,7 @@ def _finite(value: object, key: str, source: str) -> float:
     """An alpha: a finite number within float32's range. NaN or Inf would pass every tensor check
     and write a model of NaNs."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not abs(value) <= FLOAT32_MAX:
-        raise AdapterToolError(f"{source}: {key} must be a finite number within float32's range, got {_show(value)}")
+        raise InputError(f"{source}: {key} must be a finite number within float32's range, got {_show(value)}")
     return float(value)
 
 
@@ -140,12 +140,12 @@ def _pattern(config: dict[str, Any], key: str, source: str) -> dict[str, Any]:
     """rank_pattern or alpha_pattern: an object whose keys are regular expressions PEFT can match."""
     pattern = config.get(key) or {}
     if not isinstance(pattern, dict):
-        raise AdapterToolError(f"{source}: {key} must be an object of module pattern -> value, got {_show(pattern)}")
+        raise InputError(f"{source}: {key} must be an object of module pattern -> value, got {_show(pattern)}")
     for name in pattern:
         try:
             re.compile(rf"(.*\.)?({name})$")
         except re.error as err:
-            raise AdapterToolError(f"{source}: {key} key {name!r} is not a valid regular expression ({err})") from None
+            raise InputError(f"{source}: {key} key {name!r} is not a valid regular expression ({err})") from None
     return pattern
 
 
@@ -154,7 +154,7 @@ def _names(config: dict[str, Any], key: str, source: str) -> tuple[str, ...]:
     names = config.get(key) or ()
     names = (names,) if isinstance(names, str) else names
     if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
-        raise AdapterToolError(f"{source}: {key} must be a list of module names, got {_show(names)}")
+        raise InputError(f"{source}: {key} must be a list of module names, got {_show(names)}")
     return tuple(names)
 
 

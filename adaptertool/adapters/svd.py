@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from adaptertool.errors import AdapterToolError
+from adaptertool.errors import InputError, OptionError
 
 __all__ = [
     "Factors",
@@ -57,13 +57,13 @@ class RankPolicy:
 
     def __post_init__(self) -> None:
         if self.rank <= 0:
-            raise AdapterToolError(f"--rank must be a positive integer, not {self.rank}")
+            raise OptionError(f"--rank must be a positive integer, not {self.rank}")
         if self.max_rank is not None and self.max_rank <= 0:
-            raise AdapterToolError(f"--max-rank must be a positive integer, not {self.max_rank}")
+            raise OptionError(f"--max-rank must be a positive integer, not {self.max_rank}")
         if self.energy is not None and not 0.0 < self.energy <= 1.0:
-            raise AdapterToolError(f"--energy must lie in (0, 1], e.g. 0.9, not {self.energy}")
+            raise OptionError(f"--energy must lie in (0, 1], e.g. 0.9, not {self.energy}")
         if self.energy is not None and self.auto:
-            raise AdapterToolError("--energy and --auto-rank are two rank rules; choose one")
+            raise OptionError("--energy and --auto-rank are two rank rules; choose one")
 
     @property
     def adaptive(self) -> bool:
@@ -127,7 +127,7 @@ def rounding_noise_std(tuned: torch.Tensor) -> float:
     """
     layout = _LAYOUT.get(tuned.dtype)
     if layout is None:
-        raise AdapterToolError(f"cannot model rounding noise of dtype {tuned.dtype}")
+        raise InputError(f"cannot model rounding noise of dtype {tuned.dtype}")
     view, exponent_bits, mantissa_bits = layout
     top = (1 << exponent_bits) - 1  # all ones: inf and NaN, left out
     counts = torch.zeros(top + 1, dtype=torch.float64)
@@ -302,7 +302,7 @@ def _svd(delta: torch.Tensor, width: int, method: str, *, generator: torch.Gener
     if method == "exact" or (method == "randomized" and _sketch_too_wide(width + oversample, *delta.shape)):
         return _exact(delta, width)
     if method != "randomized":
-        raise AdapterToolError(f"--svd must be randomized or exact, not {method!r}")
+        raise OptionError(f"--svd must be randomized or exact, not {method!r}")
     if generator is None:
         raise ValueError("randomized SVD needs an explicit torch.Generator")
     return _randomized(delta, width, generator=generator, niter=niter, oversample=oversample)

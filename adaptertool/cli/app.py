@@ -3,8 +3,8 @@
 stdout carries only the result (a short summary, or one JSON object with --json); logs, warnings
 and progress bars go to stderr. A user-facing failure prints ``error: ...`` and exits 1; usage
 errors exit 2; anything else is a bug and keeps its traceback. Commands live in the sibling
-modules and import their pipelines inside the command: most pull in torch, whose import costs
-seconds that ``info`` and ``verify`` (headers only) should not pay.
+modules and call their Python API function (``adaptertool/api``), imported inside the command: most
+pull in torch, whose import costs seconds that ``info`` and ``verify`` (headers only) should not pay.
 """
 
 from __future__ import annotations
@@ -23,18 +23,14 @@ import click
 
 from adaptertool import __version__
 from adaptertool.errors import AdapterToolError
-from adaptertool.io import parse_size
-from adaptertool.train.launch import reported_elsewhere
+from adaptertool.training.launch import reported_elsewhere
 
 __all__ = [
-    "DTYPE_CODES", "alpha_option", "cli", "emit", "force_option", "human_bytes", "human_count", "json_option", "main",
-    "progress_enabled", "quiet_option", "shard_bytes", "shard_option",
+    "alpha_option", "cli", "emit", "force_option", "human_bytes", "human_count", "json_option", "main",
+    "progress_enabled", "quiet_option", "shard_option",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-DTYPE_CODES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
-
 
 class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
@@ -114,11 +110,6 @@ def progress_enabled(quiet: bool, as_json: bool = False) -> bool:
     return not quiet and not as_json and sys.stderr.isatty()
 
 
-def shard_bytes(text: str) -> int | None:
-    size = parse_size(text)
-    return None if size == 0 else size  # 0 (in any unit): one file
-
-
 def emit(report: Any, as_json: bool, summary: Callable[[Any], str]) -> None:
     click.echo(json.dumps(dataclasses.asdict(report), indent=2) if as_json else summary(report))
 
@@ -139,7 +130,12 @@ def main() -> None:
     """Console entry point."""
     # SIGTERM becomes SystemExit so staged outputs are cleaned up as for Ctrl-C.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    cli(_group_options_first(sys.argv[1:]), prog_name="adaptertool")
+    try:
+        cli(_group_options_first(sys.argv[1:]), prog_name="adaptertool")
+    finally:
+        # Leaving: a late SIGTERM (torchrun stopping a job's other processes) ends the process as the
+        # default does; raised inside an exit handler, SystemExit would print a traceback.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _group_options_first(args: list[str]) -> list[str]:

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 
 import click
 
+from adaptertool.api.arguments import DTYPE_CODES
 from adaptertool.cli.app import (
-    DTYPE_CODES,
     cli,
     emit,
     force_option,
@@ -18,11 +18,9 @@ from adaptertool.cli.app import (
     json_option,
     progress_enabled,
     quiet_option,
-    shard_bytes,
     shard_option,
 )
 from adaptertool.cli.sources import SourcePath
-from adaptertool.io import torch_dtype
 
 if TYPE_CHECKING:
     from adaptertool.ops.info import InfoReport
@@ -36,7 +34,7 @@ def info_cmd(path: Path, as_json: bool) -> None:
 
     Example: adaptertool info ./SmolLM2-135M --json
     """
-    from adaptertool.ops.info import info
+    from adaptertool.api.checkpoints import info
 
     emit(info(path), as_json, _info_text)
 
@@ -89,7 +87,7 @@ def verify_cmd(path: Path, nan: bool, as_json: bool, quiet: bool) -> None:
 
     Example: adaptertool verify ./merged --nan
     """
-    from adaptertool.ops.verify import verify
+    from adaptertool.api.checkpoints import verify
 
     report = verify(path, nan=nan, progress=progress_enabled(quiet, as_json))
     for note in report.notes:
@@ -120,11 +118,11 @@ def reshard_cmd(source: Path, out: Path, max_shard_size: str, dtype: str | None,
 
     Example: adaptertool reshard ./model ./model-2gb --max-shard-size 2GB
     """
-    from adaptertool.ops.reshard import ReshardConfig, reshard
+    from adaptertool.api.checkpoints import reshard
 
-    cfg = ReshardConfig(source=source, out=out, max_shard_bytes=shard_bytes(max_shard_size),
-                        dtype=torch_dtype(DTYPE_CODES[dtype]) if dtype else None, force=force)
-    emit(reshard(cfg, progress=progress_enabled(quiet, as_json)), as_json, lambda r: (
+    report = reshard(source, out, max_shard_size=max_shard_size, dtype=dtype, force=force,
+                     progress=progress_enabled(quiet, as_json))
+    emit(report, as_json, lambda r: (
         f"wrote {r.out}: {len(r.files)} file(s), {r.tensors} tensors ({r.copied} copied, {r.cast} cast), "
         f"{human_bytes(r.bytes_written)} in {r.seconds:.1f} s, peak memory {human_bytes(r.peak_rss_bytes)}"
     ))

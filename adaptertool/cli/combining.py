@@ -7,8 +7,8 @@ from typing import Any
 
 import click
 
+from adaptertool.api.arguments import DTYPE_CODES
 from adaptertool.cli.app import (
-    DTYPE_CODES,
     cli,
     emit,
     force_option,
@@ -17,8 +17,7 @@ from adaptertool.cli.app import (
     progress_enabled,
     quiet_option,
 )
-from adaptertool.cli.sources import SourcePath, split_weight
-from adaptertool.errors import AdapterToolError
+from adaptertool.cli.sources import SourcePath
 
 # The names adaptertool.adapters.combine.METHODS accepts, listed here so that --help does not import torch.
 _METHODS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_linear_svd", "dare_ties", "dare_ties_svd",
@@ -60,16 +59,15 @@ def combine_cmd(adapters: tuple[str, ...], out: str | None, out_option: Path | N
 
     Example: adaptertool combine ./sft:0.7 ./dpo:0.3 ./mixed --method svd --rank 16
     """
-    from adaptertool.io import torch_dtype
-    from adaptertool.ops.combine import CombineConfig, combine
+    from adaptertool.api.combining import adapter_weights, combine
 
     sources, out_path = _split_out(adapters, out, out_option)
-    paths, weight_list = _parse_adapters(sources, weights)
-    cfg = CombineConfig(
-        adapters=paths, out=out_path, weights=weight_list, method=method, density=density, rank=rank,
-        majority_sign=majority_sign, seed=seed, svd=svd, dtype=torch_dtype(DTYPE_CODES[dtype]), force=force,
-    )
-    emit(combine(cfg, progress=progress_enabled(quiet, as_json)), as_json, _combine_text)
+    texts, weight_list = adapter_weights(sources, weights)
+    paths = [SourcePath("adapter").convert(text, None, None) for text in texts]
+    report = combine(paths, out_path, method=method, weights=weight_list, density=density, rank=rank,
+                     majority_sign=majority_sign, seed=seed, svd=svd, dtype=dtype, force=force,
+                     progress=progress_enabled(quiet, as_json))
+    emit(report, as_json, _combine_text)
 
 
 def _split_out(adapters: tuple[str, ...], out: str | None, out_option: Path | None) -> tuple[tuple[str, ...], Path]:
@@ -80,24 +78,6 @@ def _split_out(adapters: tuple[str, ...], out: str | None, out_option: Path | No
         raise click.UsageError("give at least one ADAPTER and then OUT, e.g. combine ./a:0.7 ./b:0.3 ./mixed",
                                ctx=click.get_current_context())
     return adapters, out_option if out_option is not None else Path(str(out))
-
-
-def _parse_adapters(adapters: tuple[str, ...], weights: str | None) -> tuple[tuple[Path, ...], tuple[float, ...] | None]:
-    source = SourcePath("adapter")
-    pairs = [(source.convert(text, None, None), w) for text, w in map(split_weight, adapters)]
-    suffixed = [w for _, w in pairs if w is not None]
-    if weights is None:
-        if not suffixed:
-            return tuple(p for p, _ in pairs), None
-        return tuple(p for p, _ in pairs), tuple(1.0 if w is None else w for _, w in pairs)
-    if suffixed:
-        raise AdapterToolError("give weights either as ADAPTER:WEIGHT or with --weights, not both")
-    try:
-        parsed = tuple(float(w) for w in weights.split(","))
-    except ValueError:
-        raise AdapterToolError(f"--weights must be comma-separated numbers, e.g. 0.7,0.3, not {weights!r}") from None
-    # With --weights every argument is a path or Hub id, colons included.
-    return tuple(source.convert(text, None, None) for text in adapters), parsed
 
 
 def _combine_text(r: Any) -> str:

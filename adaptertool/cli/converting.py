@@ -7,8 +7,8 @@ from typing import Any
 
 import click
 
+from adaptertool.api.arguments import DTYPE_CODES
 from adaptertool.cli.app import (
-    DTYPE_CODES,
     cli,
     emit,
     force_option,
@@ -18,8 +18,6 @@ from adaptertool.cli.app import (
     quiet_option,
 )
 from adaptertool.cli.sources import SourcePath
-from adaptertool.errors import AdapterToolError
-from adaptertool.io import torch_dtype
 
 
 @cli.command("convert")
@@ -55,29 +53,12 @@ def convert_cmd(adapter: Path, out: Path, from_pissa: Path | None, from_olora: P
 
     Example: adaptertool convert ./pissa-trained ./lora --from-pissa ./pissa-adapter
     """
-    steps = [flag for flag, value in (("--from-pissa", from_pissa), ("--from-olora", from_olora), ("--rank", rank),
-                                      ("--energy", energy), ("--max-rank", max_rank), ("--export", export or None))
-             if value is not None]
-    if to == "gguf":
-        if steps:
-            raise AdapterToolError(f"--to gguf writes ADAPTER as it is and does not combine with {steps[0]}; convert "
-                                   "into a folder first, then convert that folder --to gguf")
-        from adaptertool.ops.convert_gguf import GgufConvertConfig, convert_to_gguf
+    from adaptertool.api.converting import convert
 
-        gguf_cfg = GgufConvertConfig(adapter=adapter, out=out, base=base, force=force,
-                                     dtype=None if dtype == "auto" else torch_dtype(DTYPE_CODES[dtype]))
-        emit(convert_to_gguf(gguf_cfg, progress=progress_enabled(quiet, as_json)), as_json, _gguf_text)
-        return
-    if base is not None:
-        raise AdapterToolError("--base names the base for --to gguf; the other conversions need no base")
-    from adaptertool.ops.convert import ConvertConfig, convert
-
-    cfg = ConvertConfig(
-        adapter=adapter, out=out, from_pissa=from_pissa, from_olora=from_olora, rank=rank, energy=energy,
-        max_rank=max_rank, svd=svd, export=export, seed=seed,
-        dtype=None if dtype == "auto" else torch_dtype(DTYPE_CODES[dtype]), force=force,
-    )
-    emit(convert(cfg, progress=progress_enabled(quiet, as_json)), as_json, _convert_text)
+    report = convert(adapter, out, from_pissa=from_pissa, from_olora=from_olora, rank=rank, energy=energy,
+                     max_rank=max_rank, svd=svd, export=export, seed=seed, to=to, base=base, dtype=dtype, force=force,
+                     progress=progress_enabled(quiet, as_json))
+    emit(report, as_json, _gguf_text if to == "gguf" else _convert_text)
 
 
 def _convert_text(r: Any) -> str:

@@ -18,6 +18,6 @@ def demo_cmd(out: Path, force: bool, as_json: bool) -> None:
 
     OUT defaults to ./adaptertool-demo. Example: adaptertool demo ./demo
     """
-    from adaptertool.ops.demo import DemoConfig, demo
+    from adaptertool.api.demo import demo
 
-    emit(demo(DemoConfig(out=out, force=force)), as_json, lambda r: "\n".join(r.steps))
+    emit(demo(out, force=force), as_json, lambda r: "\n".join(r.steps))

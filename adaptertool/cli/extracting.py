@@ -7,8 +7,8 @@ from typing import Any
 
 import click
 
+from adaptertool.api.arguments import DTYPE_CODES
 from adaptertool.cli.app import (
-    DTYPE_CODES,
     cli,
     emit,
     force_option,
@@ -18,7 +18,6 @@ from adaptertool.cli.app import (
     quiet_option,
 )
 from adaptertool.cli.sources import SourcePath
-from adaptertool.io import torch_dtype
 
 
 @cli.command("extract")
@@ -65,14 +64,13 @@ def extract_cmd(base: Path, tuned: Path, out: Path, rank: int, energy: float | N
 
     Example: adaptertool extract ./SmolLM2-135M ./SmolLM2-135M-tuned ./extracted --rank 16 --report r.json
     """
-    from adaptertool.ops.extract import ExtractConfig, extract
+    from adaptertool.api.extracting import extract
 
-    cfg = ExtractConfig(
-        base=base, tuned=tuned, out=out, rank=rank, energy=energy, auto_rank=auto_rank, max_rank=max_rank,
-        targets=tuple(targets), experts=experts, svd=svd, niter=niter, oversample=oversample, embeddings=embeddings, norms=norms,
-        report=report_file, dtype=torch_dtype(DTYPE_CODES[dtype]), device=device, seed=seed, force=force,
-    )
-    emit(extract(cfg, progress=progress_enabled(quiet, as_json)), as_json, _extract_text)
+    report = extract(base, tuned, out, rank=rank, energy=energy, auto_rank=auto_rank, max_rank=max_rank, targets=targets,
+                     experts=experts, svd=svd, niter=niter, oversample=oversample, embeddings=embeddings, norms=norms,
+                     report=report_file, dtype=dtype, device=device, seed=seed, force=force,
+                     progress=progress_enabled(quiet, as_json))
+    emit(report, as_json, _extract_text)
 
 
 def _extract_text(r: Any) -> str:

@@ -39,10 +39,10 @@ def pull_cmd(repo_id: str, out: Path | None, revision: str | None, include: tupl
 
     Example: adaptertool pull HuggingFaceTB/SmolLM2-135M ./smollm2
     """
-    from adaptertool.ops.hub import PullConfig, pull
+    from adaptertool.api.hub import pull
 
-    report = pull(PullConfig(repo=repo_id, revision=revision, out=out, include=include, allow_pickle=allow_pickle,
-                             force=force), progress=progress_enabled(quiet, as_json))
+    report = pull(repo_id, out, revision=revision, include=include, allow_pickle=allow_pickle, force=force,
+                  progress=progress_enabled(quiet, as_json))
     for note in report.notes:
         click.echo(f"note: {note}", err=True)
     if not as_json:
@@ -71,10 +71,10 @@ def push_cmd(path: Path, repo_id: str, private: bool, revision: str | None, mess
 
     Example: adaptertool push ./my-lora me/my-lora --private
     """
-    from adaptertool.ops.hub import PushConfig, push
+    from adaptertool.api.hub import push
 
-    report = push(PushConfig(path=path, repo_id=repo_id, private=private, revision=revision, message=message,
-                             create_pr=create_pr), progress=progress_enabled(quiet, as_json))
+    report = push(path, repo_id, private=private, revision=revision, message=message, create_pr=create_pr,
+                  progress=progress_enabled(quiet, as_json))
     emit(report, as_json, lambda r: (
         f"pushed {r.kind} {path} to {r.repo}: {len(r.files)} file(s), {human_bytes(r.bytes)}, "
         f"model card {r.card}, in {r.seconds:.1f} s\n{r.url}"

@@ -7,8 +7,8 @@ from typing import Any
 
 import click
 
+from adaptertool.api.arguments import DTYPE_CODES
 from adaptertool.cli.app import (
-    DTYPE_CODES,
     alpha_option,
     cli,
     emit,
@@ -17,11 +17,9 @@ from adaptertool.cli.app import (
     json_option,
     progress_enabled,
     quiet_option,
-    shard_bytes,
     shard_option,
 )
 from adaptertool.cli.sources import SourcePath
-from adaptertool.io import torch_dtype
 
 
 @cli.command("init")
@@ -58,14 +56,12 @@ def init_cmd(base: Path, out: Path, rank: int, alpha: float | None, targets: tup
 
     Example: adaptertool init ./SmolLM2-135M ./pissa-adapter --method pissa --rank 16 --residual-base ./SmolLM2-residual
     """
-    from adaptertool.ops.init import InitConfig, init_adapter
+    from adaptertool.api.initializing import init
 
-    cfg = InitConfig(
-        base=base, out=out, rank=rank, alpha=alpha, targets=tuple(targets), experts=experts, rslora=rslora, dora=dora,
-        method=method, pissa_niter=pissa_niter, residual_base=residual_base, seed=seed,
-        dtype=torch_dtype(DTYPE_CODES[dtype]), max_shard_bytes=shard_bytes(max_shard_size), force=force,
-    )
-    emit(init_adapter(cfg, progress=progress_enabled(quiet, as_json)), as_json, _init_text)
+    report = init(base, out, rank=rank, alpha=alpha, targets=targets, experts=experts, rslora=rslora, dora=dora,
+                  method=method, pissa_niter=pissa_niter, residual_base=residual_base, seed=seed, dtype=dtype,
+                  max_shard_size=max_shard_size, force=force, progress=progress_enabled(quiet, as_json))
+    emit(report, as_json, _init_text)
 
 
 def _init_text(r: Any) -> str:

@@ -8,8 +8,8 @@ from typing import Any, TypeVar
 
 import click
 
+from adaptertool.api.arguments import DTYPE_CODES
 from adaptertool.cli.app import (
-    DTYPE_CODES,
     cli,
     emit,
     force_option,
@@ -17,11 +17,9 @@ from adaptertool.cli.app import (
     json_option,
     progress_enabled,
     quiet_option,
-    shard_bytes,
     shard_option,
 )
 from adaptertool.cli.sources import SourcePath, WeightedSource
-from adaptertool.io import torch_dtype
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -57,16 +55,6 @@ def _merge_summary(verb: str) -> Callable[[Any], str]:
     return render
 
 
-def _run_merge(base: Path, adapters: list[tuple[Path, float]], out: Path, *, subtract: bool, scale: float, dtype: str,
-               requantize: bool, max_shard_size: str, device: str, force: bool, as_json: bool, quiet: bool) -> None:
-    from adaptertool.ops.merge import MergeConfig, merge
-
-    cfg = MergeConfig(
-        base=base, adapters=tuple(adapters), out=out, scale=scale, subtract=subtract,
-        dtype=None if dtype == "auto" else torch_dtype(DTYPE_CODES[dtype]),
-        max_shard_bytes=shard_bytes(max_shard_size), device=device, force=force, requantize=requantize,
-    )
-    emit(merge(cfg, progress=progress_enabled(quiet, as_json)), as_json, _merge_summary("subtracted" if subtract else "merged"))
 
 
 @cli.command("merge")
@@ -84,7 +72,11 @@ def merge_cmd(base: Path, adapter: tuple[Path, float], out: Path, extra: tuple[t
 
     Example: adaptertool merge ./SmolLM2-135M ./my-lora ./merged --add ./style-lora:0.5
     """
-    _run_merge(base, [adapter, *extra], out, subtract=False, **options)
+    from adaptertool.api.merging import merge
+
+    as_json, quiet = options.pop("as_json"), options.pop("quiet")
+    emit(merge(base, adapter, out, add=extra, progress=progress_enabled(quiet, as_json), **options), as_json,
+         _merge_summary("merged"))
 
 
 @cli.command("subtract")
@@ -100,6 +92,10 @@ def subtract_cmd(model: Path, adapter: tuple[Path, float], out: Path, **options:
 
     Example: adaptertool subtract ./merged ./my-lora ./base-again
     """
-    _run_merge(model, [adapter], out, subtract=True, **options)
+    from adaptertool.api.merging import subtract
+
+    as_json, quiet = options.pop("as_json"), options.pop("quiet")
+    emit(subtract(model, adapter, out, progress=progress_enabled(quiet, as_json), **options), as_json,
+         _merge_summary("subtracted"))
 
 

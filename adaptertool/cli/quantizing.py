@@ -7,8 +7,9 @@ from typing import Any
 
 import click
 
+from adaptertool.api.arguments import DTYPE_CODES
+from adaptertool.api.quantizing import FORMATS, parse_block
 from adaptertool.cli.app import (
-    DTYPE_CODES,
     cli,
     emit,
     force_option,
@@ -16,14 +17,19 @@ from adaptertool.cli.app import (
     json_option,
     progress_enabled,
     quiet_option,
-    shard_bytes,
     shard_option,
 )
 from adaptertool.cli.sources import SourcePath
-from adaptertool.io import torch_dtype
+from adaptertool.errors import OptionError
 
 BLOCKSIZES = ("32", "64", "128", "256", "512", "1024", "2048", "4096")
-FORMATS = ("nf4", "fp4", "fp8-block", "fp8-channel", "mxfp4")
+
+
+def _block(ctx: click.Context, param: click.Parameter, text: str) -> tuple[int, int]:
+    try:
+        return parse_block(text)
+    except OptionError as err:  # a usage error (exit 2), as click's own checks
+        raise click.BadParameter(str(err).removeprefix("--block "), ctx, param) from None
 
 
 @cli.command("quantize")
@@ -34,7 +40,7 @@ FORMATS = ("nf4", "fp4", "fp8-block", "fp8-channel", "mxfp4")
                    "per --block; fp8-channel: compressed-tensors FP8_DYNAMIC; mxfp4: gpt-oss's experts.")
 @click.option("--blocksize", type=click.Choice(BLOCKSIZES), default="64", show_default=True,
               help="nf4/fp4: elements per absmax block.")
-@click.option("--block", "block", default="128x128", show_default=True, metavar="ROWSxCOLS",
+@click.option("--block", "block", default="128x128", show_default=True, metavar="ROWSxCOLS", callback=_block,
               help="fp8-block: weight rows and columns per scale.")
 @click.option("--double-quant/--no-double-quant", default=True, show_default=True,
               help="Store the absmax values as 8-bit codes (bnb_4bit_use_double_quant).")
@@ -48,30 +54,19 @@ FORMATS = ("nf4", "fp4", "fp8-block", "fp8-channel", "mxfp4")
 @force_option
 @json_option
 @quiet_option
-def quantize_cmd(base: Path, out: Path, quant_type: str, blocksize: str, block: str, double_quant: bool,
+def quantize_cmd(base: Path, out: Path, quant_type: str, blocksize: str, block: tuple[int, int], double_quant: bool,
                  skip: tuple[str, ...], compute_dtype: str, dtype: str, max_shard_size: str, force: bool, as_json: bool,
                  quiet: bool) -> None:
     """Quantise a checkpoint to a layout transformers and vLLM load: bitsandbytes 4-bit, FP8 or MXFP4.
 
     Example: adaptertool quantize ./SmolLM2-135M ./smollm2-nf4 --compute-dtype bf16
     """
-    from adaptertool.ops.quantize import QuantConfig, quantize
+    from adaptertool.api.quantizing import quantize
 
-    cfg = QuantConfig(
-        source=base, out=out, quant_type=quant_type, blocksize=int(blocksize), block=_block(block),
-        double_quant=double_quant, skip=skip,
-        compute_dtype=None if compute_dtype == "auto" else torch_dtype(DTYPE_CODES[compute_dtype]),
-        dtype=None if dtype == "auto" else torch_dtype(DTYPE_CODES[dtype]),
-        max_shard_bytes=shard_bytes(max_shard_size), force=force,
-    )
-    emit(quantize(cfg, progress=progress_enabled(quiet, as_json)), as_json, _quantize_summary)
-
-
-def _block(text: str) -> tuple[int, int]:
-    rows, sep, cols = text.lower().partition("x")
-    if not (sep and rows.isdigit() and cols.isdigit()):
-        raise click.BadParameter(f"{text!r} is not ROWSxCOLS, such as 128x128", param_hint="--block")
-    return int(rows), int(cols)
+    report = quantize(base, out, format=quant_type, blocksize=blocksize, block=block, double_quant=double_quant,
+                      skip=skip, compute_dtype=compute_dtype, dtype=dtype, max_shard_size=max_shard_size, force=force,
+                      progress=progress_enabled(quiet, as_json))
+    emit(report, as_json, _quantize_summary)
 
 
 def _quantize_summary(r: Any) -> str:
@@ -103,11 +98,11 @@ def dequantize_cmd(qbase: Path, out: Path, dtype: str, max_shard_size: str, forc
 
     Example: adaptertool dequantize ./smollm2-nf4 ./smollm2-bf16
     """
-    from adaptertool.ops.dequantize import DequantConfig, dequantize
+    from adaptertool.api.quantizing import dequantize
 
-    cfg = DequantConfig(source=qbase, out=out, dtype=None if dtype == "auto" else torch_dtype(DTYPE_CODES[dtype]),
-                        max_shard_bytes=shard_bytes(max_shard_size), force=force)
-    emit(dequantize(cfg, progress=progress_enabled(quiet, as_json)), as_json, lambda r: (
+    report = dequantize(qbase, out, dtype=dtype, max_shard_size=max_shard_size, force=force,
+                        progress=progress_enabled(quiet, as_json))
+    emit(report, as_json, lambda r: (
         f"dequantized {r.dequantized} weights into {r.out}: {r.copied} tensors copied, {r.cast} cast; "
         f"{human_bytes(r.bytes_written)} in {len(r.files)} file(s), {r.seconds:.1f} s, "
         f"peak memory {human_bytes(r.peak_rss_bytes)}"

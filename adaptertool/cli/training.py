@@ -21,7 +21,6 @@ from adaptertool.cli.app import (
     quiet_option,
 )
 from adaptertool.cli.sources import SourcePath
-from adaptertool.errors import AdapterToolError
 
 
 @cli.command("train")
@@ -37,6 +36,11 @@ from adaptertool.errors import AdapterToolError
               help="Modules to train: all-linear, or names matched as PEFT target_modules (repeatable).")
 @click.option("--rslora/--no-rslora", default=False, show_default=True, help="Scale by alpha/sqrt(r) (rsLoRA).")
 @click.option("--dora/--no-dora", default=False, show_default=True, help="Weight-decomposed LoRA (DoRA).")
+@click.option("--experts", type=click.Choice(["per-expert", "fused"]), default="per-expert", show_default=True,
+              help="MoE expert LoRAs: one per expert Linear (PEFT target_modules), or PEFT target_parameters "
+                   "on the fused experts.")
+@click.option("--router-aux-loss-coef", type=float, default=None,
+              help="MoE: weight of the router load-balancing loss [default: config.json's router_aux_loss_coef].")
 @click.option("--qlora/--no-qlora", default=False, show_default=True,
               help="Keep the base's Linear weights in NF4 (a 16-bit base is quantised at load).")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=False, show_default=True,
@@ -83,56 +87,26 @@ from adaptertool.errors import AdapterToolError
 @json_option
 @quiet_option
 @click.pass_context
-def train_cmd(ctx: click.Context, base: Path, data: Path, out: Path, eval_data: Path | None, rank: int, alpha: float | None,
-              dropout: float, targets: tuple[str, ...], rslora: bool, dora: bool, qlora: bool,
-              gradient_checkpointing: bool, epochs: int | None, max_steps: int | None, batch_size: int,
-              grad_accum: int, lr: float, seq_len: int, packing: bool, warmup_steps: int | None,
-              warmup_ratio: float | None, schedule: str, weight_decay: float, max_grad_norm: float, optim: str,
-              eval_every: int, save_every: int, checkpoint_dir: Path | None, resume: Path | None, seed: int,
-              device: str, bf16: bool, devices: int | None, parallel: str, replicate_nodes: bool, dist_timeout: float,
-              report_to: tuple[str, ...], force: bool, as_json: bool, quiet: bool) -> None:
+def train_cmd(ctx: click.Context, base: Path, data: Path, out: Path, eval_data: Path | None, devices: int | None,
+              as_json: bool, quiet: bool, **options: Any) -> None:
     """Train a LoRA (or QLoRA) adapter on BASE with the JSONL examples in DATA.
 
     Example: adaptertool train ./SmolLM2-135M train.jsonl ./my-adapter --eval val.jsonl --epochs 2 --seq-len 512
 
     On several GPUs or machines: torchrun --nproc-per-node 8 -m adaptertool train ... (or --devices 8 on one machine).
     """
-    from adaptertool.ops.train import TrainConfig, train
-
-    cfg = TrainConfig(
-        base=base, data=data, out=out, eval_data=eval_data, rank=rank, alpha=alpha, dropout=dropout,
-        targets=tuple(targets), rslora=rslora, dora=dora, qlora=qlora, gradient_checkpointing=gradient_checkpointing,
-        epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, seq_len=seq_len,
-        packing=packing, warmup_steps=warmup_steps, warmup_ratio=warmup_ratio, schedule=schedule,
-        weight_decay=weight_decay, max_grad_norm=max_grad_norm, optim=optim, eval_every=eval_every,
-        save_every=save_every, checkpoint_dir=checkpoint_dir, resume=resume, seed=seed, device=device, bf16=bf16,
-        parallel=parallel, replicate_nodes=replicate_nodes, dist_timeout=dist_timeout, report_to=tuple(report_to),
-        force=force,
-    )
-    if _launches(devices):
+    if "WORLD_SIZE" not in os.environ and devices is not None and devices > 1:
         from adaptertool.ops.train import checkpoint_folder
-        from adaptertool.train.launch import launch
+        from adaptertool.training.launch import launch
 
-        launch(_command_line(ctx), devices, checkpoint_dir=checkpoint_folder(cfg))  # the first process prints the report
+        # the processes check the options; the first prints the report, the launcher any failure
+        launch(_command_line(ctx), devices, checkpoint_dir=checkpoint_folder(out, options["checkpoint_dir"]))
         return
-    report = train(cfg, progress=progress_enabled(quiet, as_json))
+    from adaptertool.api.training import train
+
+    report = train(base, data, out, eval=eval_data, devices=devices, progress=progress_enabled(quiet, as_json), **options)
     if report.rank == 0:
         emit(report, as_json, _train_text)
-
-
-def _launches(devices: int | None) -> bool:
-    """Whether --devices asks this process to start the job (not already one of its processes).
-
-    Raises:
-        AdapterToolError: --devices disagreeing with the processes torchrun started on this node.
-    """
-    if "WORLD_SIZE" not in os.environ:
-        return devices is not None and devices > 1
-    started = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if devices is not None and devices != started:
-        raise AdapterToolError(f"--devices {devices}, but torchrun started {started} processes on this node; "
-                               "give one or the other")
-    return False
 
 
 def _command_line(ctx: click.Context) -> list[str]:

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adaptertool.errors import AdapterToolError
+from adaptertool.errors import InputError
 from adaptertool.io.format import TensorSpec
 from adaptertool.io.reader import Checkpoint, open_checkpoint
 from adaptertool.io.sidefiles import read_json
@@ -37,9 +37,9 @@ def open_adapter(path: Path) -> tuple[dict[str, Any], Checkpoint, Path]:
     folder = path if path.is_dir() else path.parent
     config_path = folder / ADAPTER_CONFIG
     if not path.exists():
-        raise AdapterToolError(f"{path} does not exist; check the adapter path")
+        raise InputError(f"{path} does not exist; check the adapter path")
     if not config_path.is_file():
-        raise AdapterToolError(f"{folder} has no {ADAPTER_CONFIG}; is it a PEFT adapter folder?")
+        raise InputError(f"{folder} has no {ADAPTER_CONFIG}; is it a PEFT adapter folder?")
     weights = folder / ADAPTER_WEIGHTS
     return read_json(config_path), open_checkpoint(weights if weights.is_file() else folder), config_path
 

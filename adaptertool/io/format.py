@@ -14,7 +14,7 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from adaptertool.errors import AdapterToolError
+from adaptertool.errors import AdapterToolError, InputError
 from adaptertool.io import header_json
 
 if TYPE_CHECKING:
@@ -73,7 +73,7 @@ def dtype_code(dtype: torch.dtype) -> str:
     try:
         return _codes()[dtype]
     except KeyError:
-        raise AdapterToolError(f"dtype {dtype} has no safetensors code; cast the tensor first") from None
+        raise InputError(f"dtype {dtype} has no safetensors code; cast the tensor first") from None
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -87,7 +87,7 @@ def code_of_name(name: str) -> str:
     for code, (_, torch_name) in DTYPES.items():
         if torch_name == name:
             return code
-    raise AdapterToolError(f"dtype {name!r} is not one adaptertool knows")
+    raise InputError(f"dtype {name!r} is not one adaptertool knows")
 
 
 def torch_dtype(code: str) -> torch.dtype:
@@ -96,7 +96,7 @@ def torch_dtype(code: str) -> torch.dtype:
 
     dtype = getattr(torch, DTYPES[code][1], None)
     if dtype is None:
-        raise AdapterToolError(f"dtype {code} is not supported by torch {torch.__version__}; upgrade torch")
+        raise InputError(f"dtype {code} is not supported by torch {torch.__version__}; upgrade torch")
     return dtype
 
 
@@ -167,17 +167,17 @@ def parse_header(path: Path, head: bytes, file_size: int) -> ParsedHeader:
         for name, entry in header_json.members(head[8 : 8 + length]):
             if name == "__metadata__":
                 if metadata is not None:
-                    raise AdapterToolError(f"{path}: __metadata__ appears twice in the header; the file is corrupt")
+                    raise InputError(f"{path}: __metadata__ appears twice in the header; the file is corrupt")
                 metadata = _parse_metadata(path, entry)
                 continue
             if name in entries:
-                raise AdapterToolError(f"{path}: tensor {_shown(name)} appears twice in the header; the file is corrupt")
+                raise InputError(f"{path}: tensor {_shown(name)} appears twice in the header; the file is corrupt")
             if len(entries) == MAX_TENSORS:
-                raise AdapterToolError(f"{path}: header lists more than {MAX_TENSORS} tensors, too many for adaptertool "
-                                       "to read from one file; split the checkpoint into shards")
+                raise InputError(f"{path}: header lists more than {MAX_TENSORS} tensors, too many for adaptertool "
+                                 "to read from one file; split the checkpoint into shards")
             entries[name] = _parse_entry(path, name, entry)
     except ValueError as err:  # bad UTF-8, bad JSON, or JSON that safetensors' parser refuses
-        raise AdapterToolError(f"{path}: header is not valid JSON ({err}); the file is corrupt") from None
+        raise InputError(f"{path}: header is not valid JSON ({err}); the file is corrupt") from None
     # Sizes are checked only now, as safetensors checks them: after a repeated name is known (which
     # it would resolve by keeping the last entry), and in data order, by (begin, end).
     tensors = sorted(entries.values(), key=lambda item: (item[1], item[2]))
@@ -186,17 +186,17 @@ def parse_header(path: Path, head: bytes, file_size: int) -> ParsedHeader:
         _check_size(path, spec, begin, end)
         if begin != cursor:
             what = "overlaps the previous tensor" if begin < cursor else "leaves a gap before it"
-            raise AdapterToolError(f"{path}: tensor {_shown(spec.name)} {what} (offset {begin}, expected {cursor}); the file is corrupt")
+            raise InputError(f"{path}: tensor {_shown(spec.name)} {what} (offset {begin}, expected {cursor}); the file is corrupt")
         cursor = end
     data_size = file_size - 8 - length
     if cursor > data_size:
         last = _shown(tensors[-1][0].name)
-        raise AdapterToolError(
+        raise InputError(
             f"{path}: truncated: tensor {last} ends at byte {8 + length + cursor} but the file has {file_size}; "
             "re-download or re-create it"
         )
     if cursor < data_size:
-        raise AdapterToolError(f"{path}: {data_size - cursor} bytes after the last tensor; the file is corrupt")
+        raise InputError(f"{path}: {data_size - cursor} bytes after the last tensor; the file is corrupt")
     return ParsedHeader(data_start=8 + length, tensors=[(spec, begin) for spec, begin, _ in tensors], metadata=metadata or {})
 
 
@@ -205,7 +205,7 @@ def _parse_metadata(path: Path, value: object) -> dict[str, str]:
     if value is None:
         return {}
     if not isinstance(value, header_json.Pairs) or not all(isinstance(v, str) for _, v in value):
-        raise AdapterToolError(f"{path}: __metadata__ must map strings to strings; the file is corrupt")
+        raise InputError(f"{path}: __metadata__ must map strings to strings; the file is corrupt")
     return dict(value)
 
 
@@ -226,7 +226,7 @@ def _parse_entry(path: Path, name: str, entry: object) -> tuple[TensorSpec, int,
         dtype = dtype[0][0]  # {"F32": null}: serde's map form of a unit variant
     if type(dtype) is not str or dtype not in DTYPES:
         if dtype in _UNREADABLE_CODES:
-            raise AdapterToolError(f"{path}: tensor {_shown(name)} has dtype {dtype}, a sub-byte type adaptertool cannot compute with")
+            raise InputError(f"{path}: tensor {_shown(name)} has dtype {dtype}, a sub-byte type adaptertool cannot compute with")
         raise _corrupt(path, name, f"has dtype {_short(dtype)}, which is not a safetensors dtype")
     if type(shape) is not list or not all(type(d) is int and 0 <= d <= _U64 for d in shape):  # bools are not ints
         raise _corrupt(path, name, f"has an invalid shape {_short(shape)}")
@@ -264,7 +264,7 @@ def _entry_fields(path: Path, name: str, entry: header_json.Pairs) -> dict[str, 
 
 
 def _corrupt(path: Path, name: str, what: str) -> AdapterToolError:
-    return AdapterToolError(f"{path}: tensor {_shown(name)} {what}; the file is corrupt")
+    return InputError(f"{path}: tensor {_shown(name)} {what}; the file is corrupt")
 
 
 def _shown(name: str) -> str:

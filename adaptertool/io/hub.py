@@ -20,7 +20,7 @@ import huggingface_hub as hf
 from huggingface_hub import constants, errors
 from tqdm.auto import tqdm
 
-from adaptertool.errors import AdapterToolError
+from adaptertool.errors import HubError, OptionError
 from adaptertool.io.hub_ids import hub_id_of_cache_path
 from adaptertool.io.sidefiles import SIDE_FILES, read_json
 
@@ -76,9 +76,9 @@ def parse_hub_id(text: str, *, revision: str | None = None) -> HubRef:
     """
     match = _HUB_ID.fullmatch(text)
     if match is None or "--" in match.group(1) or ".." in match.group(1) or match.group(2) == "":
-        raise AdapterToolError(f"{text!r} is not a Hub id; expected org/name or org/name@revision")
+        raise OptionError(f"{text!r} is not a Hub id; expected org/name or org/name@revision")
     if match.group(2) is not None and revision is not None and match.group(2) != revision:
-        raise AdapterToolError(f"{text} names revision {match.group(2)!r} and --revision says {revision!r}; give one")
+        raise OptionError(f"{text} names revision {match.group(2)!r} and --revision says {revision!r}; give one")
     return HubRef(match.group(1), match.group(2) or revision)
 
 
@@ -113,7 +113,7 @@ def download(ref: HubRef, *, include: Sequence[str] = USABLE_PATTERNS, exclude: 
         # The client's refusal of a repo file name that would land outside the cache ("../x", "/etc/x").
         if not str(err).startswith(_UNSAFE_NAME):
             raise
-        raise AdapterToolError(_redact(f"{ref}: the repo holds a file whose name would be written outside the download "
+        raise HubError(_redact(f"{ref}: the repo holds a file whose name would be written outside the download "
                                        f"folder ({str(err).splitlines()[0][:200]}); refusing it: ask its owner to "
                                        "rename the file, or --include only the files you need")) from err
     try:
@@ -146,7 +146,7 @@ def download_checkpoint(ref: HubRef, *, what: str = "checkpoint", cache_dir: Pat
     shards = sorted(set(read_json(index).get("weight_map", {}).values())) if index is not None else ["*.safetensors"]
     got = fetch(pinned, shards).files
     if not got:
-        raise AdapterToolError(f"{ref} holds no .safetensors {what} at its top level; is it the right repo?")
+        raise HubError(f"{ref} holds no .safetensors {what} at its top level; is it the right repo?")
     return folder
 
 
@@ -200,7 +200,7 @@ def upload(folder: Path, files: Sequence[str], repo_id: str, *, card: bytes | No
         if not str(err).startswith("Invalid metadata in README.md"):
             raise
         details = "; ".join(line.lstrip("- ") for line in str(err).splitlines()[1:] if line.strip())
-        raise AdapterToolError(f"{repo_id}: the Hub rejects README.md's metadata ({details}); fix its YAML header") from err
+        raise HubError(f"{repo_id}: the Hub rejects README.md's metadata ({details}); fix its YAML header") from err
     except _FAILURES as err:
         raise _hub_error(err, ref, endpoint=endpoint, token=token, writing=True) from err
     return CommitResult(repo_url=str(repo_url), commit_url=info.commit_url, commit=info.oid, pr_url=info.pr_url)
@@ -220,10 +220,10 @@ class _Silent(tqdm):  # type: ignore[misc]
 
 
 def _hub_error(err: OSError | httpx2.TransportError | errors.XetDownloadError, ref: HubRef, *, endpoint: str | None,
-               token: str | None, cache_dir: Path | None = None, writing: bool = False) -> AdapterToolError:
+               token: str | None, cache_dir: Path | None = None, writing: bool = False) -> HubError:
     """The one-line message for a failed Hub call, with any credentials in a URL taken out."""
     described = _describe(err, ref, endpoint=endpoint, token=token, cache_dir=cache_dir, writing=writing)
-    return AdapterToolError(_redact(str(described)))
+    return HubError(_redact(str(described)))
 
 
 def _redact(text: str) -> str:
@@ -232,42 +232,42 @@ def _redact(text: str) -> str:
 
 
 def _describe(err: OSError | httpx2.TransportError | errors.XetDownloadError, ref: HubRef, *, endpoint: str | None,
-              token: str | None, cache_dir: Path | None = None, writing: bool = False) -> AdapterToolError:
+              token: str | None, cache_dir: Path | None = None, writing: bool = False) -> HubError:
     """What went wrong and what to do, as one line."""
     where = endpoint or constants.ENDPOINT
     login = "run `hf auth login` or set HF_TOKEN"
     cause = err.__cause__ or err.__context__
     status = getattr(getattr(err, "response", None), "status_code", None)
     if isinstance(err, errors.RevisionNotFoundError):
-        return AdapterToolError(f"{ref.repo_id} has no revision {ref.revision!r} on {where}; check the branch, tag or commit")
+        return HubError(f"{ref.repo_id} has no revision {ref.revision!r} on {where}; check the branch, tag or commit")
     if isinstance(err, errors.GatedRepoError):
-        return AdapterToolError(f"{ref.repo_id} is gated: accept its terms on its Hub page, then {login}")
+        return HubError(f"{ref.repo_id} is gated: accept its terms on its Hub page, then {login}")
     if isinstance(err, errors.RepositoryNotFoundError):
         private = " (or it is private and the token cannot see it)" if status == 401 else ""
-        return AdapterToolError(f"{ref.repo_id}: no such repo on {where}{private}; check the id, or {login}")
+        return HubError(f"{ref.repo_id}: no such repo on {where}{private}; check the id, or {login}")
     if isinstance(err, errors.HfHubHTTPError) and status in (401, 403):
         has_token = token is not None or hf.get_token() is not None
         if status == 403 or (writing and has_token):
-            return AdapterToolError(f"{ref.repo_id}: the Hub refused access (HTTP {status}); use a token with "
-                                    f"{'write' if writing else 'read'} access: {login}")
+            return HubError(f"{ref.repo_id}: the Hub refused access (HTTP {status}); use a token with "
+                            f"{'write' if writing else 'read'} access: {login}")
         problem = "the token was rejected" if has_token else "no token was found"
-        return AdapterToolError(f"{ref.repo_id}: the Hub needs authentication and {problem} (HTTP 401); {login}")
+        return HubError(f"{ref.repo_id}: the Hub needs authentication and {problem} (HTTP 401); {login}")
     if isinstance(err, errors.HfHubHTTPError) and status is not None:
-        return AdapterToolError(f"{ref}: {where} answered HTTP {status}; try again later")
+        return HubError(f"{ref}: {where} answered HTTP {status}; try again later")
     if isinstance(err, errors.LocalEntryNotFoundError) and isinstance(cause, OSError | httpx2.TransportError) and not \
             isinstance(cause, errors.OfflineModeIsEnabled):
         return _describe(cause, ref, endpoint=endpoint, token=token, cache_dir=cache_dir, writing=writing)
     if writing and isinstance(err, errors.LocalEntryNotFoundError | errors.OfflineModeIsEnabled):
-        return AdapterToolError(f"uploading to {ref.repo_id} needs the network, and HF_HUB_OFFLINE is set; "
-                                "unset HF_HUB_OFFLINE to push")
+        return HubError(f"uploading to {ref.repo_id} needs the network, and HF_HUB_OFFLINE is set; "
+                        "unset HF_HUB_OFFLINE to push")
     if isinstance(err, errors.LocalEntryNotFoundError | errors.OfflineModeIsEnabled):
         cache = cache_dir or constants.HF_HUB_CACHE
-        return AdapterToolError(f"{ref} is not (fully) in the cache {cache} and downloads are off (HF_HUB_OFFLINE); "
-                                "pull it once online, or unset HF_HUB_OFFLINE")
+        return HubError(f"{ref} is not (fully) in the cache {cache} and downloads are off (HF_HUB_OFFLINE); "
+                        "pull it once online, or unset HF_HUB_OFFLINE")
     if isinstance(err, httpx2.TransportError):
         reason = type(err).__name__
-        return AdapterToolError(f"cannot reach the Hub at {where} for {ref} ({reason}); check the network, or set "
-                                "HF_HUB_OFFLINE=1 to use what is already in the cache")
+        return HubError(f"cannot reach the Hub at {where} for {ref} ({reason}); check the network, or set "
+                        "HF_HUB_OFFLINE=1 to use what is already in the cache")
     # The client's own checks (truncated download, missing ETag) and local disk failures.
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return AdapterToolError(f"{ref}: transfer failed ({first}); run the command again to resume")
+    return HubError(f"{ref}: transfer failed ({first}); run the command again to resume")

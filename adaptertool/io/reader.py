@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from adaptertool.errors import AdapterToolError
+from adaptertool.errors import AdapterToolError, InputError
 from adaptertool.io.format import DTYPES, HEADER_LIMIT, ParsedHeader, TensorSpec, parse_header, torch_dtype
 from adaptertool.io.sidefiles import read_json
 from adaptertool.io.source import TensorInfo, TensorTable
@@ -121,7 +121,7 @@ def read_range(src: BinaryIO, info: TensorInfo, *, buffer: torch.Tensor | None =
         # Positioned reads: no shared file offset for a read and a copy to disturb.
         got = os.preadv(src.fileno(), [view[done : done + _IO_CHUNK]], info.offset + done)
         if not got:
-            raise AdapterToolError(f"{info.file}: tensor {info.name} is cut short; was the file truncated while open?")
+            raise InputError(f"{info.file}: tensor {info.name} is cut short; was the file truncated while open?")
         done += got
     return buf.view(torch_dtype(info.dtype)).reshape(info.shape)
 
@@ -137,7 +137,7 @@ def copy_range(src: BinaryIO, dst: BinaryIO, info: TensorInfo) -> None:
         if sent == 0:
             chunk = os.pread(src.fileno(), min(left, _COPY_CHUNK), position)
             if not chunk:
-                raise AdapterToolError(f"{info.file}: tensor {info.name} is cut short; was the file truncated while open?")
+                raise InputError(f"{info.file}: tensor {info.name} is cut short; was the file truncated while open?")
             write_all(dst, memoryview(chunk))
             sent = len(chunk)
         position += sent
@@ -162,7 +162,7 @@ def open_checkpoint(path: Path | str) -> Checkpoint:
     """
     path = Path(path)
     if not path.exists():
-        raise AdapterToolError(f"{path} does not exist; check the path")
+        raise InputError(f"{path} does not exist; check the path")
     if path.is_dir():
         return _open_folder(path)
     if path.name.endswith(".safetensors.index.json"):
@@ -177,7 +177,7 @@ def _open_folder(folder: Path) -> Checkpoint:
         preferred = folder / "model.safetensors.index.json"
         if preferred not in indexes:
             names = ", ".join(p.name for p in indexes)
-            raise AdapterToolError(f"{folder} holds several indexes ({names}); pass the one you mean")
+            raise InputError(f"{folder} holds several indexes ({names}); pass the one you mean")
         indexes = [preferred]
     if indexes:
         return _open_sharded(folder, indexes[0])
@@ -187,14 +187,14 @@ def _open_folder(folder: Path) -> Checkpoint:
         return Checkpoint(folder, files, _infos(files[0], header), index=None, metadata=header.metadata)
     if files:
         names = ", ".join(p.name for p in files[:4])
-        raise AdapterToolError(f"{folder} holds several .safetensors files ({names}...) but no index; pass one file")
+        raise InputError(f"{folder} holds several .safetensors files ({names}...) but no index; pass one file")
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
     if pickles:
-        raise AdapterToolError(
+        raise InputError(
             f"{folder} holds only pickled weights ({pickles[0]}); adaptertool never unpickles files "
             "(they can run code): convert them to safetensors with a tool you trust"
         )
-    raise AdapterToolError(f"{folder} holds no .safetensors file; is it the right folder?")
+    raise InputError(f"{folder} holds no .safetensors file; is it the right folder?")
 
 
 def _open_sharded(path: Path, index_file: Path) -> Checkpoint:
@@ -204,24 +204,24 @@ def _open_sharded(path: Path, index_file: Path) -> Checkpoint:
     for shard in sorted(set(weight_map.values())):
         shard_path = folder / shard
         if not shard_path.is_file():
-            raise AdapterToolError(f"{index_file}: names shard {shard}, which is missing; re-download the checkpoint")
+            raise InputError(f"{index_file}: names shard {shard}, which is missing; re-download the checkpoint")
         headers[shard] = read_header(shard_path)
     tensors: dict[str, TensorInfo] = {}
     owner: dict[str, str] = {}
     for shard, header in headers.items():
         for name, info in _infos(folder / shard, header).items():
             if name in owner:
-                raise AdapterToolError(f"{folder}: tensor {name} appears in both {owner[name]} and {shard}; the checkpoint is corrupt")
+                raise InputError(f"{folder}: tensor {name} appears in both {owner[name]} and {shard}; the checkpoint is corrupt")
             owner[name] = shard
             tensors[name] = info
     for name, shard in weight_map.items():
         if owner.get(name) != shard:
             where = f"it is in {owner[name]}" if name in owner else _unlisted_holder(folder, headers, name)
-            raise AdapterToolError(f"{index_file}: maps tensor {name} to {shard}, which does not hold it, and {where}; "
-                                   "the index does not match its shards: re-download the checkpoint")
+            raise InputError(f"{index_file}: maps tensor {name} to {shard}, which does not hold it, and {where}; "
+                             "the index does not match its shards: re-download the checkpoint")
     extra = next((n for n in owner if n not in weight_map), None)
     if extra is not None:
-        raise AdapterToolError(f"{folder / owner[extra]}: tensor {extra} is not listed in {index_file.name}; the checkpoint is corrupt")
+        raise InputError(f"{folder / owner[extra]}: tensor {extra} is not listed in {index_file.name}; the checkpoint is corrupt")
     # Storage order (shard, then offset): streaming in this order reads every file front to back.
     # Shards written together carry the same __metadata__; the first one speaks for all.
     metadata = next(iter(headers.values())).metadata if headers else {}
@@ -243,17 +243,17 @@ def _unlisted_holder(folder: Path, listed: dict[str, ParsedHeader], name: str) -
 def _read_weight_map(index_file: Path) -> dict[str, str]:
     weight_map = read_json(index_file).get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise AdapterToolError(f"{index_file}: has no weight_map of tensor -> shard file; the index is corrupt")
+        raise InputError(f"{index_file}: has no weight_map of tensor -> shard file; the index is corrupt")
     for shard in weight_map.values():
         if Path(shard).name != shard:
-            raise AdapterToolError(f"{index_file}: shard name {shard!r} is not a plain file name; refusing to follow it")
+            raise InputError(f"{index_file}: shard name {shard!r} is not a plain file name; refusing to follow it")
     return weight_map
 
 
 def read_header(file: Path) -> ParsedHeader:
     """Read and validate one file's header (8 + N bytes; the data is not touched)."""
     if file.suffix in _PICKLE_SUFFIXES or _looks_pickled(file):
-        raise AdapterToolError(
+        raise InputError(
             f"{file} is a pickle; adaptertool never unpickles files (they can run code): "
             "convert it to safetensors with a tool you trust"
         )
@@ -261,17 +261,17 @@ def read_header(file: Path) -> ParsedHeader:
     with open(file, "rb") as fh:
         head = fh.read(8)
         if len(head) < 8:
-            raise AdapterToolError(f"{file}: only {size} bytes, too short for a safetensors header; is it truncated?")
+            raise InputError(f"{file}: only {size} bytes, too short for a safetensors header; is it truncated?")
         (length,) = struct.unpack("<Q", head)
         if length > HEADER_LIMIT:
-            raise AdapterToolError(f"{file}: not a safetensors file (header length {length} is implausible)")
+            raise InputError(f"{file}: not a safetensors file (header length {length} is implausible)")
         if 8 + length > size:
-            raise AdapterToolError(
+            raise InputError(
                 f"{file}: header length {length} is larger than the file ({size} bytes); the file is truncated or not safetensors"
             )
         head += fh.read(length)
     if not head[8:].lstrip(_JSON_SPACE).startswith(b"{"):
-        raise AdapterToolError(f"{file}: not a safetensors file (its header is not JSON)")
+        raise InputError(f"{file}: not a safetensors file (its header is not JSON)")
     return parse_header(file, head, size)
 
 

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from adaptertool.errors import AdapterToolError
+from adaptertool.errors import InputError
 
 __all__ = ["SIDE_FILES", "copy_side_files", "read_json"]
 
@@ -46,13 +46,13 @@ def read_json(path: Path) -> dict[str, Any]:
     try:
         value = json.loads(path.read_text(encoding="utf-8"), parse_int=_integer)
     except FileNotFoundError as err:
-        raise AdapterToolError(f"{path} does not exist; check the path") from err
+        raise InputError(f"{path} does not exist; check the path") from err
     except (OSError, ValueError) as err:  # ValueError: bad UTF-8 or JSON, or an integer past Python's 4300 digits
-        raise AdapterToolError(f"{path}: cannot be read as JSON ({err})") from err
+        raise InputError(f"{path}: cannot be read as JSON ({err})") from err
     except RecursionError:
-        raise AdapterToolError(f"{path}: cannot be read as JSON (nested too deeply)") from None
+        raise InputError(f"{path}: cannot be read as JSON (nested too deeply)") from None
     if not isinstance(value, dict):
-        raise AdapterToolError(f"{path}: expected a JSON object")
+        raise InputError(f"{path}: expected a JSON object")
     return value
 
 

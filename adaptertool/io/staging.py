@@ -34,7 +34,7 @@ from contextlib import contextmanager, suppress
 from functools import cache
 from pathlib import Path
 
-from adaptertool.errors import AdapterToolError
+from adaptertool.errors import OutputError
 
 __all__ = ["check_output", "is_unfinished", "scratch_prefix", "staged_file", "staged_output"]
 
@@ -50,15 +50,15 @@ def check_output(out: Path, *, force: bool, inputs: Sequence[Path] = ()) -> None
     lies inside an input."""
     if out.is_symlink():
         # --force would replace what the link points to, which may be anything: refuse instead.
-        raise AdapterToolError(f"output {out} is a symbolic link (to {os.readlink(out)}); "
-                               "name the real path, or remove the link")
+        raise OutputError(f"output {out} is a symbolic link (to {os.readlink(out)}); "
+                          "name the real path, or remove the link")
     target = out.resolve()
     for source in inputs:
         src = source.resolve()
         if target == src or target in src.parents or src in target.parents:
-            raise AdapterToolError(f"output {out} overlaps input {source}; choose another output path")
+            raise OutputError(f"output {out} overlaps input {source}; choose another output path")
     if out.exists() and not force:
-        raise AdapterToolError(f"output {out} already exists; pass --force to replace it")
+        raise OutputError(f"output {out} already exists; pass --force to replace it")
 
 
 @contextmanager
@@ -86,7 +86,7 @@ def staged_file(out: Path, *, force: bool, inputs: Sequence[Path] = ()) -> Itera
         AdapterToolError: as staged_output, and an OUT that is a folder.
     """
     if out.is_dir() and not out.is_symlink():
-        raise AdapterToolError(f"output {out} is a folder, and this output is one file; name a file, or remove the folder")
+        raise OutputError(f"output {out} is a folder, and this output is one file; name a file, or remove the folder")
     with _staged(out, force=force, inputs=inputs, commit=_commit_file) as tmp:
         yield tmp / out.name
 
@@ -102,7 +102,7 @@ def _staged(out: Path, *, force: bool, inputs: Sequence[Path], commit: Callable[
         parent.mkdir(parents=True, exist_ok=True)
         _remove_stale(parent, out.name)
         if not force and (parent / out.name).exists():  # an old OUT that a killed --force run moved aside, put back
-            raise AdapterToolError(f"output {out} already exists; pass --force to replace it")
+            raise OutputError(f"output {out} already exists; pass --force to replace it")
         tmp = Path(tempfile.mkdtemp(prefix=f"{_prefix(out.name)}{os.getpid()}-", dir=parent))
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; OUT gets a normal folder's mode
         yield tmp
@@ -112,7 +112,7 @@ def _staged(out: Path, *, force: bool, inputs: Sequence[Path], commit: Callable[
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(err, OSError) and err.errno is not None:
-            raise AdapterToolError(_failure(out, err)) from err
+            raise OutputError(_failure(out, err)) from err
         raise
 
 
@@ -187,8 +187,8 @@ def _commit_file(tmp: Path, out: Path, *, force: bool) -> None:
 
 def _rename_new(tmp: Path, out: Path) -> None:
     if not _rename_noreplace(tmp, out):
-        raise AdapterToolError(f"output {out} appeared while this run was writing it (another run?) and was left "
-                               "as it is; pass --force to replace it, or choose another OUT")
+        raise OutputError(f"output {out} appeared while this run was writing it (another run?) and was left "
+                          "as it is; pass --force to replace it, or choose another OUT")
 
 
 def _rename_noreplace(src: Path, dst: Path) -> bool:

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from adaptertool.errors import AdapterToolError
+from adaptertool.errors import OptionError, OutputError
 from adaptertool.io.format import DTYPES, TensorSpec, build_header, dtype_code
 from adaptertool.io.reader import write_all
 
@@ -36,7 +36,7 @@ def parse_size(text: str) -> int:
     """Parse a byte size such as ``"5GB"`` (10**9 units, as huggingface_hub) or ``"500MiB"``; 0 is allowed."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", text, flags=re.IGNORECASE)
     if not match:
-        raise AdapterToolError(f"size {text!r} is not understood; write it like 5GB, 500MB or 2GiB")
+        raise OptionError(f"size {text!r} is not understood; write it like 5GB, 500MB or 2GiB")
     return int(float(match[1]) * _UNITS[(match[2] or "").upper()])
 
 
@@ -171,7 +171,7 @@ class CheckpointWriter:
         self._file.close()
         self._file = None
         if written != self._expected_size:
-            raise AdapterToolError(
+            raise OutputError(
                 f"{self.files[self._shard]}: wrote {written} bytes, expected {self._expected_size}; is the disk full?"
             )
 

@@ -29,7 +29,7 @@ from adaptertool.adapters.experts import ExpertLayout, MoeLayer
 from adaptertool.adapters.modules import ModuleUpdate, plan_module
 from adaptertool.adapters.peft_config import AdapterSettings
 from adaptertool.adapters.peft_keys import split_adapter_key
-from adaptertool.errors import AdapterToolError
+from adaptertool.errors import AdapterToolError, InputError
 from adaptertool.io import FLOAT_CODES, Checkpoint, open_adapter
 
 
@@ -136,7 +136,7 @@ def plan_adapter(adapter: LoadedAdapter) -> tuple[list[str], dict[str, AdapterMo
             (:func:`plan_merge_adapter`).
     """
     if adapter.target_parameters:
-        raise AdapterToolError(
+        raise InputError(
             f"{adapter.path}: adapter_config.json has target_parameters {list(adapter.target_parameters)}, LoRAs on "
             "fused mixture-of-experts parameters; only merge, subtract and combine (linear, cat) support such adapters yet"
         )
@@ -176,7 +176,7 @@ def plan_merge_adapter(adapter: LoadedAdapter, experts: Callable[[], ExpertLayou
         if layer is None:
             where = (f"the base's experts are {', '.join(_example_modules(layout))}" if layout is not None
                      else "the base has no mixture-of-experts layers (by its config.json and tensor names)")
-            raise AdapterToolError(
+            raise InputError(
                 f"{adapter.path}: {next(iter(shapes))} is a LoRA on the parameters of {module}, but {where}; "
                 "adaptertool applies target_parameters LoRAs to fused expert parameters (mlp.experts.gate_up_proj, "
                 "down_proj) of the base; is it the right base?"
@@ -185,7 +185,7 @@ def plan_merge_adapter(adapter: LoadedAdapter, experts: Callable[[], ExpertLayou
             loras = plan_param_loras(module, shapes, layer=layer, settings=adapter.settings, target_parameters=targets,
                                      peft_version=adapter.config.get("peft_version"))
         except AdapterToolError as err:
-            raise AdapterToolError(f"{adapter.path}: {err}") from None
+            raise type(err)(f"{adapter.path}: {err}") from None
         params[module] = ParamModule(module, layer, loras)
     return PlannedAdapter(whole, modules, params)
 
@@ -211,7 +211,7 @@ def _implied_layout(adapter: LoadedAdapter) -> ExpertLayout:
         layers = tuple(implied_layer(module, found, settings=adapter.settings, target_parameters=targets)
                        for module, found in shapes.items())
     except AdapterToolError as err:
-        raise AdapterToolError(f"{adapter.path}: {err}") from None
+        raise type(err)(f"{adapter.path}: {err}") from None
     return ExpertLayout("", "", layers, ())
 
 
@@ -233,7 +233,7 @@ def _plan_module(adapter: LoadedAdapter, name: str, keys: dict[str, str]) -> Ada
     try:
         update, shape = plan_module(name, keys, shapes, adapter.settings)
     except AdapterToolError as err:
-        raise AdapterToolError(f"{adapter.path}: {err}") from None
+        raise type(err)(f"{adapter.path}: {err}") from None
     return AdapterModule(name, update, shape, shapes)
 
 
@@ -277,7 +277,7 @@ def read_checked(adapter: LoadedAdapter, key: str) -> torch.Tensor:
         flat = tensor.reshape(-1)
         for start in range(0, flat.numel(), _NAN_CHUNK):
             if not torch.isfinite(flat[start : start + _NAN_CHUNK]).all():
-                raise AdapterToolError(f"{adapter.path}: tensor {key} holds NaN or Inf values; the adapter is broken")
+                raise InputError(f"{adapter.path}: tensor {key} holds NaN or Inf values; the adapter is broken")
     return tensor
 
 

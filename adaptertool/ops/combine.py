@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from adaptertool.adapters.combine import (
     EXACT_METHODS,
@@ -41,7 +41,7 @@ from adaptertool.adapters.modules import ModuleUpdate
 from adaptertool.adapters.peft_config import uniform_scaling
 from adaptertool.adapters.peft_keys import lora_keys, module_order
 from adaptertool.adapters.svd import RankPolicy, factor_delta
-from adaptertool.errors import AdapterToolError
+from adaptertool.errors import InputError, OptionError
 from adaptertool.io import (
     CheckpointWriter,
     TensorSpec,
@@ -79,31 +79,31 @@ class CombineConfig:
 
     def __post_init__(self) -> None:
         if not self.adapters:
-            raise AdapterToolError("no adapter given; combine needs at least one ADAPTER")
+            raise OptionError("no adapter given; combine needs at least one ADAPTER")
         if self.method not in METHODS:
-            raise AdapterToolError(f"--method must be one of {', '.join(METHODS)}, not {self.method!r}")
+            raise OptionError(f"--method must be one of {', '.join(METHODS)}, not {self.method!r}")
         if self.weights is not None:
             if len(self.weights) != len(self.adapters):
-                raise AdapterToolError(f"{len(self.weights)} weights for {len(self.adapters)} adapters; give one weight per adapter")
+                raise OptionError(f"{len(self.weights)} weights for {len(self.adapters)} adapters; give one weight per adapter")
             if not all(math.isfinite(w) for w in self.weights):
-                raise AdapterToolError(f"weights must be finite numbers, got {list(self.weights)}")
+                raise OptionError(f"weights must be finite numbers, got {list(self.weights)}")
         check_finite_numbers("--weights", *(self.weights or ()))
         pruning = self.method.startswith(_PRUNING)
         if pruning and self.density is None:
-            raise AdapterToolError(f"--method {self.method} needs --density, the fraction of each delta kept, in (0, 1]")
+            raise OptionError(f"--method {self.method} needs --density, the fraction of each delta kept, in (0, 1]")
         if self.density is not None and not pruning:
-            raise AdapterToolError(f"--density applies to ties, dare_* and magnitude_prune, not --method {self.method}")
+            raise OptionError(f"--density applies to ties, dare_* and magnitude_prune, not --method {self.method}")
         if self.density is not None and not 0.0 < self.density <= 1.0:
-            raise AdapterToolError(f"--density must lie in (0, 1], e.g. 0.5, not {self.density}")
+            raise OptionError(f"--density must lie in (0, 1], e.g. 0.5, not {self.density}")
         if self.rank is not None and self.method in EXACT_METHODS:
-            raise AdapterToolError(f"--method {self.method} is exact and its rank is the sum of the inputs' ranks; "
-                                   "use --method svd --rank R for a smaller adapter")
+            raise OptionError(f"--method {self.method} is exact and its rank is the sum of the inputs' ranks; "
+                              "use --method svd --rank R for a smaller adapter")
         if self.rank is not None and self.rank <= 0:
-            raise AdapterToolError(f"--rank must be a positive integer, not {self.rank}")
+            raise OptionError(f"--rank must be a positive integer, not {self.rank}")
         if self.majority_sign is not None and METHODS[self.method] not in _SIGNED:
-            raise AdapterToolError(f"--majority-sign applies to ties and dare_ties, not --method {self.method}")
+            raise OptionError(f"--majority-sign applies to ties and dare_ties, not --method {self.method}")
         if self.majority_sign not in (None, "total", "frequency"):
-            raise AdapterToolError(f"--majority-sign must be total or frequency, not {self.majority_sign!r}")
+            raise OptionError(f"--majority-sign must be total or frequency, not {self.majority_sign!r}")
         self.svd_settings  # validates svd
         check_float_dtype(self.dtype)
 
@@ -169,7 +169,7 @@ def combine(cfg: CombineConfig, *, progress: bool = False) -> CombineReport:
         plan = plan_combine(inputs, exact_method=cfg.method if cfg.method in EXACT_METHODS else None)
         results, dropped = _combine_all(plan, inputs, cfg, progress=progress)
         if not results and not plan.whole:
-            raise AdapterToolError("every combined update is zero; nothing to write (are the weights all 0?)")
+            raise InputError("every combined update is zero; nothing to write (are the weights all 0?)")
         config = _adapter_config(inputs, plan, results)
         with staged_output(cfg.out, force=cfg.force, inputs=cfg.adapters) as tmp:
             writer = _write(tmp, config, results, plan, inputs, cfg)

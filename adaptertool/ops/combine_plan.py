@@ -20,7 +20,7 @@ from adaptertool.adapters.expert_lora import ParamLora, roles_depend_on_layout
 from adaptertool.adapters.modules import ModuleUpdate
 from adaptertool.adapters.peft_config import AdapterSettings
 from adaptertool.adapters.peft_keys import full_tensor_name
-from adaptertool.errors import AdapterToolError
+from adaptertool.errors import InputError
 from adaptertool.ops.adapter_inputs import AdapterModule, LoadedAdapter, ParamModule, plan_adapter_alone
 
 __all__ = ["CombinePlan", "ModulePlan", "ParamPlan", "Part", "plan_combine"]
@@ -97,8 +97,8 @@ def plan_combine(inputs: list[LoadedAdapter], *, exact_method: str | None = None
         # PEFT saves an adapted embedding's own base weight (".base_layer.") beside its LoRA: that is
         # the base, not a replacement, and goes along unchanged.
         if module in plan.modules and plan.modules[module].parts and ".base_layer." not in key:
-            raise AdapterToolError(f"{inputs[index].path}: saves {name} whole while another adapter adapts {module}; "
-                                   "the two cannot be combined into one adapter")
+            raise InputError(f"{inputs[index].path}: saves {name} whole while another adapter adapts {module}; "
+                             "the two cannot be combined into one adapter")
     bases = sorted({str(i.settings.base_model) for i in inputs if i.settings.base_model})  # naming none is no conflict
     if len(bases) > 1:
         plan.notes.append(f"the adapters name different base models ({', '.join(bases)}); their shapes agree, so they are "
@@ -115,23 +115,23 @@ def _add_part(plan: CombinePlan, inputs: list[LoadedAdapter], index: int, planne
     module, update, shape, shapes = planned.name, planned.update, planned.shape, planned.shapes
     if not update.additive:
         what = "DoRA" if update.dora else update.kind.upper()
-        raise AdapterToolError(f"{item.path}: module {module} is a {what} update, which rescales weights instead of "
-                               "adding a delta; combine needs additive adapters (LoRA, AdaLoRA, LoHa, LoKr)")
+        raise InputError(f"{item.path}: module {module} is a {what} update, which rescales weights instead of "
+                         "adding a delta; combine needs additive adapters (LoRA, AdaLoRA, LoHa, LoKr)")
     if exact_method and update.kind in ("loha", "lokr"):
-        raise AdapterToolError(f"{item.path}: module {module} is {update.kind.upper()}, which has no LoRA factors to "
-                               f"stack for --method {exact_method}; use --method svd")
+        raise InputError(f"{item.path}: module {module} is {update.kind.upper()}, which has no LoRA factors to "
+                         f"stack for --method {exact_method}; use --method svd")
     assert shape is not None  # additive kinds always imply a shape
     embedding = update.kind == "lora_embedding"
     entry = plan.modules.setdefault(module, ModulePlan(module, shape, embedding, index))
     if entry.shape != shape:
-        raise AdapterToolError(f"{item.path}: module {module} implies weight shape {list(shape)} but {inputs[entry.first].path} "
-                               f"implies {list(entry.shape)}; the adapters were made for different base models")
+        raise InputError(f"{item.path}: module {module} implies weight shape {list(shape)} but {inputs[entry.first].path} "
+                         f"implies {list(entry.shape)}; the adapters were made for different base models")
     if entry.embedding != embedding:
-        raise AdapterToolError(f"{item.path}: module {module} is an embedding LoRA here but not in {inputs[entry.first].path}")
+        raise InputError(f"{item.path}: module {module} is an embedding LoRA here but not in {inputs[entry.first].path}")
     if not embedding:
         if plan.fan_in_fan_out is not None and plan.fan_in_fan_out != update.fan_in_fan_out:
-            raise AdapterToolError(f"{item.path}: fan_in_fan_out is {update.fan_in_fan_out} here but not in the other "
-                                   "adapters; they were made for different model classes")
+            raise InputError(f"{item.path}: fan_in_fan_out is {update.fan_in_fan_out} here but not in the other "
+                             "adapters; they were made for different model classes")
         plan.fan_in_fan_out = update.fan_in_fan_out
     if item.weight != 0.0:
         entry.parts.append(Part(index, update, _part_rank(update, shapes, item.settings)))
@@ -142,20 +142,20 @@ def _add_params(plan: CombinePlan, inputs: list[LoadedAdapter], index: int, para
     item = inputs[index]
     example = params.loras[0].a_key
     if exact_method is None:
-        raise AdapterToolError(f"{item.path}: {example} is a target_parameters LoRA on fused experts, which combines "
-                               "only by stacking its factors expert by expert: use --method linear or cat")
+        raise InputError(f"{item.path}: {example} is a target_parameters LoRA on fused experts, which combines "
+                         "only by stacking its factors expert by expert: use --method linear or cat")
     version = item.config.get("peft_version")
     if roles_depend_on_layout(version):
-        raise AdapterToolError(f"{item.path}: made by PEFT {version}, whose target_parameters LoRAs have A/B roles that "
-                               "only the base's layout tells (PEFT < 0.19.1); merge it into its base instead of combining it")
+        raise InputError(f"{item.path}: made by PEFT {version}, whose target_parameters LoRAs have A/B roles that "
+                         "only the base's layout tells (PEFT < 0.19.1); merge it into its base instead of combining it")
     for lora in params.loras:
         shape = (lora.out_features, lora.in_features)
         entry = plan.params.setdefault(f"{params.name}.{lora.param}",
                                        ParamPlan(params.name, lora.param, lora.experts, shape, index))
         if (entry.experts, entry.shape) != (lora.experts, shape):
-            raise AdapterToolError(f"{item.path}: {lora.a_key} is a LoRA on {lora.experts} experts of {list(shape)} "
-                                   f"(out, in) for {entry.path}, but {inputs[entry.first].path} has {entry.experts} experts "
-                                   f"of {list(entry.shape)}; the adapters were made for different base models")
+            raise InputError(f"{item.path}: {lora.a_key} is a LoRA on {lora.experts} experts of {list(shape)} "
+                             f"(out, in) for {entry.path}, but {inputs[entry.first].path} has {entry.experts} experts "
+                             f"of {list(entry.shape)}; the adapters were made for different base models")
         if item.weight != 0.0:
             entry.parts.append((index, lora))
 
@@ -166,9 +166,9 @@ def _refuse_both_forms(plan: CombinePlan, inputs: list[LoadedAdapter]) -> None:
     for name, module in plan.modules.items():
         owner = experts.get(name.replace(".block_sparse_moe.", ".mlp.").rpartition(".experts.")[0] + ".experts")
         if owner is not None and ".experts." in name:
-            raise AdapterToolError(f"{inputs[module.first].path}: {name} is a per-expert LoRA on the experts that "
-                                   f"{inputs[owner.first].path} adapts as fused parameters (target_parameters); combine "
-                                   "cannot hold both forms in one adapter: merge them one after the other")
+            raise InputError(f"{inputs[module.first].path}: {name} is a per-expert LoRA on the experts that "
+                             f"{inputs[owner.first].path} adapts as fused parameters (target_parameters); combine "
+                             "cannot hold both forms in one adapter: merge them one after the other")
 
 
 def _part_rank(update: ModuleUpdate, shapes: dict[str, tuple[int, ...]], settings: AdapterSettings) -> int:
@@ -190,11 +190,11 @@ def _add_whole(plan: CombinePlan, inputs: list[LoadedAdapter], index: int, key: 
     first, first_key = plan.whole[name]
     a, b = inputs[first].weights, item.weights
     if a[first_key].shape != b[key].shape:
-        raise AdapterToolError(f"{item.path}: saved tensor {key} has shape {list(b[key].shape)} but "
-                               f"{list(a[first_key].shape)} in {inputs[first].path}; the adapters were made for different base models")
+        raise InputError(f"{item.path}: saved tensor {key} has shape {list(b[key].shape)} but "
+                         f"{list(a[first_key].shape)} in {inputs[first].path}; the adapters were made for different base models")
     if a[first_key].dtype != b[key].dtype or not torch.equal(a.read(first_key), b.read(key)):
-        raise AdapterToolError(f"{item.path}: saved tensor {key} differs from the one in {inputs[first].path}; a whole-tensor "
-                               "copy (modules_to_save) cannot be weighted without its base: give one adapter weight 0, "
-                               "or merge them into the base one after the other")
+        raise InputError(f"{item.path}: saved tensor {key} differs from the one in {inputs[first].path}; a whole-tensor "
+                         "copy (modules_to_save) cannot be weighted without its base: give one adapter weight 0, "
+                         "or merge them into the base one after the other")
 
 

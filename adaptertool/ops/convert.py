@@ -34,14 +34,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from adaptertool.adapters.lora import linear_delta
 from adaptertool.adapters.modules import ModuleUpdate
 from adaptertool.adapters.peft_config import uniform_scaling
 from adaptertool.adapters.peft_keys import lora_keys, module_order, split_adapter_key
 from adaptertool.adapters.svd import RankPolicy, factor_delta
-from adaptertool.errors import AdapterToolError
+from adaptertool.errors import InputError, OptionError
 from adaptertool.io import (
     FLOAT_CODES,
     TensorSpec,
@@ -79,13 +79,13 @@ class ConvertConfig:
 
     def __post_init__(self) -> None:
         if self.from_pissa is not None and self.from_olora is not None:
-            raise AdapterToolError("--from-pissa and --from-olora both given; an adapter was initialised one way")
+            raise OptionError("--from-pissa and --from-olora both given; an adapter was initialised one way")
         if self.rank is not None and self.energy is not None:
-            raise AdapterToolError("--rank and --energy are two rank rules; choose one")
+            raise OptionError("--rank and --energy are two rank rules; choose one")
         if self.max_rank is not None and not self.resize:
-            raise AdapterToolError("--max-rank caps a resize; give --rank or --energy too")
+            raise OptionError("--max-rank caps a resize; give --rank or --energy too")
         if self.initial is None and not self.resize and not self.export:
-            raise AdapterToolError("nothing to do: give --from-pissa/--from-olora INITIAL, --rank R (or --energy F), or --export")
+            raise OptionError("nothing to do: give --from-pissa/--from-olora INITIAL, --rank R (or --energy F), or --export")
         if self.resize:
             self.policy()  # validates rank, energy, max_rank
         self.svd_settings  # validates svd, niter, oversample
@@ -203,19 +203,19 @@ def convert(cfg: ConvertConfig, *, progress: bool = False) -> ConvertReport:
 def _load_modules(adapter: LoadedAdapter, planned: dict[str, AdapterModule], *, need_factors: bool) -> dict[str, _Module]:
     """Every adapted module as LoRA factors (float32), or, for LoHa/LoKr, a delta computed on demand."""
     if not planned:
-        raise AdapterToolError(f"{adapter.path}: holds no adapter module (only full tensors); there is nothing to convert")
+        raise InputError(f"{adapter.path}: holds no adapter module (only full tensors); there is nothing to convert")
     modules: dict[str, _Module] = {}
     for name, module in planned.items():
         update = module.update
         read = {part: adapter.weights.read(key) for part, key in update.keys.items()}
         if update.kind == "ia3":
-            raise AdapterToolError(f"{adapter.path}: module {name} is IA3, which rescales weights instead of adding a delta; "
-                                   "convert takes LoRA-family adapters only")
+            raise InputError(f"{adapter.path}: module {name} is IA3, which rescales weights instead of adding a delta; "
+                             "convert takes LoRA-family adapters only")
         if update.kind in ("lora", "lora_embedding", "adalora"):
             modules[name] = _lora_module(name, update.kind, read, update.scaling)
         elif need_factors:
-            raise AdapterToolError(f"{adapter.path}: module {name} is {update.kind.upper()}, not LoRA factors; re-factor it "
-                                   "as a LoRA with --rank R (or --energy F) first")
+            raise InputError(f"{adapter.path}: module {name} is {update.kind.upper()}, not LoRA factors; re-factor it "
+                             "as a LoRA with --rank R (or --energy F) first")
         else:
             modules[name] = _Module(name, False, torch.empty(0), torch.empty(0), 1.0,
                                     delta_of=_dense_delta(update, read))
@@ -246,21 +246,21 @@ def _add_initial(modules: dict[str, _Module], adapter: LoadedAdapter, initial: L
     """PiSSA/OLoRA -> LoRA over the original base: ``A' = cat(A, A0)``, ``B' = cat(B, -B0)``, same scaling."""
     for opened in (adapter, initial):
         if opened.settings.peft_type != "LORA":
-            raise AdapterToolError(f"{opened.path}: is {opened.settings.peft_type}; PiSSA/OLoRA adapters are LORA")
+            raise InputError(f"{opened.path}: is {opened.settings.peft_type}; PiSSA/OLoRA adapters are LORA")
     start = _load_modules(initial, plan_adapter(initial)[1], need_factors=True)
     extra = sorted(set(modules) ^ set(start))
     if extra:
         owner = initial.path if extra[0] in start else adapter.path
-        raise AdapterToolError(f"{owner}: only this adapter has module {extra[0]}; is INITIAL the adapter {adapter.path} "
-                               "was trained from?")
+        raise InputError(f"{owner}: only this adapter has module {extra[0]}; is INITIAL the adapter {adapter.path} "
+                         "was trained from?")
     for name, m in modules.items():
         m0 = start[name]
         if (m0.a.shape, m0.b.shape, m0.embedding) != (m.a.shape, m.b.shape, m.embedding):
-            raise AdapterToolError(f"{initial.path}: module {name} has factors {list(m0.a.shape)}/{list(m0.b.shape)} but "
-                                   f"{list(m.a.shape)}/{list(m.b.shape)} in {adapter.path}; is INITIAL the right adapter?")
+            raise InputError(f"{initial.path}: module {name} has factors {list(m0.a.shape)}/{list(m0.b.shape)} but "
+                             f"{list(m.a.shape)}/{list(m.b.shape)} in {adapter.path}; is INITIAL the right adapter?")
         if not math.isclose(m0.scaling, m.scaling, rel_tol=1e-6):
-            raise AdapterToolError(f"{initial.path}: module {name} has scaling {m0.scaling:g} but {m.scaling:g} in "
-                                   f"{adapter.path}; the adapters must share r, lora_alpha and use_rslora")
+            raise InputError(f"{initial.path}: module {name} has scaling {m0.scaling:g} but {m.scaling:g} in "
+                             f"{adapter.path}; the adapters must share r, lora_alpha and use_rslora")
         m.a = torch.cat([m.a, m0.a], dim=0)  # (2r, in)
         m.b = torch.cat([m.b, -m0.b], dim=1)  # (out, 2r)
     if adapter.settings.base_model:
@@ -308,8 +308,8 @@ def _export(modules: dict[str, _Module], adapter: LoadedAdapter, notes: list[str
     """Fold each scaling into B and zero-pad every module to the largest rank: scaling 1 everywhere."""
     dora = next((m.name for m in modules.values() if m.magnitude is not None), None)
     if dora is not None:
-        raise AdapterToolError(f"{adapter.path}: module {dora} is DoRA, which the loaders --export targets do not read "
-                               "(llama.cpp refuses it); merge the adapter into its base instead")
+        raise InputError(f"{adapter.path}: module {dora} is DoRA, which the loaders --export targets do not read "
+                         "(llama.cpp refuses it); merge the adapter into its base instead")
     top = max(m.rank for m in modules.values())
     padded = 0
     for m in modules.values():

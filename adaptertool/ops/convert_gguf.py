@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from adaptertool.adapters.gguf_lora import GgufBase, GgufTarget, gguf_factors, gguf_target, scale_fold
 from adaptertool.adapters.peft_keys import module_order
-from adaptertool.errors import AdapterToolError
+from adaptertool.errors import AdapterToolError, InputError, OptionError
 from adaptertool.io import check_output, read_json, staged_file
 from adaptertool.io.gguf_files import write_gguf_lora
 from adaptertool.io.hub_ids import hub_id_of_cache_path, source_name
@@ -49,7 +49,7 @@ class GgufConvertConfig:
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in _GGUF_DTYPES:
-            raise AdapterToolError(f"--dtype for --to gguf must be fp32, fp16 or bf16, not {self.dtype}")
+            raise OptionError(f"--dtype for --to gguf must be fp32, fp16 or bf16, not {self.dtype}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,18 +120,18 @@ def _plan(adapter: LoadedAdapter) -> tuple[dict[str, AdapterModule], list[str]]:
     llama.cpp cannot apply is refused."""
     path = adapter.path
     if adapter.config.get("alora_invocation_tokens"):
-        raise AdapterToolError(f"{path}: is an activated LoRA (alora_invocation_tokens); --to gguf writes plain LoRAs, "
-                               "so use llama.cpp's convert_lora_to_gguf.py for it")
+        raise InputError(f"{path}: is an activated LoRA (alora_invocation_tokens); --to gguf writes plain LoRAs, "
+                         "so use llama.cpp's convert_lora_to_gguf.py for it")
     whole, planned = plan_adapter(adapter)
     # PEFT saves the base weight of an adapted embed_tokens/lm_head beside its LoRA (save_embedding_layers);
     # it is the base's own, unless the vocabulary was resized (_check_copies).
     copies = [key for key in whole if key.endswith(".base_layer.weight")]
     full = [key for key in whole if key not in copies]
     if full:
-        raise AdapterToolError(f"{path}: tensor {full[0]} is a full weight (modules_to_save or trainable tokens), "
-                               f"which llama.cpp's LoRA loader cannot apply; {_MERGE_INSTEAD}")
+        raise InputError(f"{path}: tensor {full[0]} is a full weight (modules_to_save or trainable tokens), "
+                         f"which llama.cpp's LoRA loader cannot apply; {_MERGE_INSTEAD}")
     if not planned:
-        raise AdapterToolError(f"{path}: holds no adapter module; there is nothing to convert")
+        raise InputError(f"{path}: holds no adapter module; there is nothing to convert")
     for name, module in planned.items():
         update = module.update
         if update.kind == "ia3":
@@ -147,7 +147,7 @@ def _plan(adapter: LoadedAdapter) -> tuple[dict[str, AdapterModule], list[str]]:
             why = "stored fan_in_fan_out (GPT-2 Conv1D layout), which no architecture --to gguf maps uses"
         else:
             continue
-        raise AdapterToolError(f"{path}: module {name} is {why}")
+        raise InputError(f"{path}: module {name} is {why}")
     return planned, copies
 
 
@@ -157,8 +157,8 @@ def _base_config(base: Path | None, adapter: LoadedAdapter, notes: list[str]) ->
     if base is None:
         named = adapter.settings.base_model
         if not named:
-            raise AdapterToolError(f"{adapter.path}: adapter_config.json has no base_model_name_or_path; pass --base BASE "
-                                   "(the base model's folder or Hub id) for its architecture")
+            raise InputError(f"{adapter.path}: adapter_config.json has no base_model_name_or_path; pass --base BASE "
+                             "(the base model's folder or Hub id) for its architecture")
         if Path(named).is_dir():
             base = Path(named)
         else:
@@ -167,12 +167,12 @@ def _base_config(base: Path | None, adapter: LoadedAdapter, notes: list[str]) ->
             try:
                 base = resolve_config(named)
             except AdapterToolError as err:
-                raise AdapterToolError(f"{adapter.path}: base_model_name_or_path {named} is not a folder here ({err}); "
-                                       "pass --base BASE") from err
+                raise InputError(f"{adapter.path}: base_model_name_or_path {named} is not a folder here ({err}); "
+                                 "pass --base BASE") from err
             notes.append(f"the base's config.json came from the Hub: {named}")
     config = base / "config.json"
     if not config.is_file():
-        raise AdapterToolError(f"{base}: has no config.json; --base must be the base model's folder or Hub id")
+        raise InputError(f"{base}: has no config.json; --base must be the base model's folder or Hub id")
     return config
 
 
@@ -182,9 +182,9 @@ def _check_copies(adapter: LoadedAdapter, copies: list[str], base: GgufBase) -> 
     for key in copies:
         shape = list(adapter.weights[key].shape)
         if shape != [base.vocab, base.hidden]:
-            raise AdapterToolError(f"{adapter.path}: tensor {key} is a {shape} copy of a base layer but the base's "
-                                   f"vocabulary is [{base.vocab}, {base.hidden}]: a resized vocabulary, which llama.cpp's "
-                                   f"LoRA cannot apply; {_MERGE_INSTEAD}")
+            raise InputError(f"{adapter.path}: tensor {key} is a {shape} copy of a base layer but the base's "
+                             f"vocabulary is [{base.vocab}, {base.hidden}]: a resized vocabulary, which llama.cpp's "
+                             f"LoRA cannot apply; {_MERGE_INSTEAD}")
 
 
 def _target(adapter: LoadedAdapter, module: AdapterModule, base: GgufBase) -> GgufTarget:
@@ -192,8 +192,8 @@ def _target(adapter: LoadedAdapter, module: AdapterModule, base: GgufBase) -> Gg
     try:
         target = gguf_target(module.name, base)
     except AdapterToolError as err:
-        raise AdapterToolError(f"{adapter.path}: {err}") from None
+        raise type(err)(f"{adapter.path}: {err}") from None
     if module.shape != target.shape:
-        raise AdapterToolError(f"{adapter.path}: module {module.name} fits a {list(module.shape or ())} weight but the "
-                               f"base's {target.tensor} is {list(target.shape)} by its config.json; is it the right base?")
+        raise InputError(f"{adapter.path}: module {module.name} fits a {list(module.shape or ())} weight but the "
+                         f"base's {target.tensor} is {list(target.shape)} by its config.json; is it the right base?")
     return target

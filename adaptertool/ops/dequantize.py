@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from adaptertool.errors import AdapterToolError
+from adaptertool.errors import InputError
 from adaptertool.io import DEFAULT_MAX_SHARD_BYTES, TensorSpec, cast_specs, dtype_code, open_checkpoint, staged_output, torch_dtype
 from adaptertool.ops.measure import Stopwatch, peak_rss_bytes
 from adaptertool.ops.model_files import write_model_files
@@ -54,8 +54,8 @@ def dequantize(cfg: DequantConfig, *, progress: bool = False) -> DequantReport:
     with open_checkpoint(cfg.source) as stored:
         view = open_quantized_view(stored)
         if view is None:
-            raise AdapterToolError(f"{cfg.source}: holds no quantised weights (bitsandbytes 4-bit, FP8 or MXFP4); "
-                                   "nothing to dequantize")
+            raise InputError(f"{cfg.source}: holds no quantised weights (bitsandbytes 4-bit, FP8 or MXFP4); "
+                             "nothing to dequantize")
         specs = cast_specs(view.specs(), dtype_code(cfg.dtype) if cfg.dtype is not None else None)
 
         def expand(spec: TensorSpec) -> torch.Tensor | None:

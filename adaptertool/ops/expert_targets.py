@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from adaptertool.adapters.expert_lora import param_lora_keys, peft_moved_names
 from adaptertool.adapters.experts import PROJECTIONS, ExpertLayout, ExpertWeight, MoeLayer, describe_experts
-from adaptertool.errors import AdapterToolError
+from adaptertool.errors import OptionError
 from adaptertool.io import TensorSource, read_json
 from adaptertool.ops.targets import targeted
 
@@ -109,8 +109,8 @@ def plan_experts(layout: ExpertLayout | None, form: str | None, targets: tuple[s
     """
     if layout is None:
         if form is not None:
-            raise AdapterToolError(f"{source}: --experts {form} applies to mixture-of-experts bases, and this one has "
-                                   "no experts (by its config.json and tensor names)")
+            raise OptionError(f"{source}: --experts {form} applies to mixture-of-experts bases, and this one has "
+                              "no experts (by its config.json and tensor names)")
         return None
     first = layout.layers[0]
     if form is None and default is not None and first.has_linears:
@@ -118,8 +118,8 @@ def plan_experts(layout: ExpertLayout | None, form: str | None, targets: tuple[s
     elif form is None:
         form = "per-expert" if all(layer.layout == "per-expert" for layer in layout.layers) else "fused"
     elif form == "per-expert" and not first.has_linears:
-        raise AdapterToolError(f"{source}: {layout.model_type} experts exist only fused ({first.module}.gate_up_proj), "
-                               "never as one Linear each; use --experts fused")
+        raise OptionError(f"{source}: {layout.model_type} experts exist only fused ({first.module}.gate_up_proj), "
+                          "never as one Linear each; use --experts fused")
     units: list[ExpertUnit] = []
     params: list[ParamUnit] = []
     for layer in layout.layers:

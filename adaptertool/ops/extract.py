@@ -28,12 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from adaptertool.adapters.peft_config import uniform_scaling
 from adaptertool.adapters.peft_keys import PEFT_PREFIX, lora_keys, module_order
 from adaptertool.adapters.svd import RankPolicy, break_even_rank, factor_delta, rounding_noise_std
-from adaptertool.errors import AdapterToolError
+from adaptertool.errors import InputError, OptionError
 from adaptertool.io import (
     Checkpoint,
     TensorSource,
@@ -95,13 +95,13 @@ class ExtractConfig:
         self.policy()  # validates rank, energy, max_rank
         self.svd_settings  # validates svd, niter, oversample
         if self.embeddings not in _EMBEDDING_MODES:
-            raise AdapterToolError(f"--embeddings must be one of {', '.join(_EMBEDDING_MODES)}, not {self.embeddings!r}")
+            raise OptionError(f"--embeddings must be one of {', '.join(_EMBEDDING_MODES)}, not {self.embeddings!r}")
         check_device(self.device)
         check_float_dtype(self.dtype)
         if not self.targets:
-            raise AdapterToolError("--targets names no module")
+            raise OptionError("--targets names no module")
         if self.experts not in (None, *FORMS):
-            raise AdapterToolError(f"--experts must be one of {', '.join(FORMS)}, not {self.experts!r}")
+            raise OptionError(f"--experts must be one of {', '.join(FORMS)}, not {self.experts!r}")
 
     def policy(self) -> RankPolicy:
         return RankPolicy(rank=self.rank, energy=self.energy, auto=self.auto_rank, max_rank=self.max_rank)
@@ -242,8 +242,8 @@ def _factor_all(base: TensorSource, tuned: Checkpoint, plan: ExtractPlan, cfg: E
     # Biases are small: finding out first costs little.
     any_bias = any(changed(base, tuned, f"{m}.bias") for m in plan.linear if f"{m}.bias" in base)
     if any_bias and plan.embedding_lora:  # PEFT refuses to load lora_bias with an embedding LoRA
-        raise AdapterToolError(f"{cfg.tuned}: changed biases need PEFT's lora_bias, which PEFT does not allow beside "
-                               f"the embedding LoRA of {min(plan.embedding_lora)}; use --embeddings save to save it whole")
+        raise InputError(f"{cfg.tuned}: changed biases need PEFT's lora_bias, which PEFT does not allow beside "
+                         f"the embedding LoRA of {min(plan.embedding_lora)}; use --embeddings save to save it whole")
     total = sum(base[n].nbytes for n in plan.linear.values())
     with tqdm(total=total, unit="B", unit_scale=True, desc="extract", disable=not progress) as bar:
         for module, name in plan.linear.items():
@@ -330,7 +330,7 @@ def _saved_whole(base: TensorSource, tuned: Checkpoint, plan: ExtractPlan, cfg: 
     notes += dropped_notes([n for n in changed_others if n not in kept], base, plan)
     if not extracted and not saved:  # norms alone make no LoRA adapter
         what = "BASE and TUNED hold identical tensors" if not changed_others else "no targeted module changed"
-        raise AdapterToolError(f"{cfg.tuned}: {what}; nothing to extract (are they the same model?)")
+        raise InputError(f"{cfg.tuned}: {what}; nothing to extract (are they the same model?)")
     saved.update((t, t) for t in sorted(kept))
     return saved, norms
 

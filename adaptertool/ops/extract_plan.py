@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from adaptertool.errors import AdapterToolError
+from adaptertool.errors import InputError, OptionError
 from adaptertool.io import FLOAT_CODES, Checkpoint, TensorSource, dtype_code, read_json
 from adaptertool.ops.expert_targets import ExpertPlan, ExpertUnit, base_experts, plan_experts
 from adaptertool.ops.targets import is_embedding, is_head, targeted
@@ -122,7 +122,7 @@ def plan_extract(base: TensorSource, tuned: Checkpoint, cfg: ExtractConfig) -> E
         units = [*plan.modules, *(p.path for p in experts.params)] if experts is not None else list(plan.linear)
         for target in named:
             if not (any(targeted(m, (target,)) for m in units) or (target == "experts" and experts is not None)):
-                raise AdapterToolError(f"{cfg.base}: --targets {target} matches no 2-D weight; check the module names (e.g. q_proj)")
+                raise OptionError(f"{cfg.base}: --targets {target} matches no 2-D weight; check the module names (e.g. q_proj)")
     _refuse_tied_embedding_lora(base, tuned, plan)
     return plan
 
@@ -130,16 +130,16 @@ def plan_extract(base: TensorSource, tuned: Checkpoint, cfg: ExtractConfig) -> E
 def _check_same_architecture(base: TensorSource, tuned: Checkpoint, cfg: ExtractConfig) -> None:
     for name in base:
         if name not in tuned:
-            raise AdapterToolError(f"{cfg.tuned}: has no tensor {name}, which {cfg.base} has; are BASE and TUNED the same architecture?")
+            raise InputError(f"{cfg.tuned}: has no tensor {name}, which {cfg.base} has; are BASE and TUNED the same architecture?")
         if base[name].shape != tuned[name].shape:
-            raise AdapterToolError(f"{cfg.tuned}: tensor {name} has shape {list(tuned[name].shape)} but "
-                                   f"{list(base[name].shape)} in {cfg.base}; are BASE and TUNED the same architecture?")
+            raise InputError(f"{cfg.tuned}: tensor {name} has shape {list(tuned[name].shape)} but "
+                             f"{list(base[name].shape)} in {cfg.base}; are BASE and TUNED the same architecture?")
         if (base[name].dtype in FLOAT_CODES) != (tuned[name].dtype in FLOAT_CODES):
-            raise AdapterToolError(f"{cfg.tuned}: tensor {name} is {tuned[name].dtype} but {base[name].dtype} in {cfg.base}; "
-                                   "only float dtypes may differ")
+            raise InputError(f"{cfg.tuned}: tensor {name} is {tuned[name].dtype} but {base[name].dtype} in {cfg.base}; "
+                             "only float dtypes may differ")
     extra = next((name for name in tuned if name not in base), None)
     if extra is not None:
-        raise AdapterToolError(f"{cfg.tuned}: has tensor {extra}, which {cfg.base} lacks; are BASE and TUNED the same architecture?")
+        raise InputError(f"{cfg.tuned}: has tensor {extra}, which {cfg.base} lacks; are BASE and TUNED the same architecture?")
 
 
 def _norm_modules(base: TensorSource, others: list[str]) -> dict[str, list[str]]:
@@ -164,8 +164,8 @@ def _refuse_tied_embedding_lora(base: TensorSource, tuned: Checkpoint, plan: Ext
         if plan.tied_head and module.endswith(TIED_INPUTS) and changed(base, tuned, plan.linear[module]):
             # The head would need the same update through a second LoRA on the one shared tensor,
             # which PEFT's merge then applies twice.
-            raise AdapterToolError(f"{plan.linear[module]} changed and the head is tied to it: a LoRA cannot update "
-                                   "tied weights once; use --embeddings save")
+            raise InputError(f"{plan.linear[module]} changed and the head is tied to it: a LoRA cannot update "
+                             "tied weights once; use --embeddings save")
 
 
 def _is_embedding(name: str) -> bool:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from adaptertool.adapters.peft_keys import module_order
 from adaptertool.adapters.svd import RankPolicy
-from adaptertool.errors import AdapterToolError
+from adaptertool.errors import OutputError
 from adaptertool.io import check_output, staged_file
 from adaptertool.ops.report_svg import Chart, Line, Ref, chart_svg
 
@@ -73,9 +73,9 @@ def check_report_path(report: Path, *, out: Path, inputs: Sequence[Path]) -> Non
     """
     check_output(report, force=True, inputs=inputs)
     if report.resolve() == out.resolve():
-        raise AdapterToolError(f"--report {report} is OUT itself; choose another file for the report")
+        raise OutputError(f"--report {report} is OUT itself; choose another file for the report")
     if report.is_dir():
-        raise AdapterToolError(f"--report {report} is a folder; name a file, e.g. {report / 'report.html'}")
+        raise OutputError(f"--report {report} is a folder; name a file, e.g. {report / 'report.html'}")
 
 
 def write_report(path: Path, report: ExtractReport, spectra: dict[str, Spectrum] | None, *, policy: RankPolicy,

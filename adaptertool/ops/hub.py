@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from adaptertool.errors import AdapterToolError
+from adaptertool.errors import AdapterToolError, HubError, InputError, OptionError
 from adaptertool.io import (
     check_output,
     is_unfinished,
@@ -68,7 +68,7 @@ def resolve_config(text: str, *, progress: bool = False) -> Path:
     ref = parse_hub_id(text)
     snapshot = download(ref, include=["config.json"], progress=progress)
     if "config.json" not in snapshot.files:
-        raise AdapterToolError(f"{ref} has no config.json at its top level; is it a model repo?")
+        raise HubError(f"{ref} has no config.json at its top level; is it a model repo?")
     return snapshot.folder
 
 
@@ -88,8 +88,8 @@ class PullConfig:
         parse_hub_id(self.repo, revision=self.revision)
         asked = [p for p in self.include if p.endswith(tuple(s.lstrip("*") for s in PICKLE_PATTERNS))]
         if asked and not self.allow_pickle:
-            raise AdapterToolError(f"--include {asked[0]} asks for pickle files, which can run code when loaded; "
-                                   "pass --allow-pickle if you trust this repo (adaptertool itself never unpickles)")
+            raise OptionError(f"--include {asked[0]} asks for pickle files, which can run code when loaded; "
+                              "pass --allow-pickle if you trust this repo (adaptertool itself never unpickles)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -116,7 +116,7 @@ def pull(cfg: PullConfig, *, progress: bool = False) -> PullReport:
     if not snapshot.files:
         what = " or ".join(cfg.include) if cfg.include else "files adaptertool can use"
         pickled = "; it holds only pickles: pass --allow-pickle to download them" if snapshot.pickles_left else ""
-        raise AdapterToolError(f"{ref} has no {what} at commit {snapshot.commit[:12]}{pickled}")
+        raise HubError(f"{ref} has no {what} at commit {snapshot.commit[:12]}{pickled}")
     path = snapshot.folder
     if cfg.out is not None:
         with staged_output(cfg.out, force=cfg.force) as tmp:
@@ -148,11 +148,11 @@ class PushConfig:
 
     def __post_init__(self) -> None:
         if parse_hub_id(self.repo_id).revision is not None:
-            raise AdapterToolError(f"push takes REPO_ID as org/name; give the branch with --revision, not in {self.repo_id}")
+            raise OptionError(f"push takes REPO_ID as org/name; give the branch with --revision, not in {self.repo_id}")
         if self.create_pr and self.revision not in (None, "main"):
-            raise AdapterToolError("--create-pr opens a pull request against the default branch; drop --revision")
+            raise OptionError("--create-pr opens a pull request against the default branch; drop --revision")
         if self.message is not None and not self.message.strip():
-            raise AdapterToolError("--message is empty; give a commit message or leave it out")
+            raise OptionError("--message is empty; give a commit message or leave it out")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -173,7 +173,7 @@ def push(cfg: PushConfig, *, progress: bool = False) -> PushReport:
     files = _push_files(cfg.path)
     problems = verify(cfg.path, progress=progress).problems
     if problems:
-        raise AdapterToolError(f"{cfg.path} looks incomplete ({problems[0]}); push a finished output")
+        raise InputError(f"{cfg.path} looks incomplete ({problems[0]}); push a finished output")
     local = cfg.path / "README.md"
     existing = local.read_text(encoding="utf-8") if local.is_file() else read_card(
         cfg.repo_id, revision=None if cfg.create_pr else cfg.revision, endpoint=cfg.endpoint, token=cfg.token)
@@ -193,9 +193,9 @@ def push(cfg: PushConfig, *, progress: bool = False) -> PushReport:
 def _push_files(folder: Path) -> list[str]:
     """Every file to upload, as "/"-separated paths; refuses pickles and unfinished-run debris."""
     if not folder.is_dir():
-        raise AdapterToolError(f"{folder} is not a folder; push takes the folder of a checkpoint or adapter")
+        raise InputError(f"{folder} is not a folder; push takes the folder of a checkpoint or adapter")
     if is_unfinished(folder.resolve().name):
-        raise AdapterToolError(f"{folder} is the temporary folder of an unfinished run; push its finished OUT")
+        raise InputError(f"{folder} is the temporary folder of an unfinished run; push its finished OUT")
     files = []
     for path in sorted(folder.rglob("*")):
         relative = path.relative_to(folder)
@@ -203,13 +203,13 @@ def _push_files(folder: Path) -> list[str]:
             continue
         name = relative.as_posix()
         if any(map(is_unfinished, relative.parts)):
-            raise AdapterToolError(f"{folder} holds {name}, left by an unfinished run; remove it, then push again")
+            raise InputError(f"{folder} holds {name}, left by an unfinished run; remove it, then push again")
         if any(fnmatch(path.name, pattern) for pattern in PICKLE_PATTERNS):
-            raise AdapterToolError(f"{folder} holds the pickle {name}; pickles can run code when loaded, so push "
-                                   "refuses them: remove it or convert it to safetensors")
+            raise InputError(f"{folder} holds the pickle {name}; pickles can run code when loaded, so push "
+                             "refuses them: remove it or convert it to safetensors")
         files.append(name)
     if not any(name.endswith(".safetensors") and "/" not in name for name in files):
-        raise AdapterToolError(f"{folder} holds no .safetensors checkpoint or adapter at its top level; nothing to push")
+        raise InputError(f"{folder} holds no .safetensors checkpoint or adapter at its top level; nothing to push")
     return files
 
 
@@ -323,11 +323,11 @@ def _split_card(text: str, repo_id: str) -> tuple[dict[str, Any], str]:
     try:
         metadata = yaml.safe_load(match.group(1)) or {}
     except yaml.YAMLError as err:
-        raise AdapterToolError(f"the README.md for {repo_id}: its YAML header does not parse ({type(err).__name__}); "
-                               "fix it, then push") from err
+        raise InputError(f"the README.md for {repo_id}: its YAML header does not parse ({type(err).__name__}); "
+                         "fix it, then push") from err
     if not isinstance(metadata, dict):
-        raise AdapterToolError(f"the README.md for {repo_id}: its YAML header is not a mapping of keys to values; "
-                               "fix it, then push")
+        raise InputError(f"the README.md for {repo_id}: its YAML header is not a mapping of keys to values; "
+                         "fix it, then push")
     return metadata, text[match.end():]
 
 

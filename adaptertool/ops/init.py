@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from adaptertool.adapters.expert_lora import stack_experts
 from adaptertool.adapters.experts import ExpertWeight
@@ -43,7 +43,7 @@ from adaptertool.adapters.init import (
 )
 from adaptertool.adapters.lora import embedding_delta, linear_delta, lora_scaling
 from adaptertool.adapters.peft_keys import lora_keys, module_order
-from adaptertool.errors import AdapterToolError
+from adaptertool.errors import InputError, OptionError
 from adaptertool.io import (
     DEFAULT_MAX_SHARD_BYTES,
     FLOAT_CODES,
@@ -99,25 +99,25 @@ class InitConfig:
 
     def __post_init__(self) -> None:
         if self.rank <= 0:
-            raise AdapterToolError(f"--rank must be a positive integer, not {self.rank}")
+            raise OptionError(f"--rank must be a positive integer, not {self.rank}")
         if self.alpha is not None and not self.alpha > 0:
-            raise AdapterToolError(f"--alpha must be positive, not {self.alpha}")
+            raise OptionError(f"--alpha must be positive, not {self.alpha}")
         if self.method not in METHODS:
-            raise AdapterToolError(f"--method must be one of {', '.join(METHODS)}, not {self.method!r}")
+            raise OptionError(f"--method must be one of {', '.join(METHODS)}, not {self.method!r}")
         if self.pissa_niter is not None and (self.method != "pissa" or self.pissa_niter < 0):
-            raise AdapterToolError("--pissa-niter takes a count >= 0 and only goes with --method pissa")
+            raise OptionError("--pissa-niter takes a count >= 0 and only goes with --method pissa")
         if self.method in _RESIDUAL_METHODS and self.residual_base is None:
-            raise AdapterToolError(f"--method {self.method} moves the principal part of each weight into the adapter; "
-                                   "give --residual-base DIR for the base it leaves behind")
+            raise OptionError(f"--method {self.method} moves the principal part of each weight into the adapter; "
+                              "give --residual-base DIR for the base it leaves behind")
         if self.method not in _RESIDUAL_METHODS and self.residual_base is not None:
-            raise AdapterToolError(f"--residual-base only goes with --method pissa or olora; {self.method} leaves the base as it is")
+            raise OptionError(f"--residual-base only goes with --method pissa or olora; {self.method} leaves the base as it is")
         if self.residual_base is not None and self.residual_base.resolve() == self.out.resolve():
-            raise AdapterToolError("OUT and --residual-base must be different folders")
+            raise OptionError("OUT and --residual-base must be different folders")
         check_float_dtype(self.dtype)
         if not self.targets:
-            raise AdapterToolError("--targets names no module")
+            raise OptionError("--targets names no module")
         if self.experts not in (None, *FORMS):
-            raise AdapterToolError(f"--experts must be one of {', '.join(FORMS)}, not {self.experts!r}")
+            raise OptionError(f"--experts must be one of {', '.join(FORMS)}, not {self.experts!r}")
 
     @property
     def lora_alpha(self) -> float:
@@ -234,7 +234,7 @@ def _plan_targets(base: Checkpoint, cfg: InitConfig, notes: list[str]) -> tuple[
             continue
         if experts is not None and experts.form == "fused" and module.rpartition(".")[2] in moved:
             if targeted(module, named):
-                raise AdapterToolError(_moved_message(cfg, experts, module))
+                raise InputError(_moved_message(cfg, experts, module))
             left_out.append(module)
             continue
         targets[module] = _Target(name, info.shape, embedding=is_embedding(module))
@@ -254,29 +254,29 @@ def _check_targets(base: Checkpoint, cfg: InitConfig, targets: dict[str, _Target
     units = [u.module for u in experts.units] + [p.path for p in experts.params] if experts is not None else []
     for target in cfg.targets:
         if target == "experts" and not units:
-            raise AdapterToolError(f"{cfg.base}: --targets experts, but the base has no experts (by its config.json and "
-                                   "tensor names)")
+            raise OptionError(f"{cfg.base}: --targets experts, but the base has no experts (by its config.json and "
+                              "tensor names)")
         if target not in ("all-linear", "experts") and not any(targeted(m, (target,)) for m in [*targets, *units]):
-            raise AdapterToolError(f"{cfg.base}: --targets {target} matches no 2-D float weight; check the module names (e.g. q_proj)")
+            raise OptionError(f"{cfg.base}: --targets {target} matches no 2-D float weight; check the module names (e.g. q_proj)")
     if not targets and not units:
-        raise AdapterToolError(f"{cfg.base}: holds no 2-D float weight to put a LoRA on; is it a model checkpoint?")
+        raise InputError(f"{cfg.base}: holds no 2-D float weight to put a LoRA on; is it a model checkpoint?")
     needs_weights = cfg.method in _RESIDUAL_METHODS or cfg.dora
     what = f"--method {cfg.method}" if cfg.method in _RESIDUAL_METHODS else "--dora"
     if needs_weights and experts is not None and experts.params:
         per_expert = all(layer.layout == "per-expert" for layer in experts.layout.layers)
-        raise AdapterToolError(f"{cfg.base}: {what} is not defined for PEFT's target_parameters LoRAs on fused experts "
-                               f"({experts.params[0].path}); {'use --experts per-expert, or ' if per_expert else ''}"
-                               "leave the experts out of --targets")
+        raise InputError(f"{cfg.base}: {what} is not defined for PEFT's target_parameters LoRAs on fused experts "
+                         f"({experts.params[0].path}); {'use --experts per-expert, or ' if per_expert else ''}"
+                         "leave the experts out of --targets")
     fused = next((m for m, t in targets.items() if t.expert is not None and t.expert.expert is not None), None)
     if needs_weights and fused is not None:
-        raise AdapterToolError(f"{cfg.base}: {what} on {fused} needs its weight as a tensor of its own, but the base "
-                               f"fuses its experts ({targets[fused].weight}); leave the experts out of --targets")
+        raise InputError(f"{cfg.base}: {what} on {fused} needs its weight as a tensor of its own, but the base "
+                         f"fuses its experts ({targets[fused].weight}); leave the experts out of --targets")
     if cfg.method in _RESIDUAL_METHODS:
         for module, target in targets.items():
             smaller = min(target.shape)
             if not target.embedding and cfg.rank > smaller:
-                raise AdapterToolError(f"{cfg.base}: --rank {cfg.rank} exceeds the smaller side ({smaller}) of {target.weight}; "
-                                       f"{cfg.method} needs rank <= min(out, in)")
+                raise OptionError(f"{cfg.base}: --rank {cfg.rank} exceeds the smaller side ({smaller}) of {target.weight}; "
+                                  f"{cfg.method} needs rank <= min(out, in)")
 
 
 def _moved_message(cfg: InitConfig, experts: ExpertPlan, module: str) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from adaptertool.adapters.lora import merge_linear_into
-from adaptertool.errors import AdapterToolError
+from adaptertool.errors import InputError, OptionError
 from adaptertool.io import (
     DEFAULT_MAX_SHARD_BYTES,
     TensorSource,
@@ -77,14 +77,14 @@ class MergeConfig:
 
     def __post_init__(self) -> None:
         if not self.adapters:
-            raise AdapterToolError("no adapter given")
+            raise OptionError("no adapter given")
         check_finite_numbers("--scale", self.scale)
         for path, weight in self.adapters:
             check_finite_numbers(f"the weight of {path}", weight)
             check_finite_numbers(f"the weight of {path} times --scale", weight * self.scale)
         check_float_dtype(self.dtype)
         if self.requantize and self.dtype is not None:
-            raise AdapterToolError("--requantize keeps the base's 4-bit settings; it cannot be combined with --dtype")
+            raise OptionError("--requantize keeps the base's 4-bit settings; it cannot be combined with --dtype")
         check_device(self.device)
 
 
@@ -133,8 +133,8 @@ def _merge(cfg: MergeConfig, *, progress: bool, then_requantize: bool) -> MergeR
         with open_checkpoint(cfg.base) as stored:
             view = open_quantized_view(stored)
             if cfg.requantize and view is None:
-                raise AdapterToolError(f"{cfg.base}: --requantize needs a quantised base (bitsandbytes 4-bit, FP8 or "
-                                       "MXFP4), and this one holds no quantised weights")
+                raise OptionError(f"{cfg.base}: --requantize needs a quantised base (bitsandbytes 4-bit, FP8 or "
+                                  "MXFP4), and this one holds no quantised weights")
             base = stored if view is None else view
             plan = plan_targets(base, adapters, subtract=cfg.subtract)
             if view is not None and (cfg.requantize or not then_requantize):
@@ -179,7 +179,7 @@ def _check_order(cfg: MergeConfig) -> None:
     first = cfg.adapters[0][0]
     if is_adapter(cfg.base) and not is_adapter(first) and first.exists():
         usage = "subtract MODEL ADAPTER OUT" if cfg.subtract else "merge BASE ADAPTER OUT"
-        raise AdapterToolError(f"{cfg.base} is a PEFT adapter and {first} is not: are they swapped? the order is {usage}")
+        raise InputError(f"{cfg.base} is a PEFT adapter and {first} is not: are they swapped? the order is {usage}")
 
 
 def _merge_requantized(cfg: MergeConfig, *, progress: bool) -> MergeReport:

@@ -19,7 +19,7 @@ from adaptertool.adapters.expert_lora import PEFT_MOVED, PEFT_UNCONVERTED, Param
 from adaptertool.adapters.experts import FAMILIES, ExpertLayout, ExpertWeight, MoeLayer, describe_experts
 from adaptertool.adapters.modules import ModuleUpdate, ia3_fits
 from adaptertool.adapters.peft_keys import full_tensor_name
-from adaptertool.errors import AdapterToolError
+from adaptertool.errors import InputError
 from adaptertool.io import FLOAT_CODES, TensorSource, read_json
 from adaptertool.ops.adapter_inputs import AdapterModule, LoadedAdapter, ParamModule, check_finite, plan_merge_adapter
 
@@ -104,7 +104,7 @@ def plan_targets(base: TensorSource, adapters: list[LoadedAdapter], *, subtract:
         check_finite(adapter)
         planned = plan_merge_adapter(adapter, experts)
         if not (planned.whole or planned.modules or planned.params):
-            raise AdapterToolError(_empty(adapter))
+            raise InputError(_empty(adapter))
         for key in planned.whole:
             _add_replacement(plan, base, tied, index, adapter, key, subtract)
         for module in planned.modules.values():
@@ -190,7 +190,7 @@ def _add_module(plan: MergePlan, base: TensorSource, tied: str | None, index: in
         _add_expert_module(plan, base, index, adapter, planned, where, subtract)
         return
     if where is None and _base_name(f"{module}.weight", base) is None and (beyond := experts.beyond(module)):
-        raise AdapterToolError(f"{adapter.path}: {beyond}; the adapter is for another model")
+        raise InputError(f"{adapter.path}: {beyond}; the adapter is for another model")
     # A per-expert base stores the expert as its own Linear, perhaps under the other naming (Mixtral:
     # block_sparse_moe.experts.N.w1 on disk, mlp.experts.N.w1 in transformers 5).
     target = where.tensor if where is not None else _target(plan, base, tied, f"{module}.weight", adapter)
@@ -198,7 +198,7 @@ def _add_module(plan: MergePlan, base: TensorSource, tied: str | None, index: in
     fits = ia3_fits(shapes["ia3_l"], base_shape, fan_in_fan_out=update.fan_in_fan_out) if shape is None else shape == base_shape
     if not fits:
         implied = list(shape) if shape is not None else f"a vector {list(shapes['ia3_l'])}"
-        raise AdapterToolError(
+        raise InputError(
             f"{adapter.path}: module {module} implies shape {implied} for {target}, but the base has {list(base_shape)}; "
             "was the adapter made for another model?"
         )
@@ -209,7 +209,7 @@ def _add_module(plan: MergePlan, base: TensorSource, tied: str | None, index: in
         bias = _base_name(f"{module}.bias", base)
         if bias is None:
             if update.changes_bias:
-                raise AdapterToolError(f"{adapter.path}: {module} has a lora_B.bias but the base has no {module}.bias")
+                raise InputError(f"{adapter.path}: {module} has a lora_B.bias but the base has no {module}.bias")
             return  # IA3 on a bias-free layer rescales the weight only
         _steps(plan, base, bias).append(UpdateStep(index, update, scale, bias=True))
 
@@ -218,11 +218,11 @@ def _check_weight(adapter: LoadedAdapter, update: ModuleUpdate, subtract: bool) 
     if not update.additive and (subtract or adapter.weight != 1.0):
         what = "DoRA" if update.dora else "IA3"
         if subtract:
-            raise AdapterToolError(
+            raise InputError(
                 f"{adapter.path}: {what} rescales weights by norms or vectors of the original base, which a merged "
                 f"model no longer holds; subtract cannot undo it: merge the adapter into the original base instead"
             )
-        raise AdapterToolError(f"{adapter.path}: {what} updates are not additive; a weight other than 1 is not defined for them")
+        raise InputError(f"{adapter.path}: {what} updates are not additive; a weight other than 1 is not defined for them")
 
 
 def _add_expert_module(plan: MergePlan, base: TensorSource, index: int, adapter: LoadedAdapter, planned: AdapterModule,
@@ -232,12 +232,12 @@ def _add_expert_module(plan: MergePlan, base: TensorSource, index: int, adapter:
     fits = ia3_fits(shapes["ia3_l"], where.shape, fan_in_fan_out=update.fan_in_fan_out) if shape is None else shape == where.shape
     if not fits:
         implied = list(shape) if shape is not None else f"a vector {list(shapes['ia3_l'])}"
-        raise AdapterToolError(
+        raise InputError(
             f"{adapter.path}: module {module} implies shape {implied}, but it is expert {where.expert} of {where.tensor}, "
             f"whose experts are {list(where.shape)} (out, in); was the adapter made for another model?"
         )
     if update.changes_bias:
-        raise AdapterToolError(f"{adapter.path}: {module} has a lora_B.bias but the base's experts in {where.tensor} have no bias")
+        raise InputError(f"{adapter.path}: {module} has a lora_B.bias but the base's experts in {where.tensor} have no bias")
     _check_weight(adapter, update, subtract)
     scale = -adapter.weight if subtract else adapter.weight
     _steps(plan, base, where.tensor).append(ExpertStep(index, where, scale, update))
@@ -301,18 +301,18 @@ def _add_replacement(plan: MergePlan, base: TensorSource, tied: str | None, inde
     name = full_tensor_name(key)
     target = _target(plan, base, tied, name, adapter)
     if subtract:
-        raise AdapterToolError(
+        raise InputError(
             f"{adapter.path}: {key} replaces {target} outright (modules_to_save); subtract cannot restore the original"
         )
     base_shape = base[_source(plan, target)].shape
     if adapter.weights[key].shape != base_shape:
-        raise AdapterToolError(
+        raise InputError(
             f"{adapter.path}: saved tensor {key} has shape {list(adapter.weights[key].shape)} but {target} in the base "
             f"has {list(base_shape)}; was the adapter made for another model?"
         )
     steps = _steps(plan, base, target)
     if steps:
-        raise AdapterToolError(f"{adapter.path}: {key} would replace {target}, which an earlier adapter already changes")
+        raise InputError(f"{adapter.path}: {key} would replace {target}, which an earlier adapter already changes")
     steps.append(ReplaceStep(index, key))
 
 
@@ -328,7 +328,7 @@ def _target(plan: MergePlan, base: TensorSource, tied: str | None, name: str, ad
             plan.notes.append(f"lm_head was tied to {tied}; the output has its own lm_head and tie_word_embeddings false")
         return head
     module = name.removesuffix(".weight")
-    raise AdapterToolError(f"{adapter.path}: adapter targets {module} but the base has no {name}; is it the right base?")
+    raise InputError(f"{adapter.path}: adapter targets {module} but the base has no {name}; is it the right base?")
 
 
 def _source(plan: MergePlan, target: str) -> str:
@@ -342,7 +342,7 @@ def _steps(plan: MergePlan, base: TensorSource, target: str) -> list[Step]:
         if info.dtype not in FLOAT_CODES:
             # Quantised codes (FP8, int8...) whose scales live in other tensors: adding a delta to the
             # codes would write garbage, so a format the base's view does not decode is refused.
-            raise AdapterToolError(
+            raise InputError(
                 f"{info.file}: tensor {source} is stored as {info.dtype}, quantised in a way merge does not decode; "
                 "dequantize the base with the tool that quantised it, then merge into that"
             )

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from adaptertool.errors import AdapterToolError
+from adaptertool.errors import OptionError
 from adaptertool.io import FLOAT_CODES, dtype_code
 
 if TYPE_CHECKING:
@@ -31,7 +31,7 @@ def check_device(name: str) -> None:
         AdapterToolError: an unknown device name.
     """
     if name not in DEVICES:
-        raise AdapterToolError(f"--device must be cpu, cuda or auto, not {name!r}")
+        raise OptionError(f"--device must be cpu, cuda or auto, not {name!r}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -45,7 +45,7 @@ def resolve_device(name: str) -> torch.device:
     check_device(name)
     cuda = torch.cuda.is_available()
     if name == "cuda" and not cuda:
-        raise AdapterToolError("--device cuda, but torch sees no CUDA device; use --device cpu or auto")
+        raise OptionError("--device cuda, but torch sees no CUDA device; use --device cpu or auto")
     return torch.device("cuda" if name != "cpu" and cuda else "cpu")
 
 
@@ -60,7 +60,7 @@ def check_finite_numbers(option: str, *values: float) -> None:
 
     for value in values:
         if isinstance(value, bool) or not isinstance(value, int | float) or not abs(value) <= FLOAT32_MAX:
-            raise AdapterToolError(f"{option} must be a finite number within float32's range (+-3.4e38), not {value!r}")
+            raise OptionError(f"{option} must be a finite number within float32's range (+-3.4e38), not {value!r}")
 
 
 def check_float_dtype(dtype: torch.dtype | None, option: str = "--dtype") -> None:
@@ -70,7 +70,7 @@ def check_float_dtype(dtype: torch.dtype | None, option: str = "--dtype") -> Non
         AdapterToolError: an integer or bool dtype.
     """
     if dtype is not None and dtype_code(dtype) not in FLOAT_CODES:
-        raise AdapterToolError(f"{option} must be a float type, not {dtype}")
+        raise OptionError(f"{option} must be a float type, not {dtype}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,6 +89,6 @@ class SvdSettings:
 
     def __post_init__(self) -> None:
         if self.method not in SVD_METHODS:
-            raise AdapterToolError(f"--svd must be randomized or exact, not {self.method!r}")
+            raise OptionError(f"--svd must be randomized or exact, not {self.method!r}")
         if self.niter < 0 or self.oversample < 0:
-            raise AdapterToolError("--niter and --oversample must be >= 0")
+            raise OptionError("--niter and --oversample must be >= 0")

@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from adaptertool.adapters.peft_keys import module_order
-from adaptertool.errors import AdapterToolError
+from adaptertool.errors import InputError, OptionError
 from adaptertool.io import (
     DEFAULT_MAX_SHARD_BYTES,
     DTYPES,
@@ -81,11 +81,11 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         if self.quant_type not in (*QUANT_TYPES, *SCALED_FORMATS):
-            raise AdapterToolError(f"--format must be one of {', '.join((*QUANT_TYPES, *SCALED_FORMATS))}, not {self.quant_type!r}")
+            raise OptionError(f"--format must be one of {', '.join((*QUANT_TYPES, *SCALED_FORMATS))}, not {self.quant_type!r}")
         if len(self.block) != 2 or min(self.block) < 1:
-            raise AdapterToolError(f"--block must be two positive sizes such as 128x128, not {self.block}")
+            raise OptionError(f"--block must be two positive sizes such as 128x128, not {self.block}")
         if self.blocksize not in BLOCKSIZES:
-            raise AdapterToolError(f"--blocksize must be a power of two from 32 to 4096, not {self.blocksize}")
+            raise OptionError(f"--blocksize must be a power of two from 32 to 4096, not {self.blocksize}")
         check_sixteen_or_32_bit(self.dtype)
         check_sixteen_or_32_bit(self.compute_dtype, "--compute-dtype")
 
@@ -154,7 +154,7 @@ def quantize(cfg: QuantConfig, *, progress: bool = False) -> QuantReport:
 def check_sixteen_or_32_bit(dtype: torch.dtype | None, option: str = "--dtype") -> None:
     """bitsandbytes quantises from, and dequantises to, 16/32-bit floats only."""
     if dtype is not None and dtype_name(dtype) not in FLOAT_DTYPES:
-        raise AdapterToolError(f"{option} must be bf16, fp16 or fp32, not {dtype}")
+        raise OptionError(f"{option} must be bf16, fp16 or fp32, not {dtype}")
 
 
 def quantized_dtypes(source: Checkpoint, weights: list[str], dtype: torch.dtype | None) -> dict[str, torch.dtype]:
@@ -166,7 +166,7 @@ def quantized_dtypes(source: Checkpoint, weights: list[str], dtype: torch.dtype 
     dtypes = {w: dtype or torch_dtype(source[w].dtype) for w in weights}
     for weight, target in dtypes.items():
         if dtype_name(target) not in FLOAT_DTYPES:
-            raise AdapterToolError(f"{source[weight].file}: tensor {weight} is {target}; bitsandbytes quantises 16/32-bit floats: pass --dtype")
+            raise InputError(f"{source[weight].file}: tensor {weight} is {target}; bitsandbytes quantises 16/32-bit floats: pass --dtype")
     return dtypes
 
 
@@ -235,12 +235,12 @@ def _read(source: Checkpoint, name: str, dtype: torch.dtype) -> torch.Tensor:
 def _model_config(source: Checkpoint) -> dict[str, Any]:
     config_path = source.root / CONFIG if source.root is not None else None
     if config_path is None or not config_path.is_file():
-        raise AdapterToolError(
+        raise InputError(
             f"{source.path}: no {CONFIG} beside the weights; quantize needs the model's folder (loaders need the config)"
         )
     config = read_json(config_path)
     existing = config.get("quantization_config")
     if existing:
         method = existing.get("quant_method", "?") if isinstance(existing, dict) else "?"
-        raise AdapterToolError(f"{config_path}: the model is already quantised ({method}); dequantize it first")
+        raise InputError(f"{config_path}: the model is already quantised ({method}); dequantize it first")
     return config

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from adaptertool.adapters.peft_keys import module_order
-from adaptertool.errors import AdapterToolError
+from adaptertool.errors import InputError
 from adaptertool.io import DTYPES, Checkpoint, TensorSpec, TensorSpool, cast_specs, copy_side_files, dtype_code, staged_output
 from adaptertool.ops.measure import Stopwatch, peak_rss_bytes
 from adaptertool.ops.model_files import CONFIG, set_config_dtype, write_config
@@ -102,8 +102,8 @@ def _select(cfg: QuantConfig, source: Checkpoint, config: dict[str, Any]) -> tup
         weights = [n for n in source if _EXPERTS.search(n) and len(source[n].shape) == 3
                    and not (cfg.skip and matches_module(n, cfg.skip))]
         if not weights:
-            raise AdapterToolError(f"{cfg.source}: mxfp4 quantises fused expert parameters (mlp.experts.gate_up_proj, "
-                                   "down_proj) as gpt-oss stores them, and this checkpoint has none")
+            raise InputError(f"{cfg.source}: mxfp4 quantises fused expert parameters (mlp.experts.gate_up_proj, "
+                             "down_proj) as gpt-oss stores them, and this checkpoint has none")
         return weights, []
     headers = {s.name: (DTYPES[s.dtype][1], s.shape) for s in source.specs()}
     selection = select_weights(headers, config, skip=cfg.skip, source=str(cfg.source))
@@ -127,7 +127,7 @@ def _parts(cfg: QuantConfig, spec: TensorSpec, scheme: Fp8Scheme | None) -> list
     if scheme is None:  # mxfp4: (E, in, out) -> blocks (E, out, in/32, 16) and scales (E, out, in/32)
         experts, inputs, outputs = spec.shape
         if inputs % 32:
-            raise AdapterToolError(f"{cfg.source}: tensor {spec.name} has {inputs} inputs; MXFP4 needs a multiple of 32")
+            raise InputError(f"{cfg.source}: tensor {spec.name} has {inputs} inputs; MXFP4 needs a multiple of 32")
         name = spec.name.removesuffix(".weight")
         return [TensorSpec(f"{name}_blocks", "U8", (experts, outputs, inputs // 32, 16)),
                 TensorSpec(f"{name}_scales", "U8", (experts, outputs, inputs // 32))]

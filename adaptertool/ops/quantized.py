@@ -26,7 +26,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from adaptertool.errors import AdapterToolError
+from adaptertool.errors import InputError
 from adaptertool.io import (
     Checkpoint,
     TensorInfo,
@@ -186,8 +186,8 @@ def open_quantized_view(ckpt: Checkpoint) -> QuantizedView | None:
     method = settings.get("quant_method") if isinstance(settings, dict) else None
     source = str(ckpt.path)
     if method is not None and method not in QUANT_METHODS:
-        raise AdapterToolError(f"{source}: config.json's quant_method is {method!r}; adaptertool reads "
-                               f"{', '.join(QUANT_METHODS)} checkpoints: dequantize it with the tool that made it first")
+        raise InputError(f"{source}: config.json's quant_method is {method!r}; adaptertool reads "
+                         f"{', '.join(QUANT_METHODS)} checkpoints: dequantize it with the tool that made it first")
     quantized: dict[str, QuantizedWeight] = {}
     for weight, keys in find_quantized_weights(ckpt.tensors, source=source).items():
         state = read_quantized_state(ckpt, keys)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from adaptertool.io import CheckpointWriter, TensorSource, TensorSpec, TensorSpool, TensorTable, torch_dtype
 

@@ -2,7 +2,7 @@
 
 Recipe: check the options and OUT, read the tokenizer and the data (a malformed line fails here,
 before the model loads), load the decoder with fresh LoRA layers (NF4 base with ``qlora``), run
-:func:`adaptertool.train.loop.train_loop`, then write OUT atomically: the PEFT adapter
+:func:`adaptertool.training.loop.train_loop`, then write OUT atomically: the PEFT adapter
 (adapter_config.json with ``base_model_name_or_path`` = BASE as given, adapter_model.safetensors),
 the JSONL log and, when matplotlib imports, loss.png. Tokenizer files are not copied: a PEFT
 adapter names its base, whose tokenizer it was trained with (PEFT's save_pretrained does the same).
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from adaptertool.errors import AdapterToolError, CollectiveError
+from adaptertool.errors import CollectiveError, InputError, OptionError
 from adaptertool.io import (
     TensorSpec,
     check_output,
@@ -40,7 +40,7 @@ from adaptertool.io import (
 from adaptertool.io.hub_ids import source_name
 from adaptertool.ops.measure import Stopwatch, peak_rss_bytes
 from adaptertool.ops.options import check_device, resolve_device
-from adaptertool.train.data import (
+from adaptertool.training.data import (
     Dataset,
     DataStats,
     TextTokenizer,
@@ -48,7 +48,7 @@ from adaptertool.train.data import (
     parse_records,
     tokenize_records,
 )
-from adaptertool.train.distributed import (
+from adaptertool.training.distributed import (
     PARALLEL,
     SINGLE,
     Group,
@@ -60,19 +60,19 @@ from adaptertool.train.distributed import (
     start,
     stop,
 )
-from adaptertool.train.loop import (
+from adaptertool.training.loop import (
     OPTIMIZERS,
     LoopConfig,
     LoopResult,
     evaluate,
     train_loop,
 )
-from adaptertool.train.schedule import SCHEDULES, warmup_steps
-from adaptertool.train.state import latest_checkpoint
-from adaptertool.train.trackers import REPORT_TO, TENSORBOARD_DIR, Trackers
+from adaptertool.training.schedule import SCHEDULES, warmup_steps
+from adaptertool.training.state import latest_checkpoint
+from adaptertool.training.trackers import REPORT_TO, TENSORBOARD_DIR, Trackers
 
 if TYPE_CHECKING:
-    from adaptertool.train.lora import LoraSpec
+    from adaptertool.training.lora import LoraSpec
 
 __all__ = ["TrainConfig", "TrainReport", "checkpoint_folder", "train"]
 
@@ -93,6 +93,8 @@ class TrainConfig:
     targets: tuple[str, ...] = ("all-linear",)
     rslora: bool = False
     dora: bool = False
+    experts: str = "per-expert"  # MoE expert LoRAs: per-expert Linears (target_modules) or fused (target_parameters)
+    router_aux_loss_coef: float | None = None  # MoE load-balancing loss weight; None: config.json's
     qlora: bool = False
     gradient_checkpointing: bool = False
     epochs: int | None = None  # None and no max_steps: one epoch
@@ -126,36 +128,39 @@ class TrainConfig:
                     "--seq-len": self.seq_len}
         for flag, value in positive.items():
             if value < 1:
-                raise AdapterToolError(f"{flag} must be at least 1, not {value}")
+                raise OptionError(f"{flag} must be at least 1, not {value}")
         for flag, value in {"--epochs": self.epochs, "--max-steps": self.max_steps}.items():
             if value is not None and value < 1:
-                raise AdapterToolError(f"{flag} must be at least 1, not {value}")
+                raise OptionError(f"{flag} must be at least 1, not {value}")
         for flag, value in {"--eval-every": self.eval_every, "--save-every": self.save_every,
                             "--weight-decay": self.weight_decay, "--max-grad-norm": self.max_grad_norm}.items():
             if value < 0:
-                raise AdapterToolError(f"{flag} must be >= 0, not {value}")
+                raise OptionError(f"{flag} must be >= 0, not {value}")
         if not self.lr > 0:
-            raise AdapterToolError(f"--lr must be positive, not {self.lr}")
+            raise OptionError(f"--lr must be positive, not {self.lr}")
+        if self.router_aux_loss_coef is not None and not self.router_aux_loss_coef >= 0:
+            raise OptionError(f"--router-aux-loss-coef must be >= 0, not {self.router_aux_loss_coef}")
         if self.schedule not in SCHEDULES:
-            raise AdapterToolError(f"--schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}")
+            raise OptionError(f"--schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}")
         if self.optim not in OPTIMIZERS:
-            raise AdapterToolError(f"--optim must be one of {', '.join(OPTIMIZERS)}, not {self.optim!r}")
+            raise OptionError(f"--optim must be one of {', '.join(OPTIMIZERS)}, not {self.optim!r}")
         check_device(self.device)
         if self.parallel not in PARALLEL:
-            raise AdapterToolError(f"--parallel must be one of {', '.join(PARALLEL)}, not {self.parallel!r}")
+            raise OptionError(f"--parallel must be one of {', '.join(PARALLEL)}, not {self.parallel!r}")
         if not self.dist_timeout > 0:
-            raise AdapterToolError(f"--dist-timeout must be positive, not {self.dist_timeout}")
+            raise OptionError(f"--dist-timeout must be positive, not {self.dist_timeout}")
         for name in self.report_to:
             if name not in REPORT_TO:
-                raise AdapterToolError(f"--report-to must be one of {', '.join(REPORT_TO)}, not {name!r}")
+                raise OptionError(f"--report-to must be one of {', '.join(REPORT_TO)}, not {name!r}")
         warmup_steps(1, steps=self.warmup_steps, ratio=self.warmup_ratio)  # validates both
         self.lora()  # validates rank, alpha, dropout, targets
 
     def lora(self) -> LoraSpec:
-        from adaptertool.train.lora import LoraSpec
+        from adaptertool.training.lora import LoraSpec
 
         return LoraSpec(rank=self.rank, alpha=float(self.alpha if self.alpha is not None else self.rank),
-                        dropout=self.dropout, targets=tuple(self.targets), rslora=self.rslora, dora=self.dora)
+                        dropout=self.dropout, targets=tuple(self.targets), rslora=self.rslora, dora=self.dora,
+                        experts=self.experts)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -207,7 +212,7 @@ def train(cfg: TrainConfig, *, progress: bool = False) -> TrainReport:
     except (RuntimeError, OSError) as err:
         if not _collective_failure(err):
             raise
-        folder = latest_checkpoint(checkpoint_folder(cfg))
+        folder = latest_checkpoint(checkpoint_folder(cfg.out, cfg.checkpoint_dir))
         last = f"the last checkpoint, {folder}, is intact (--resume {folder})" if folder else "no checkpoint was written"
         raise CollectiveError(f"rank {group.rank}: a collective operation failed ({_first_line(err)}); another process "
                            f"probably exited (see its output: out of memory?) or --dist-timeout passed; {last}") from err
@@ -217,8 +222,8 @@ def train(cfg: TrainConfig, *, progress: bool = False) -> TrainReport:
 
 def _train(cfg: TrainConfig, job: Group | None, device: torch.device, progress: bool) -> TrainReport:
     """The run on this process; ``job`` None: a process not started by torchrun."""
-    from adaptertool.train.state import load_state
-    from adaptertool.train.weights import load_decoder
+    from adaptertool.training.state import load_state
+    from adaptertool.training.weights import load_decoder
 
     group = job or SINGLE
     clock = Stopwatch()
@@ -243,14 +248,15 @@ def _train(cfg: TrainConfig, job: Group | None, device: torch.device, progress: 
             shard = shard_block(group, device, replicate_nodes=cfg.replicate_nodes)
     if device.type == "cpu":
         _tune_heap(transient_weights=cfg.qlora or parallel == "fsdp")
-    checkpoint_dir = checkpoint_folder(cfg)
+    checkpoint_dir = checkpoint_folder(cfg.out, cfg.checkpoint_dir)
     fingerprint = _fingerprint(cfg, dataset.stats, loop_cfg, group)
     if group.main:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
     with _trackers(cfg, group, checkpoint_dir, fingerprint) as on_record:  # before the load: a missing package fails fast
         # FSDP2 takes each block from the CPU as it is loaded and keeps this process's shard on the device
         model = load_decoder(cfg.base, lora=cfg.lora(), qlora=cfg.qlora, device="cpu" if shard else device, dtype=dtype,
-                             seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing, shard=shard)
+                             seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing, shard=shard,
+                             router_aux_loss_coef=cfg.router_aux_loss_coef)
         replicas = parallelize(model, parallel, device)
         adapter_config = model.adapter_config(base_model_name_or_path=source_name(cfg.base))
         eval_batches = evalset.batches if evalset is not None else None
@@ -299,9 +305,9 @@ def _trackers(cfg: TrainConfig, group: Group, folder: Path,
     trackers.close()
 
 
-def checkpoint_folder(cfg: TrainConfig) -> Path:
-    """Where the run's checkpoints and live log go."""
-    return cfg.checkpoint_dir or cfg.out.parent / f"{cfg.out.name}.checkpoints"
+def checkpoint_folder(out: Path, checkpoint_dir: Path | None) -> Path:
+    """Where a run's checkpoints and live log go: --checkpoint-dir, else OUT.checkpoints beside OUT."""
+    return checkpoint_dir or out.parent / f"{out.name}.checkpoints"
 
 
 def _collective_failure(err: BaseException) -> bool:
@@ -370,7 +376,7 @@ def _tokenizer(base: Path) -> tuple[dict[str, Any], TextTokenizer]:
     folder = base if base.is_dir() else base.parent
     for name in ("config.json", "tokenizer.json"):
         if not (folder / name).is_file():
-            raise AdapterToolError(f"{folder} has no {name}; train needs the model folder with its tokenizer "
+            raise InputError(f"{folder} has no {name}; train needs the model folder with its tokenizer "
                                    "(tokenizer.json, as transformers saves it)")
     tokenizer_config = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
     template = folder / "chat_template.jinja"
@@ -385,23 +391,23 @@ def _tokenizer(base: Path) -> tuple[dict[str, Any], TextTokenizer]:
 def _check_seq_len(cfg: TrainConfig, model_config: dict[str, Any]) -> None:
     limit = model_config.get("max_position_embeddings")
     if isinstance(limit, int) and cfg.seq_len > limit:
-        raise AdapterToolError(f"--seq-len {cfg.seq_len} is longer than the model's max_position_embeddings ({limit})")
+        raise OptionError(f"--seq-len {cfg.seq_len} is longer than the model's max_position_embeddings ({limit})")
 
 
 def _check_order(cfg: TrainConfig) -> None:
     # `train BASE OUT DATA` would otherwise say OUT exists and suggest --force, which replaces the data file.
     if not cfg.data.exists() and cfg.out.is_file():
-        raise AdapterToolError(f"DATA {cfg.data} does not exist and OUT {cfg.out} is a file: are they swapped? "
+        raise OptionError(f"DATA {cfg.data} does not exist and OUT {cfg.out} is a file: are they swapped? "
                                "the order is train BASE DATA OUT")
 
 
 def _dataset(path: Path, tok: TextTokenizer, cfg: TrainConfig, *, shuffle_seed: int) -> Dataset:
     if not path.is_file():
-        raise AdapterToolError(f"{path} does not exist or is not a file; expected a JSONL data file")
+        raise InputError(f"{path} does not exist or is not a file; expected a JSONL data file")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as err:
-        raise AdapterToolError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); expected JSONL") from err
+        raise InputError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); expected JSONL") from err
     records = parse_records(lines, source=str(path))
     examples, whole = tokenize_records(records, tok, source=str(path))
     return build_dataset(examples, seq_len=cfg.seq_len, batch_size=cfg.batch_size, packing=cfg.packing,
@@ -426,13 +432,16 @@ def _fingerprint(cfg: TrainConfig, stats: DataStats, loop_cfg: LoopConfig, group
     micro-batches per step (--grad-accum x processes): a resume on another number of processes
     keeps it (2 processes with --grad-accum 1 continue as 1 with --grad-accum 2)."""
     lora = cfg.lora()
+    # MoE settings only where set: checkpoints from before they existed still resume
+    moe = {k: v for k, v in {"experts": lora.experts if lora.experts != "per-expert" else None,
+                             "router_aux_loss_coef": cfg.router_aux_loss_coef}.items() if v is not None}
     return {"base": str(cfg.base), "data_tokens": stats.tokens, "data_batches": stats.batches,
             "rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout, "targets": list(lora.targets),
             "rslora": lora.rslora, "dora": lora.dora, "qlora": cfg.qlora, "batch_size": cfg.batch_size,
             "seq_len": cfg.seq_len, "packing": cfg.packing, "max_steps": loop_cfg.max_steps,
-            "max_micro": loop_cfg.max_micro, "grad_accum": cfg.grad_accum * group.world, "lr": cfg.lr, "warmup": loop_cfg.warmup,
-            "schedule": cfg.schedule, "weight_decay": cfg.weight_decay, "max_grad_norm": cfg.max_grad_norm,
-            "optim": cfg.optim, "seed": cfg.seed}
+            "max_micro": loop_cfg.max_micro, "grad_accum": cfg.grad_accum * group.world, "lr": cfg.lr,
+            "warmup": loop_cfg.warmup, "schedule": cfg.schedule, "weight_decay": cfg.weight_decay,
+            "max_grad_norm": cfg.max_grad_norm, "optim": cfg.optim, "seed": cfg.seed, **moe}
 
 
 def _write_out(cfg: TrainConfig, state: dict[str, torch.Tensor], adapter_config: dict[str, Any],

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from adaptertool.adapters.peft_keys import module_order
 from adaptertool.errors import AdapterToolError

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from adaptertool.errors import AdapterToolError
+from adaptertool.errors import InputError
 from adaptertool.quant.fourbit import BLOCKSIZES, block_count, packed_size
 from adaptertool.quant.nested import NESTED_BLOCKSIZE
 from adaptertool.quant.tables import QUANT_TYPES
@@ -87,18 +87,18 @@ class FourBitState:
         try:
             raw = json.loads(blob.decode("utf-8"))
         except (ValueError, RecursionError) as err:  # bad UTF-8 or JSON, an integer past 4300 digits, deep nesting
-            raise AdapterToolError(f"{source}: tensor {key} is not a bitsandbytes quant_state (not JSON: {err})") from None
+            raise InputError(f"{source}: tensor {key} is not a bitsandbytes quant_state (not JSON: {err})") from None
         if not isinstance(raw, dict):
-            raise AdapterToolError(f"{source}: tensor {key} is not a bitsandbytes quant_state (not a JSON object)")
+            raise InputError(f"{source}: tensor {key} is not a bitsandbytes quant_state (not a JSON object)")
         try:
             state = cls(quant_type=raw["quant_type"], blocksize=int(raw["blocksize"]), dtype=raw["dtype"],
                         shape=tuple(int(d) for d in raw["shape"]), nested_blocksize=raw.get("nested_blocksize"),
                         nested_dtype=raw.get("nested_dtype"), nested_offset=raw.get("nested_offset"))
         except (KeyError, TypeError, ValueError) as err:
-            raise AdapterToolError(f"{source}: quant_state {key} lacks or mangles {err}; the checkpoint is corrupt") from err
+            raise InputError(f"{source}: quant_state {key} lacks or mangles {err}; the checkpoint is corrupt") from err
         problem = state._problem()
         if problem:
-            raise AdapterToolError(f"{source}: quant_state {key} has {problem}; adaptertool reads bitsandbytes 4-bit checkpoints only")
+            raise InputError(f"{source}: quant_state {key} has {problem}; adaptertool reads bitsandbytes 4-bit checkpoints only")
         return state
 
     @classmethod
@@ -167,15 +167,15 @@ def find_quantized_weights(names: Iterable[str], *, source: str = "checkpoint") 
         if not marker:
             continue
         if quant_type not in QUANT_TYPES:
-            raise AdapterToolError(f"{source}: tensor {name} has unknown 4-bit type {quant_type!r}; expected nf4 or fp4")
+            raise InputError(f"{source}: tensor {name} has unknown 4-bit type {quant_type!r}; expected nf4 or fp4")
         if weight in found:
-            raise AdapterToolError(f"{source}: weight {weight} has two quant_state entries; the checkpoint is corrupt")
+            raise InputError(f"{source}: weight {weight} has two quant_state entries; the checkpoint is corrupt")
         missing = [weight + s for s in ("", ".absmax", ".quant_map") if weight + s not in present]
         nested = [weight + s in present for s in (".nested_absmax", ".nested_quant_map")]
         if nested[0] != nested[1]:
             missing.append(weight + (".nested_quant_map" if nested[0] else ".nested_absmax"))
         if missing:
-            raise AdapterToolError(f"{source}: quantised weight {weight} lacks {missing[0]}; the checkpoint is incomplete")
+            raise InputError(f"{source}: quantised weight {weight} lacks {missing[0]}; the checkpoint is incomplete")
         found[weight] = QuantizedKeys(
             weight=weight, quant_type=quant_type, absmax=weight + ".absmax", quant_map=weight + ".quant_map",
             quant_state=name, nested_absmax=weight + ".nested_absmax" if nested[0] else None,
@@ -185,7 +185,7 @@ def find_quantized_weights(names: Iterable[str], *, source: str = "checkpoint") 
     for name in names:
         base = next((name.removesuffix(s) for s in _COMPANIONS if name.endswith(s)), None)
         if base is not None and base in present and name not in claimed:
-            raise AdapterToolError(f"{source}: tensor {name} belongs to a 4-bit weight but {base} has no quant_state; the checkpoint is incomplete")
+            raise InputError(f"{source}: tensor {name} belongs to a 4-bit weight but {base} has no quant_state; the checkpoint is incomplete")
     return found
 
 

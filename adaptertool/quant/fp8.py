@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from adaptertool.errors import AdapterToolError
+from adaptertool.errors import InputError
 
 __all__ = [
     "FP8_MAX",
@@ -94,7 +94,7 @@ class Fp8Scheme:
         elif self.scale_dtype not in _SCALE_DTYPES or (self.scale_dtype == "F8_E8M0" and self.scale_fmt != "ue8m0"):
             problem = f"scale dtype {self.scale_dtype} with scale_fmt {self.scale_fmt!r}"
         if problem:
-            raise AdapterToolError(f"FP8 weight {self.weight}: unsupported {problem}")
+            raise InputError(f"FP8 weight {self.weight}: unsupported {problem}")
 
     def block_size(self, shape: tuple[int, ...]) -> tuple[int, int]:
         """Rows and columns one scale covers in a weight of ``shape`` (a channel is one row, a tensor all)."""
@@ -137,19 +137,19 @@ def fp8_format(quantization_config: Mapping[str, Any], *, source: str = "checkpo
         layout = ("tensor", None) if raw is None else ("block", _block(raw, "weight_block_size", source))
         scale_fmt = quantization_config.get("scale_fmt") or "float"
         if scale_fmt not in _SCALE_FORMATS:
-            raise AdapterToolError(f"{source}: quantization_config has scale_fmt {scale_fmt!r}; expected 'float' or 'ue8m0'")
+            raise InputError(f"{source}: quantization_config has scale_fmt {scale_fmt!r}; expected 'float' or 'ue8m0'")
         return Fp8Format("fp8", (layout,), scale_fmt)
     if method == "compressed-tensors":
         groups = quantization_config.get("config_groups") or {}
         if not isinstance(groups, Mapping) or not groups:
-            raise AdapterToolError(f"{source}: compressed-tensors quantization_config has no config_groups; config.json is corrupt")
+            raise InputError(f"{source}: compressed-tensors quantization_config has no config_groups; config.json is corrupt")
         layouts: list[tuple[str, tuple[int, int] | None]] = []
         for name, group in groups.items():
             layout = _group_layout(name, group, quantization_config.get("format"), source)
             if layout not in layouts:
                 layouts.append(layout)
         return Fp8Format("compressed-tensors", tuple(layouts))
-    raise AdapterToolError(f"{source}: quant_method {method!r} is not an FP8 format; expected 'fp8' or 'compressed-tensors'")
+    raise InputError(f"{source}: quant_method {method!r} is not an FP8 format; expected 'fp8' or 'compressed-tensors'")
 
 
 def find_fp8_weights(specs: Mapping[str, tuple[str, tuple[int, ...]]], quantization_config: Mapping[str, Any], *,
@@ -176,23 +176,23 @@ def find_fp8_weights(specs: Mapping[str, tuple[str, tuple[int, ...]]], quantizat
         scale = fp8_scale_key(name, fmt.convention)
         if code != "F8_E4M3":
             if code == "F8_E5M2" and scale in specs:
-                raise AdapterToolError(f"{source}: FP8 weight {name} is F8_E5M2; adaptertool reads F8_E4M3 weights only")
+                raise InputError(f"{source}: FP8 weight {name} is F8_E5M2; adaptertool reads F8_E4M3 weights only")
             continue
         if scale not in specs:
-            raise AdapterToolError(f"{source}: F8_E4M3 tensor {name} has no {scale}; the checkpoint is incomplete")
+            raise InputError(f"{source}: F8_E4M3 tensor {name} has no {scale}; the checkpoint is incomplete")
         if len(shape) != 2:
-            raise AdapterToolError(f"{source}: FP8 weight {name} has shape {list(shape)}; adaptertool reads 2-D FP8 weights only")
+            raise InputError(f"{source}: FP8 weight {name} has shape {list(shape)}; adaptertool reads 2-D FP8 weights only")
         scale_code, scale_shape = specs[scale]
         if scale_code not in _SCALE_DTYPES:
-            raise AdapterToolError(f"{source}: FP8 scale {scale} is {scale_code}; expected F32, BF16, F16 or F8_E8M0")
+            raise InputError(f"{source}: FP8 scale {scale} is {scale_code}; expected F32, BF16, F16 or F8_E8M0")
         scale_fmt = "ue8m0" if scale_code == "F8_E8M0" else fmt.scale_fmt  # E8M0 holds powers of two only
         candidates = [Fp8Scheme(weight=name, scale=scale, convention=fmt.convention, strategy=strategy, block=block,
                                 scale_fmt=scale_fmt, scale_dtype=scale_code) for strategy, block in fmt.layouts]
         fitting = [c for c in candidates if tuple(scale_shape) in c.scale_shapes(shape)]
         if not fitting:  # several can fit only where they mean the same scales (e.g. block (1, k) and channel)
             expected = " or ".join(f"{list(c.scale_shapes(shape)[0])} ({_describe(c)})" for c in candidates)
-            raise AdapterToolError(f"{source}: FP8 scale {scale} has shape {list(scale_shape)} but weight {name} "
-                                   f"{list(shape)} needs {expected}; the checkpoint is corrupt")
+            raise InputError(f"{source}: FP8 scale {scale} has shape {list(scale_shape)} but weight {name} "
+                             f"{list(shape)} needs {expected}; the checkpoint is corrupt")
         found[name] = fitting[0]
     return found
 
@@ -248,8 +248,8 @@ def quantize_fp8(weight: torch.Tensor, scheme: Fp8Scheme, *, source: str = "chec
         AdapterToolError: NaN or Inf in ``weight``, or a scale that underflows the scale dtype.
     """
     if weight.dim() != 2 or not weight.dtype.is_floating_point:
-        raise AdapterToolError(f"{source}: FP8 weight {scheme.weight} must be a 2-D float tensor, "
-                               f"not {weight.dtype} {list(weight.shape)}")
+        raise InputError(f"{source}: FP8 weight {scheme.weight} must be a 2-D float tensor, "
+                         f"not {weight.dtype} {list(weight.shape)}")
     shape = (rows, cols) = (weight.shape[0], weight.shape[1])
     bn, bk = scheme.block_size(shape)
     chunks = _row_chunks(rows, cols, bn, scheme.grid(shape)[0], chunk_elements)
@@ -259,16 +259,16 @@ def quantize_fp8(weight: torch.Tensor, scheme: Fp8Scheme, *, source: str = "chec
         first = r0 // bn  # chunks hold whole blocks, or the grid has one row
         amax[first:first + part.shape[0]] = torch.maximum(amax[first:first + part.shape[0]], part)
     if not bool(torch.isfinite(amax).all()):
-        raise AdapterToolError(f"{source}: tensor {scheme.weight} holds NaN or Inf; it cannot be quantised "
-                               "(find them with adaptertool verify --nan)")
+        raise InputError(f"{source}: tensor {scheme.weight} holds NaN or Inf; it cannot be quantised "
+                         "(find them with adaptertool verify --nan)")
     scales = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
     if scheme.scale_fmt == "ue8m0":
         scales = _power_of_two_up(scales)
     stored = scales.to(_torch_dtype(scheme.scale_dtype))
     scales = stored.float()  # divide by exactly what is stored (a BF16 scale may round below amax / 448: the clamp saturates)
     if not bool((scales > 0).all()):
-        raise AdapterToolError(f"{source}: tensor {scheme.weight} has blocks too small for {scheme.scale_dtype} scales "
-                               "(a scale rounds to 0); quantise with float32 scales")
+        raise InputError(f"{source}: tensor {scheme.weight} has blocks too small for {scheme.scale_dtype} scales "
+                         "(a scale rounds to 0); quantise with float32 scales")
     spread = _spread_columns(scales, bk, cols)
     q = torch.empty(shape, dtype=torch.float8_e4m3fn, device=weight.device)
     for r0, r1 in chunks:
@@ -290,8 +290,8 @@ def requantize_fp8(weight: torch.Tensor, stored_q: torch.Tensor, stored_scale: t
         ``(q, scale)`` shaped and typed as ``stored_q`` and ``stored_scale``.
     """
     if stored_q.shape != weight.shape:
-        raise AdapterToolError(f"{source}: FP8 weight {scheme.weight} is {list(stored_q.shape)} "
-                               f"but its new values are {list(weight.shape)}")
+        raise InputError(f"{source}: FP8 weight {scheme.weight} is {list(stored_q.shape)} "
+                         f"but its new values are {list(weight.shape)}")
     device = weight.device
     old = _checked_grid(stored_q, stored_scale, scheme, device, source)
     rows, cols = stored_q.shape
@@ -314,17 +314,17 @@ def _checked_grid(q: torch.Tensor, scale: torch.Tensor, scheme: Fp8Scheme, devic
                   source: str) -> torch.Tensor:
     """The scale as a float32 (rows, cols) grid on ``device``, after checking both tensors against ``scheme``."""
     if q.dtype != torch.float8_e4m3fn or q.dim() != 2:
-        raise AdapterToolError(f"{source}: FP8 weight {scheme.weight} is {q.dtype} {list(q.shape)}; expected 2-D float8_e4m3fn")
+        raise InputError(f"{source}: FP8 weight {scheme.weight} is {q.dtype} {list(q.shape)}; expected 2-D float8_e4m3fn")
     shape = (q.shape[0], q.shape[1])
     if tuple(scale.shape) not in scheme.scale_shapes(shape):
-        raise AdapterToolError(f"{source}: FP8 scale {scheme.scale} has shape {list(scale.shape)} but weight {scheme.weight} "
-                               f"{list(shape)} needs {list(scheme.scale_shapes(shape)[0])} ({_describe(scheme)}); the checkpoint is corrupt")
+        raise InputError(f"{source}: FP8 scale {scheme.scale} has shape {list(scale.shape)} but weight {scheme.weight} "
+                         f"{list(shape)} needs {list(scheme.scale_shapes(shape)[0])} ({_describe(scheme)}); the checkpoint is corrupt")
     if scale.dtype != _torch_dtype(scheme.scale_dtype):
-        raise AdapterToolError(f"{source}: FP8 scale {scheme.scale} is {scale.dtype}; its header said {scheme.scale_dtype}")
+        raise InputError(f"{source}: FP8 scale {scheme.scale} is {scale.dtype}; its header said {scheme.scale_dtype}")
     grid = scale.to(device=device, dtype=torch.float32).reshape(scheme.grid(shape))
     if not bool(((grid > 0) & (grid <= _SCALE_LIMIT)).all()):
-        raise AdapterToolError(f"{source}: FP8 scale {scheme.scale} holds a scale that is NaN, infinite, not positive or "
-                               f"above {_SCALE_LIMIT:.3g}; the checkpoint is corrupt")
+        raise InputError(f"{source}: FP8 scale {scheme.scale} holds a scale that is NaN, infinite, not positive or "
+                         f"above {_SCALE_LIMIT:.3g}; the checkpoint is corrupt")
     return grid
 
 
@@ -342,7 +342,7 @@ def _codes_shifted(q: torch.Tensor, scheme: Fp8Scheme, source: str) -> torch.Ten
     bits <<= 7
     bits &= 0x3F80
     if bool((bits == 0x3F80).any()):
-        raise AdapterToolError(f"{source}: FP8 weight {scheme.weight} holds NaN codes; the checkpoint is corrupt")
+        raise InputError(f"{source}: FP8 weight {scheme.weight} holds NaN codes; the checkpoint is corrupt")
     bits |= sign
     return bits.view(torch.float16).float()
 
@@ -419,13 +419,13 @@ def _select(mask: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.T
 def _torch_dtype(code: str) -> torch.dtype:
     dtype = getattr(torch, _SCALE_DTYPES[code], None)
     if dtype is None:
-        raise AdapterToolError(f"FP8 scales of dtype {code} need a newer torch than {torch.__version__}; upgrade torch")
+        raise InputError(f"FP8 scales of dtype {code} need a newer torch than {torch.__version__}; upgrade torch")
     return dtype
 
 
 def _block(raw: Any, what: str, source: str) -> tuple[int, int]:
     if not (isinstance(raw, (list, tuple)) and len(raw) == 2 and all(isinstance(v, int) and v > 0 for v in raw)):
-        raise AdapterToolError(f"{source}: quantization_config {what} is {raw!r}; expected two positive integers")
+        raise InputError(f"{source}: quantization_config {what} is {raw!r}; expected two positive integers")
     return int(raw[0]), int(raw[1])
 
 
@@ -434,17 +434,17 @@ def _group_layout(name: str, group: Any, default_format: Any, source: str) -> tu
     fmt = (group.get("format") if isinstance(group, Mapping) else None) or default_format
     if not isinstance(weights, Mapping) or fmt not in _CT_FORMATS or weights.get("type") != "float" \
             or weights.get("num_bits") != 8:
-        raise AdapterToolError(f"{source}: compressed-tensors group {name} is not float-quantized FP8 weights; "
-                               "adaptertool reads 8-bit float weights only")
+        raise InputError(f"{source}: compressed-tensors group {name} is not float-quantized FP8 weights; "
+                         "adaptertool reads 8-bit float weights only")
     if not weights.get("symmetric", True):
-        raise AdapterToolError(f"{source}: compressed-tensors group {name} has asymmetric weights; adaptertool reads symmetric FP8 only")
+        raise InputError(f"{source}: compressed-tensors group {name} has asymmetric weights; adaptertool reads symmetric FP8 only")
     strategy = weights.get("strategy")
     if strategy == "block":
         return "block", _block(weights.get("block_structure"), f"config_groups.{name}.weights.block_structure", source)
     if strategy in ("channel", "tensor"):
         return strategy, None
-    raise AdapterToolError(f"{source}: compressed-tensors group {name} has weight strategy {strategy!r}; "
-                           "adaptertool reads block, channel and tensor FP8")
+    raise InputError(f"{source}: compressed-tensors group {name} has weight strategy {strategy!r}; "
+                     "adaptertool reads block, channel and tensor FP8")
 
 
 def _describe(scheme: Fp8Scheme) -> str:

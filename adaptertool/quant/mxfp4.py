@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from adaptertool.errors import AdapterToolError
+from adaptertool.errors import InputError
 
 __all__ = [
     "E2M1_VALUES", "MXFP4_GROUP_SIZE", "Mxfp4Weight", "dequantize_mxfp4", "find_mxfp4_weights", "quantize_mxfp4",
@@ -66,19 +66,19 @@ def find_mxfp4_weights(specs: Mapping[str, tuple[str, tuple[int, ...]]], *,
     found: dict[str, Mxfp4Weight] = {}
     for key, (code, shape) in specs.items():
         if key.endswith("_scales") and key.removesuffix("_scales") + "_blocks" not in specs:
-            raise AdapterToolError(f"{source}: MXFP4 scales {key} have no {key.removesuffix('_scales')}_blocks; the checkpoint is incomplete")
+            raise InputError(f"{source}: MXFP4 scales {key} have no {key.removesuffix('_scales')}_blocks; the checkpoint is incomplete")
         if not key.endswith("_blocks"):
             continue
         name = key.removesuffix("_blocks")
         scales = name + "_scales"
         if scales not in specs:
-            raise AdapterToolError(f"{source}: MXFP4 blocks {key} have no {scales}; the checkpoint is incomplete")
+            raise InputError(f"{source}: MXFP4 blocks {key} have no {scales}; the checkpoint is incomplete")
         scale_code, scale_shape = specs[scales]
         if code != "U8" or scale_code != "U8":
-            raise AdapterToolError(f"{source}: MXFP4 tensors {key} and {scales} are {code} and {scale_code}; both must be U8")
+            raise InputError(f"{source}: MXFP4 tensors {key} and {scales} are {code} and {scale_code}; both must be U8")
         if len(shape) != 4 or shape[-1] != MXFP4_GROUP_SIZE // 2 or tuple(scale_shape) != tuple(shape[:-1]):
-            raise AdapterToolError(f"{source}: MXFP4 blocks {key} {list(shape)} and scales {scales} {list(scale_shape)} do not "
-                                   "pair as (E, out, G, 16) and (E, out, G); the checkpoint is corrupt")
+            raise InputError(f"{source}: MXFP4 blocks {key} {list(shape)} and scales {scales} {list(scale_shape)} do not "
+                             "pair as (E, out, G, 16) and (E, out, G); the checkpoint is corrupt")
         found[name] = Mxfp4Weight(name=name, blocks=key, scales=scales, shape=(shape[0], shape[1], shape[2] * MXFP4_GROUP_SIZE))
     return found
 
@@ -101,12 +101,12 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, *, dtype: torch
     device = blocks.device if device is None else torch.device(device)
     if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or blocks.dim() != 4 \
             or blocks.shape[-1] != MXFP4_GROUP_SIZE // 2 or scales.shape != blocks.shape[:-1]:
-        raise AdapterToolError(f"{source}: MXFP4 tensors of {name} are {blocks.dtype} {list(blocks.shape)} and "
-                               f"{scales.dtype} {list(scales.shape)}; expected uint8 (E, out, G, 16) and (E, out, G)")
+        raise InputError(f"{source}: MXFP4 tensors of {name} are {blocks.dtype} {list(blocks.shape)} and "
+                         f"{scales.dtype} {list(scales.shape)}; expected uint8 (E, out, G, 16) and (E, out, G)")
     experts, rows, groups, _ = blocks.shape
     top = int(scales.max()) if scales.numel() else 0
     if top == _NAN_SCALE:
-        raise AdapterToolError(f"{source}: MXFP4 scales {name}_scales hold byte 255, which is NaN in E8M0; the checkpoint is corrupt")
+        raise InputError(f"{source}: MXFP4 scales {name}_scales hold byte 255, which is NaN in E8M0; the checkpoint is corrupt")
     lut = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=device)
     cols = groups * MXFP4_GROUP_SIZE
     out = torch.empty((experts, cols, rows) if transposed else (experts, rows, cols), dtype=dtype, device=device)
@@ -116,8 +116,8 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, *, dtype: torch
         exponents = scales[e].to(device).int().sub_(127).unsqueeze(-1)
         values = torch.ldexp(lut[codes].reshape(rows, groups, MXFP4_GROUP_SIZE), exponents).reshape(rows, cols)
         if top >= _OVERFLOW_SCALE and not bool(torch.isfinite(values).all()):
-            raise AdapterToolError(f"{source}: MXFP4 scales {name}_scales make values beyond float32 in expert {e}; "
-                                   "the checkpoint is corrupt")
+            raise InputError(f"{source}: MXFP4 scales {name}_scales make values beyond float32 in expert {e}; "
+                             "the checkpoint is corrupt")
         out[e] = values.T if transposed else values
     return out
 
@@ -133,12 +133,12 @@ def quantize_mxfp4(weight: torch.Tensor, *, transposed: bool = False, name: str 
         AdapterToolError: a shape whose input dimension is not a multiple of 32, or NaN/Inf in ``weight``.
     """
     if weight.dim() != 3 or not weight.dtype.is_floating_point:
-        raise AdapterToolError(f"{source}: MXFP4 weight {name} must be a 3-D float tensor, not {weight.dtype} {list(weight.shape)}")
+        raise InputError(f"{source}: MXFP4 weight {name} must be a 3-D float tensor, not {weight.dtype} {list(weight.shape)}")
     if transposed:
         weight = weight.transpose(1, 2)
     experts, rows, cols = weight.shape
     if cols % MXFP4_GROUP_SIZE:
-        raise AdapterToolError(f"{source}: MXFP4 weight {name} has {cols} inputs; MXFP4 needs a multiple of {MXFP4_GROUP_SIZE}")
+        raise InputError(f"{source}: MXFP4 weight {name} has {cols} inputs; MXFP4 needs a multiple of {MXFP4_GROUP_SIZE}")
     groups = cols // MXFP4_GROUP_SIZE
     blocks = torch.empty((experts, rows, groups, MXFP4_GROUP_SIZE // 2), dtype=torch.uint8, device=weight.device)
     scales = torch.empty((experts, rows, groups), dtype=torch.uint8, device=weight.device)
@@ -146,8 +146,8 @@ def quantize_mxfp4(weight: torch.Tensor, *, transposed: bool = False, name: str 
         x = weight[e].float().reshape(rows, groups, MXFP4_GROUP_SIZE)
         amax = x.abs().amax(-1)
         if not bool(torch.isfinite(amax).all()):
-            raise AdapterToolError(f"{source}: tensor {name} holds NaN or Inf in expert {e}; it cannot be quantised "
-                                   "(find them with adaptertool verify --nan)")
+            raise InputError(f"{source}: tensor {name} holds NaN or Inf in expert {e}; it cannot be quantised "
+                             "(find them with adaptertool verify --nan)")
         # the least power of two >= amax / 6: carry any mantissa bit into the exponent; 0 stays byte 0
         exponent = ((amax / 6).view(torch.int32) + 0x7FFFFF) >> 23
         scales[e] = exponent.to(torch.uint8)
@@ -175,8 +175,8 @@ def requantize_mxfp4(weight: torch.Tensor, stored_blocks: torch.Tensor, stored_s
     """
     blocks, scales = quantize_mxfp4(weight, transposed=transposed, name=name, source=source)
     if blocks.shape != stored_blocks.shape or scales.shape != stored_scales.shape:
-        raise AdapterToolError(f"{source}: MXFP4 weight {name} of shape {list(weight.shape)} does not fit its stored "
-                               f"blocks {list(stored_blocks.shape)}")
+        raise InputError(f"{source}: MXFP4 weight {name} of shape {list(weight.shape)} does not fit its stored "
+                         f"blocks {list(stored_blocks.shape)}")
     experts, rows, groups, _ = blocks.shape
     for e in range(experts):  # one expert at a time: the comparison's temporaries stay small
         old = dequantize_mxfp4(stored_blocks[e : e + 1], stored_scales[e : e + 1], name=name, source=source)[0]

@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from adaptertool.errors import AdapterToolError
+from adaptertool.errors import InputError, OptionError
 
 __all__ = ["Selection", "matches_module", "select_weights"]
 
@@ -68,7 +68,7 @@ def select_weights(tensors: Mapping[str, tuple[str, tuple[int, ...]]], config: M
     """
     model_type = config.get("model_type")
     if model_type in _CONV1D_MODELS:
-        raise AdapterToolError(f"{source}: {model_type} stores its Linear layers transposed (Conv1D); quantising it is not supported yet")
+        raise InputError(f"{source}: {model_type} stores its Linear layers transposed (Conv1D); quantising it is not supported yet")
     vocab = _vocab_size(config)
     quantize: list[str] = []
     kept: dict[str, bool] = {}  # module -> is an output embedding (skipped by transformers by default)
@@ -89,7 +89,7 @@ def select_weights(tensors: Mapping[str, tuple[str, tuple[int, ...]]], config: M
                 quantize.append(name)
     if not quantize:
         what = "every candidate was skipped" if skipped_by_user else "it has no 2-D Linear weights inside numbered blocks"
-        raise AdapterToolError(f"{source}: nothing to quantise: {what}")
+        raise InputError(f"{source}: nothing to quantise: {what}")
     return Selection(quantize=quantize, kept=list(kept), skip_modules=_skip_list(kept, skip, tensors, config))
 
 
@@ -107,7 +107,7 @@ def matches_module(module: str, patterns: Sequence[str]) -> bool:
             if re.match(rf"(?:{pattern}){boundary}", module) or module.endswith(pattern):
                 return True
         except re.error as err:
-            raise AdapterToolError(f"skip pattern {pattern!r} is not a valid regular expression ({err})") from err
+            raise OptionError(f"skip pattern {pattern!r} is not a valid regular expression ({err})") from err
     return False
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from adaptertool.errors import AdapterToolError
+from adaptertool.errors import InputError, OptionError
 from adaptertool.quant.bnb_format import FourBitState, QuantizedKeys
 from adaptertool.quant.fourbit import BLOCKSIZES, block_count, dequantize_4bit, packed_size, quantize_4bit
 from adaptertool.quant.nested import NESTED_BLOCKSIZE, NestedAbsmax, NestedCodebook, dequantize_absmax, quantize_absmax
@@ -78,9 +78,9 @@ def check_entries(tensors: Mapping[str, torch.Tensor], keys: QuantizedKeys, stat
                   source: str = "checkpoint") -> None:
     """Raise AdapterToolError unless the entries have the dtypes and sizes ``state`` implies."""
     if state.quant_type != keys.quant_type:
-        raise AdapterToolError(f"{source}: {keys.quant_state} says quant_type {state.quant_type}; the checkpoint is corrupt")
+        raise InputError(f"{source}: {keys.quant_state} says quant_type {state.quant_type}; the checkpoint is corrupt")
     if state.nested != keys.nested:
-        raise AdapterToolError(f"{source}: {keys.quant_state} and the stored entries disagree on double quantisation")
+        raise InputError(f"{source}: {keys.quant_state} and the stored entries disagree on double quantisation")
     blocks = block_count(state.numel, state.blocksize)
     expected = {keys.weight: (torch.uint8, packed_size(state.numel)), keys.quant_map: (torch.float32, 16),
                 keys.absmax: (torch.uint8 if state.nested else torch.float32, blocks)}
@@ -90,7 +90,7 @@ def check_entries(tensors: Mapping[str, torch.Tensor], keys: QuantizedKeys, stat
     for key, (want_dtype, want_numel) in expected.items():
         got = tensors[key]
         if got.dtype != want_dtype or got.numel() != want_numel:
-            raise AdapterToolError(
+            raise InputError(
                 f"{source}: {key} is {got.dtype} x{got.numel()} but the quant_state for shape {list(state.shape)} "
                 f"needs {want_dtype} x{want_numel}; the checkpoint is corrupt"
             )
@@ -131,11 +131,11 @@ def quantize_weight(weight: torch.Tensor, book: Codebook, *, blocksize: int = 64
         AdapterToolError: a blocksize bitsandbytes does not use, or NaN/Inf in the weight.
     """
     if blocksize not in BLOCKSIZES:
-        raise AdapterToolError(f"4-bit blocksize must be one of {BLOCKSIZES}, not {blocksize}")
+        raise OptionError(f"4-bit blocksize must be one of {BLOCKSIZES}, not {blocksize}")
     packed, absmax = quantize_4bit(weight, book, blocksize=blocksize)
     # a NaN or Inf anywhere in a block makes its absmax non-finite: one cheap check per weight
     if not bool(torch.isfinite(absmax).all()):
-        raise AdapterToolError(
+        raise InputError(
             f"{source}: tensor {name} holds NaN or Inf; it cannot be quantised (find them with adaptertool verify --nan)"
         )
     nested = None if code_map is None else quantize_absmax(absmax, code_map)

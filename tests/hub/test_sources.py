@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from huggingface_hub import constants
 
 from adaptertool.cli import cli
-from adaptertool.cli.sources import split_weight
+from adaptertool.ops.sources import split_weight
 from adaptertool.ops.examples import TINY, write_llama, write_lora_adapter
 from tests.hub.fake_hub import TOKEN, FakeHub
 

@@ -15,12 +15,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import adaptertool.train.weights
+import adaptertool.training.weights
 from adaptertool.cli import cli
 from adaptertool.errors import AdapterToolError
 from adaptertool.io import open_adapter
 from adaptertool.ops.train import TrainConfig, train
-from adaptertool.train.state import load_state
+from adaptertool.training.state import load_state
 from tests.train import Faulty
 
 def _cfg(tiny: dict[str, Path], out: Path, **kw: object) -> TrainConfig:
@@ -54,7 +54,7 @@ def test_malformed_line_fails_before_the_model_loads(tiny: dict[str, Path], tmp_
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     bad = tmp_path / "data.jsonl"
     bad.write_text('{"text": "the cat"}\n' * 16 + '{"text": "the cat", \n', encoding="utf-8")
-    monkeypatch.setattr(adaptertool.train.weights, "load_decoder", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(adaptertool.training.weights, "load_decoder", lambda *a, **k: pytest.fail("model loaded"))
     result = CliRunner().invoke(cli, ["train", str(tiny["base"]), str(bad), str(tmp_path / "out")])
     assert result.exit_code == 1
     assert f"error: {bad}:17: not valid JSON" in result.stderr
@@ -82,8 +82,8 @@ def test_epochs_set_the_steps_and_every_micro_batch_trains_once_per_epoch(tiny: 
 
 
 def _faulty_loader(monkeypatch: pytest.MonkeyPatch, at_call: int, fault: str) -> None:
-    real = adaptertool.train.weights.load_decoder
-    monkeypatch.setattr(adaptertool.train.weights, "load_decoder",
+    real = adaptertool.training.weights.load_decoder
+    monkeypatch.setattr(adaptertool.training.weights, "load_decoder",
                         lambda *a, **k: Faulty(real(*a, **k), at_call=at_call, fault=fault))
 
 
@@ -155,7 +155,7 @@ def smol_run(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[st
 
 
 def _eval_batches(smollm2: Path, val: Path) -> list:
-    from adaptertool.train.data import (
+    from adaptertool.training.data import (
         TextTokenizer,
         build_dataset,
         parse_records,
@@ -205,8 +205,8 @@ def test_merge_reproduces_the_trained_models_logits(smollm2: Path, smol_run: dic
     from transformers import AutoModelForCausalLM
 
     from adaptertool.ops.merge import MergeConfig, merge
-    from adaptertool.train.lora import LoraSpec
-    from adaptertool.train.weights import load_decoder
+    from adaptertool.training.lora import LoraSpec
+    from adaptertool.training.weights import load_decoder
 
     config, weights, _ = open_adapter(smol_run["adapter"])
     with weights:
@@ -327,7 +327,7 @@ def test_report_to_a_missing_package_fails_before_the_model_loads(tiny: dict[str
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
     loads = []
-    monkeypatch.setattr(adaptertool.train.weights, "load_decoder", lambda *a, **k: loads.append(1))
+    monkeypatch.setattr(adaptertool.training.weights, "load_decoder", lambda *a, **k: loads.append(1))
     with pytest.raises(AdapterToolError, match="--report-to wandb needs the wandb package: pip install wandb"):
         train(_cfg(tiny, tmp_path / "out", report_to=("wandb",)))
     assert not loads and not (tmp_path / "out").exists()

@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from adaptertool.train.data import Batch, Example, build_dataset
-from adaptertool.train.distributed import SINGLE, Group, environment_group, parallelize, shard_block, start, stop
-from adaptertool.train.fourbit import FourBitWeight
-from adaptertool.train.loop import LoopConfig, train_loop
-from adaptertool.train.lora import LoraSpec
-from adaptertool.train.weights import load_decoder
+from adaptertool.training.data import Batch, Example, build_dataset
+from adaptertool.training.distributed import SINGLE, Group, environment_group, parallelize, shard_block, start, stop
+from adaptertool.training.fourbit import FourBitWeight
+from adaptertool.training.loop import LoopConfig, train_loop
+from adaptertool.training.lora import LoraSpec
+from adaptertool.training.weights import load_decoder
 
 # (parallel, base dtype, 4-bit base, gradient checkpointing), each at --grad-accum 2
 CASES = [(parallel, dtype, qlora, checkpointing)

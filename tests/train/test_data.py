@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from adaptertool.errors import AdapterToolError
-from adaptertool.train.data import (
+from adaptertool.training.data import (
     IGNORE,
     TextTokenizer,
     build_dataset,

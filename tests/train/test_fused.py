@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adaptertool.train.fused import head_cross_entropy, rms_norm, rope, swiglu
+from adaptertool.training.fused import head_cross_entropy, rms_norm, rope, swiglu
 
 
 def _plain_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -12,11 +12,11 @@ from torch import nn
 
 from adaptertool.errors import AdapterToolError
 from adaptertool.ops.examples import TINY, write_llama
-from adaptertool.train.data import Batch, Example, build_dataset
-from adaptertool.train.loop import LoopConfig, LoopResult, evaluate, make_optimizer, train_loop
-from adaptertool.train.lora import LoraSpec
-from adaptertool.train.state import latest_checkpoint, load_state
-from adaptertool.train.weights import load_decoder
+from adaptertool.training.data import Batch, Example, build_dataset
+from adaptertool.training.loop import LoopConfig, LoopResult, evaluate, make_optimizer, train_loop
+from adaptertool.training.lora import LoraSpec
+from adaptertool.training.state import latest_checkpoint, load_state
+from adaptertool.training.weights import load_decoder
 from tests.train import Faulty
 
 

@@ -21,7 +21,7 @@ from adaptertool.quant import (
     dequantize_absmax,
     nested_codebook,
 )
-from adaptertool.train import (
+from adaptertool.training import (
     Decoder,
     FourBitWeight,
     FrozenLinear,
@@ -29,7 +29,7 @@ from adaptertool.train import (
     LoraSpec,
     load_decoder,
 )
-from adaptertool.train.lora import dropout_mask
+from adaptertool.training.lora import dropout_mask
 from tests.quant.fourbit_reference import decode_quant_state
 from tests.train import batch, load_hf_model, write_hf_model
 

@@ -16,7 +16,7 @@ import torch
 
 from adaptertool import AdapterToolError
 from adaptertool.ops.examples import TINY, write_llama
-from adaptertool.train import (
+from adaptertool.training import (
     SUPPORTED_ARCHITECTURES,
     Decoder,
     DecoderConfig,

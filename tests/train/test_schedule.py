@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from adaptertool.errors import AdapterToolError
-from adaptertool.train.schedule import lr_factor, warmup_steps
+from adaptertool.training.schedule import lr_factor, warmup_steps
 
 
 def _transformers_factors(schedule: str, total: int, warmup: int) -> list[float]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 
-from adaptertool.errors import AdapterToolError
+from adaptertool.errors import OptionError
 
 __all__ = ["SCHEDULES", "lr_factor", "warmup_steps"]
 
@@ -26,7 +26,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 def lr_factor(step: int, *, total_steps: int, warmup: int, schedule: str) -> float:
     """The multiplier of the base learning rate at optimizer step ``step`` (see the module docstring)."""
     if schedule not in SCHEDULES:
-        raise AdapterToolError(f"--schedule must be one of {', '.join(SCHEDULES)}, not {schedule!r}")
+        raise OptionError(f"--schedule must be one of {', '.join(SCHEDULES)}, not {schedule!r}")
     if step < warmup:
         return step / max(1, warmup)
     if schedule == "constant":
@@ -40,13 +40,13 @@ def lr_factor(step: int, *, total_steps: int, warmup: int, schedule: str) -> flo
 def warmup_steps(total_steps: int, *, steps: int | None, ratio: float | None) -> int:
     """Warmup length from ``--warmup-steps`` or ``--warmup-ratio`` (ceil of ratio x total, as transformers)."""
     if steps is not None and ratio is not None:
-        raise AdapterToolError("give --warmup-steps or --warmup-ratio, not both")
+        raise OptionError("give --warmup-steps or --warmup-ratio, not both")
     if steps is not None:
         if steps < 0:
-            raise AdapterToolError(f"--warmup-steps must be >= 0, not {steps}")
+            raise OptionError(f"--warmup-steps must be >= 0, not {steps}")
         return steps
     if ratio is not None:
         if not 0.0 <= ratio < 1.0:
-            raise AdapterToolError(f"--warmup-ratio must be in [0, 1), not {ratio}")
+            raise OptionError(f"--warmup-ratio must be in [0, 1), not {ratio}")
         return math.ceil(total_steps * ratio)
     return 0

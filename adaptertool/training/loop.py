@@ -5,8 +5,9 @@ cross-entropy over all its target tokens::
 
     loss = sum_{micro-batches} sum_{targets t} -log softmax(logits_{t-1})[label_t]  /  n_targets(step)
 
-so accumulating k micro-batches gives the same gradient as one batch k times larger. Then: clip the
-gradient norm, set the learning rate from :mod:`adaptertool.train.schedule`, step the optimizer.
+so accumulating k micro-batches gives the same gradient as one batch k times larger (a MoE decoder
+adds ``router_aux_loss_coef`` x its router load-balancing loss averaged over the step's forwards).
+Then: clip the gradient norm, set the learning rate from :mod:`adaptertool.training.schedule`, step the optimizer.
 The data order is a pure function of (seed, epoch) and the global RNG (dropout) is seeded inside a
 forked RNG context and saved in checkpoints, so an interrupted run resumed from a checkpoint ends
 with the same adapter, bit for bit, as an uninterrupted one (on the same device).
@@ -23,18 +24,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
-from adaptertool.errors import AdapterToolError
-from adaptertool.train.data import IGNORE, Batch, epoch_order
-from adaptertool.train.distributed import SINGLE, Group, Replicas, full_tensor, shard_like
-from adaptertool.train.schedule import lr_factor
-from adaptertool.train.state import TrainState, save_state
+from adaptertool.errors import AdapterToolError, OptionError
+from adaptertool.training.data import IGNORE, Batch, epoch_order
+from adaptertool.training.distributed import SINGLE, Group, Replicas, full_tensor, shard_like
+from adaptertool.training.schedule import lr_factor
+from adaptertool.training.state import TrainState, save_state
 
 if TYPE_CHECKING:
     import torch
 
-    from adaptertool.train.model import Decoder
+    from adaptertool.training.model import Decoder
 
 __all__ = ["OPTIMIZERS", "LoopConfig", "LoopResult", "evaluate", "make_optimizer", "train_loop"]
 
@@ -85,14 +86,14 @@ def make_optimizer(name: str, params: list[torch.nn.Parameter], *, lr: float, we
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
     if name not in OPTIMIZERS:
-        raise AdapterToolError(f"--optim must be one of {', '.join(OPTIMIZERS)}, not {name!r}")
+        raise OptionError(f"--optim must be one of {', '.join(OPTIMIZERS)}, not {name!r}")
     if name == "paged_adamw" and device.type != "cuda":
-        raise AdapterToolError("--optim paged_adamw pages optimizer state through CUDA unified memory and needs a "
+        raise OptionError("--optim paged_adamw pages optimizer state through CUDA unified memory and needs a "
                                "CUDA device; use --optim adamw or adamw8bit on the CPU")
     try:
         import bitsandbytes as bnb
     except ImportError as err:
-        raise AdapterToolError(f"--optim {name} needs bitsandbytes (pip install bitsandbytes); or use --optim adamw") from err
+        raise OptionError(f"--optim {name} needs bitsandbytes (pip install bitsandbytes); or use --optim adamw") from err
     cls = bnb.optim.AdamW8bit if name == "adamw8bit" else bnb.optim.PagedAdamW
     return cls(params, lr=lr, weight_decay=weight_decay)
 
@@ -155,7 +156,11 @@ def train_loop(model: Decoder, batches: list[Batch], *, cfg: LoopConfig, device:
             for batch, weight, last in _my_share(step_batches, group):
                 with contextlib.nullcontext() if last else replicas.local_only():
                     with autocast:
-                        loss = _loss_sum(replicas, batch, device)
+                        # A MoE router's load-balancing loss is one number per forward, not a sum over
+                        # tokens: weighted by n_targets / micro-batches it becomes coef x (its mean over the
+                        # step's forwards) after the division below, the same however the step is split
+                        # into micro-batches and processes; one forward gives transformers' CE mean + coef x aux.
+                        loss = _loss_sum(replicas, batch, device, aux_weight=n_targets / len(step_batches))
                         # DDP and FSDP2 average the processes' gradients: x world makes it their sum
                         loss = loss * group.world / n_targets if weight else loss * 0.0
                     loss.backward()
@@ -217,7 +222,7 @@ def _check_fingerprint(saved: dict[str, Any], current: dict[str, Any]) -> None:
     if changed:
         hint = (f" (grad_accum: micro-batches per step across all processes, --grad-accum x processes, "
                 f"{saved.get('grad_accum')} in the checkpoint)" if "grad_accum" in changed else "")
-        raise AdapterToolError(f"--resume: the checkpoint was made with different {', '.join(changed)}{hint}; "
+        raise OptionError(f"--resume: the checkpoint was made with different {', '.join(changed)}{hint}; "
                                "resume with the options (and data) of the interrupted run")
 
 
@@ -244,15 +249,16 @@ def evaluate(model: Decoder, batches: list[Batch], *, device: torch.device, bf16
     return float(group.sum(total)) / max(1, sum(b.targets for b in batches))
 
 
-def _loss_sum(replicas: Replicas, batch: Batch, device: torch.device) -> torch.Tensor:
+def _loss_sum(replicas: Replicas, batch: Batch, device: torch.device, *, aux_weight: float = 0.0) -> torch.Tensor:
     """Summed cross-entropy of the batch's targets: position t predicts label t + 1. The model's
-    loss_sum never builds the (B, T, vocab) logits, and runs its head only where there is a target."""
+    loss_sum never builds the (B, T, vocab) logits, and runs its head only where there is a target.
+    A MoE decoder adds ``aux_weight x coef x`` its router load-balancing loss (none in evaluation)."""
     import torch
 
     ids = batch.input_ids.to(device, non_blocking=True)
     mask = None if batch.attention_mask is None else batch.attention_mask.to(device, non_blocking=True)
     targets = torch.cat([batch.labels[:, 1:], torch.full_like(batch.labels[:, :1], IGNORE)], dim=1).to(device)
-    return replicas.loss_sum(ids, targets, mask)
+    return replicas.loss_sum(ids, targets, mask, aux_weight)
 
 
 def _micro_batches(batches: list[Batch], *, seed: int, start: int) -> Iterator[Batch]:

@@ -3,7 +3,7 @@ over the native decoder, and the few collectives the loop needs.
 
 A job is what ``torchrun`` (or ``train --devices N``, which calls torchrun's launcher) starts: one
 process per device, each told its rank by the environment. Every process reads the same data and
-takes its own micro-batches of each step (:mod:`adaptertool.train.loop`); the adapter's gradients
+takes its own micro-batches of each step (:mod:`adaptertool.training.loop`); the adapter's gradients
 are averaged across processes, by one of:
 
 - DDP: the base replicated on every device, the LoRA gradients all-reduced once per step (frozen
@@ -30,11 +30,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from adaptertool.errors import AdapterToolError, ProcessError
-from adaptertool.train.data import IGNORE
+from adaptertool.errors import InputError, OptionError, ProcessError
+from adaptertool.training.data import IGNORE
 
 if TYPE_CHECKING:
-    from adaptertool.train.model import Decoder
+    from adaptertool.training.model import Decoder
 
 __all__ = ["PARALLEL", "SINGLE", "Group", "Replicas", "choose_parallel", "environment_group", "full_tensor",
            "parallelize", "resident_bytes", "shard_block", "shard_like", "start", "stop"]
@@ -93,7 +93,7 @@ def environment_group() -> Group | None:
     try:
         rank, world, local_rank, local_world = (int(os.environ.get(n, "0" if "RANK" in n else "1")) for n in names)
     except ValueError as err:
-        raise AdapterToolError(f"torchrun's environment is malformed ({err}); start the job with torchrun") from err
+        raise InputError(f"torchrun's environment is malformed ({err}); start the job with torchrun") from err
     return Group(rank, world, local_rank, local_world)
 
 
@@ -107,7 +107,7 @@ def start(group: Group, device_name: str, *, timeout_s: float) -> torch.device:
     """
     cuda = device_name != "cpu" and torch.cuda.is_available()
     if device_name == "cuda" and not cuda:
-        raise AdapterToolError("--device cuda, but torch sees no CUDA device; use --device cpu or auto")
+        raise OptionError("--device cuda, but torch sees no CUDA device; use --device cpu or auto")
     if cuda:
         if group.local_rank >= torch.cuda.device_count():
             raise ProcessError(f"rank {group.rank} is local rank {group.local_rank} but this node has "
@@ -154,8 +154,9 @@ class Replicas:
     def __init__(self, model: Decoder) -> None:
         self.model = model
 
-    def loss_sum(self, ids: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        return self.model.loss_sum(ids, targets, attention_mask=mask, ignore_index=IGNORE)
+    def loss_sum(self, ids: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None,
+                 aux_weight: float = 0.0) -> torch.Tensor:
+        return self.model.loss_sum(ids, targets, attention_mask=mask, ignore_index=IGNORE, aux_weight=aux_weight)
 
     def local_only(self) -> contextlib.AbstractContextManager[None]:
         """A context whose backward passes keep their gradients in this process (gradient accumulation)."""
@@ -169,8 +170,9 @@ class _LossSum(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, ids: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        return self.model.loss_sum(ids, targets, attention_mask=mask, ignore_index=IGNORE)
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None,
+                aux_weight: float = 0.0) -> torch.Tensor:
+        return self.model.loss_sum(ids, targets, attention_mask=mask, ignore_index=IGNORE, aux_weight=aux_weight)
 
 
 class _DataParallel(Replicas):
@@ -185,8 +187,9 @@ class _DataParallel(Replicas):
         DDP._set_params_and_buffers_to_ignore_for_model(wrapper, frozen)
         self.ddp = DDP(wrapper, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
 
-    def loss_sum(self, ids: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        return self.ddp(ids, targets, mask)
+    def loss_sum(self, ids: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None,
+                 aux_weight: float = 0.0) -> torch.Tensor:
+        return self.ddp(ids, targets, mask, aux_weight)
 
     def local_only(self) -> contextlib.AbstractContextManager[None]:
         return self.ddp.no_sync()
@@ -207,13 +210,13 @@ def _gradient_sync_off(model: nn.Module) -> Iterator[None]:
 
 
 def shard_block(group: Group, device: torch.device, *, replicate_nodes: bool) -> Any:
-    """The ``shard`` callback for :func:`adaptertool.train.weights.load_decoder` under FSDP2: each
+    """The ``shard`` callback for :func:`adaptertool.training.weights.load_decoder` under FSDP2: each
     block becomes one unit (its 4-bit codes as parameters, so they are sharded too), then the root."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-    from adaptertool.train.fourbit import FourBitWeight
-    from adaptertool.train.model import Decoder
+    from adaptertool.training.fourbit import FourBitWeight
+    from adaptertool.training.model import Decoder
 
     if replicate_nodes and group.world > group.local_world:
         mesh = init_device_mesh(device.type, (group.world // group.local_world, group.local_world),

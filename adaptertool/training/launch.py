@@ -30,22 +30,27 @@ def launch(args: list[str], processes: int, *, checkpoint_dir: Path) -> None:
     Raises:
         AdapterToolError: one or more processes failed (naming the first, how, and the last checkpoint).
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    from adaptertool.train.state import latest_checkpoint
+    from adaptertool.training.state import latest_checkpoint
 
-    # torchrun's agent logs every failure and stop; the summary below says it once
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    # torchrun's agent logs every failure and stop (its loggers set their own levels); the summary below says it once
+    for name in list(logging.Logger.manager.loggerDict):
+        if name.startswith(("torch.distributed.elastic", "torch.distributed.launcher", "torch.distributed.run")):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     os.environ[LAUNCHED] = "1"
     # torchrun would set 1 (and warn); the cores shared out suit CPU processes, and GPU ones hardly use them
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
     try:
         run(parse_args(["--standalone", f"--nproc-per-node={processes}", "--module", "adaptertool", *args]))
-    except ChildFailedError as err:
+    except (ChildFailedError, SignalException) as err:
         folder = latest_checkpoint(checkpoint_dir)
         last = f"the last checkpoint, {folder}, is intact (--resume {folder})" if folder else "no checkpoint was written"
-        raise AdapterToolError(f"{_first_failure(err.failures)}; {last}") from None
+        if isinstance(err, SignalException):  # this launcher was stopped (Ctrl-C, kill): torchrun stopped the processes
+            raise AdapterToolError(f"stopped by {signal.Signals(err.sigval).name}; every process was stopped; {last}") from None
+        raise ProcessError(f"{_first_failure(err.failures)}; {last}") from None
     finally:
         os.environ.pop(LAUNCHED, None)
 

@@ -13,7 +13,7 @@ the row norms as constants (the paper's section 4.3; PEFT detaches them too). In
 PEFT's: A ~ kaiming_uniform(a=sqrt(5)), B = 0, so training starts from the base model exactly.
 
 The frozen weight is either a plain tensor or, for QLoRA, bitsandbytes 4-bit codes with their
-absmax (:class:`~adaptertool.train.fourbit.FourBitWeight`), expanded on the fly in the forward and
+absmax (:class:`~adaptertool.training.fourbit.FourBitWeight`), expanded on the fly in the forward and
 again in the backward, so only the packed data stays resident.
 """
 
@@ -28,12 +28,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaptertool.adapters.lora import lora_scaling
-from adaptertool.errors import AdapterToolError
-from adaptertool.train.fourbit import FourBitWeight
+from adaptertool.errors import OptionError
+from adaptertool.training.fourbit import FourBitWeight
 
-__all__ = ["ALL_LINEAR", "FrozenLinear", "LoRALinear", "LoraSpec", "add_lora", "check_targets", "dropout_mask", "lora_modules"]
+__all__ = ["ALL_LINEAR", "EXPERT_FORMS", "FrozenLinear", "LoRALinear", "LoraSpec", "add_lora", "check_targets", "dropout_mask", "lora_modules"]
 
 ALL_LINEAR = "all-linear"
+EXPERT_FORMS = ("per-expert", "fused")  # how MoE expert LoRAs are trained and saved (see train/moe.py)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,16 +52,19 @@ class LoraSpec:
     targets: tuple[str, ...] = (ALL_LINEAR,)
     rslora: bool = False
     dora: bool = False
+    experts: str = "per-expert"  # MoE expert LoRAs: per expert Linear, or "fused" (PEFT target_parameters)
 
     def __post_init__(self) -> None:
+        if self.experts not in EXPERT_FORMS:
+            raise OptionError(f"--experts must be one of {', '.join(EXPERT_FORMS)}, not {self.experts!r}")
         if self.rank < 1:
-            raise AdapterToolError(f"LoRA rank must be at least 1, not {self.rank}")
+            raise OptionError(f"LoRA rank must be at least 1, not {self.rank}")
         if not self.alpha > 0:
-            raise AdapterToolError(f"LoRA alpha must be positive, not {self.alpha}")
+            raise OptionError(f"LoRA alpha must be positive, not {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
-            raise AdapterToolError(f"LoRA dropout must be in [0, 1), not {self.dropout}")
+            raise OptionError(f"LoRA dropout must be in [0, 1), not {self.dropout}")
         if not self.targets or any(not t for t in self.targets):
-            raise AdapterToolError("LoRA targets must name at least one module (or 'all-linear')")
+            raise OptionError("LoRA targets must name at least one module (or 'all-linear')")
 
     @property
     def scaling(self) -> float:
@@ -273,7 +277,7 @@ def check_targets(spec: LoraSpec, candidates: list[str]) -> None:
     for target in spec.targets:
         if target != ALL_LINEAR and not any(LoraSpec(targets=(target,)).matches(name) for name in candidates):
             short = sorted({name.rsplit(".", 1)[-1] for name in candidates})
-            raise AdapterToolError(f"LoRA target {target!r} matches no Linear in the transformer blocks; choose from "
+            raise OptionError(f"LoRA target {target!r} matches no Linear in the transformer blocks; choose from "
                                    f"{', '.join(short)} or all-linear")
 
 

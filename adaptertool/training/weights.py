@@ -1,4 +1,4 @@
-"""Build a :class:`~adaptertool.train.model.Decoder` straight from a safetensors checkpoint.
+"""Build a :class:`~adaptertool.training.model.Decoder` straight from a safetensors checkpoint.
 
 The model is first built on the meta device (no memory), then each module receives its tensor
 as it is read, one at a time: resident memory is the finished model plus one tensor. Linear
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from adaptertool.errors import AdapterToolError
+from adaptertool.errors import InputError
 from adaptertool.io import Checkpoint, open_checkpoint, read_json, torch_dtype
 from adaptertool.quant import (
     Codebook,
@@ -28,9 +28,10 @@ from adaptertool.quant import (
     read_state,
     read_stored,
 )
-from adaptertool.train.fourbit import FourBitWeight
-from adaptertool.train.lora import FrozenLinear, LoraSpec, add_lora, check_targets
-from adaptertool.train.model import Decoder, DecoderConfig
+from adaptertool.training.fourbit import FourBitWeight
+from adaptertool.training.lora import FrozenLinear, LoraSpec, add_lora, check_targets
+from adaptertool.training.model import Decoder, DecoderConfig
+from adaptertool.training.moe import add_param_loras, expert_checkpoint, lora_names, router_like, with_aux_coef
 
 __all__ = ["load_decoder"]
 
@@ -39,7 +40,7 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers older transformers saved
 
 def load_decoder(path: Path, *, lora: LoraSpec, qlora: bool = False, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, seed: int = 0, gradient_checkpointing: bool = False,
-                 shard: Callable[[nn.Module], None] | None = None) -> Decoder:
+                 shard: Callable[[nn.Module], None] | None = None, router_aux_loss_coef: float | None = None) -> Decoder:
     """Load a decoder with fresh LoRA layers from a checkpoint folder (config.json beside the weights).
 
     Args:
@@ -53,6 +54,7 @@ def load_decoder(path: Path, *, lora: LoraSpec, qlora: bool = False, device: str
         shard: called on each block once it is loaded with its LoRA layers, then on the whole model
             (FSDP2 keeps this process's shard of each): resident memory is then the shards plus one
             block instead of the whole model.
+        router_aux_loss_coef: a MoE decoder's load-balancing loss weight; None: config.json's.
 
     Raises:
         AdapterToolError: no config.json, an unsupported architecture, or tensors missing, unexpected or
@@ -62,11 +64,13 @@ def load_decoder(path: Path, *, lora: LoraSpec, qlora: bool = False, device: str
     with open_checkpoint(path) as ckpt:
         config_path = ckpt.root / "config.json" if ckpt.root is not None else None
         if config_path is None or not config_path.is_file():
-            raise AdapterToolError(f"{path}: no config.json beside the weights; train needs the model's folder")
-        config = DecoderConfig.from_dict(read_json(config_path), source=str(config_path))
+            raise InputError(f"{path}: no config.json beside the weights; train needs the model's folder")
+        raw = read_json(config_path)
+        config = with_aux_coef(DecoderConfig.from_dict(raw, source=str(config_path)), router_aux_loss_coef)
         quantized = find_quantized_weights(ckpt, source=str(ckpt.path))
         states = {name: read_state(ckpt.read, keys, source=str(ckpt[keys.quant_state].file))
                   for name, keys in quantized.items()}
+        ckpt = expert_checkpoint(ckpt, raw, config)  # MoE experts under the decoder's per-expert names
         with torch.device("meta"):
             model = Decoder(config)
         _check_tensors(model, ckpt, quantized, states)
@@ -78,7 +82,9 @@ def load_decoder(path: Path, *, lora: LoraSpec, qlora: bool = False, device: str
             prefix = f"model.layers.{i}."
             _load(model, ckpt, prefix, quantized, books, device, dtype)
             block.requires_grad_(False)
-            add_lora(model, lora, generator=generator, names=[n for n in candidates if n.startswith(prefix)])
+            names = lora_names(lora, [n for n in candidates if n.startswith(prefix)], config.moe)
+            add_lora(model, lora, generator=generator, names=names)
+            add_param_loras(block, lora, generator=generator)
             if shard is not None:
                 shard(block)
         _load(model, ckpt, "", quantized, books, device, dtype)  # embeddings and the final norm
@@ -99,7 +105,8 @@ def _load(model: Decoder, ckpt: Checkpoint, prefix: str, quantized: dict[str, Qu
     """Read the still unloaded Linears and parameters whose names start with ``prefix``."""
     for name, module in list(model.named_modules()):
         if isinstance(module, FrozenLinear) and name != "lm_head" and name.startswith(prefix) and _is_meta(module):
-            _set_module(model, name, _read_linear(ckpt, name, quantized, books, device, dtype))
+            keep = router_like(name)  # routing decisions stay 16-bit under --qlora, as with transformers + bnb
+            _set_module(model, name, _read_linear(ckpt, name, quantized, None if keep else books, device, dtype))
     for name, param in list(model.named_parameters()):
         if param.is_meta and name.startswith(prefix) and not name.startswith("lm_head."):
             _set_parameter(model, name, _read(ckpt, name, device, dtype))
@@ -121,18 +128,18 @@ def _check_tensors(model: Decoder, ckpt: Checkpoint, quantized: dict[str, Quanti
     where = f"{ckpt.path} ({model.config.architecture})"
     for name, shape in needed.items():
         if name not in stored:
-            raise AdapterToolError(f"{where}: tensor {name} is missing; does config.json describe these weights?")
+            raise InputError(f"{where}: tensor {name} is missing; does config.json describe these weights?")
         if tuple(stored[name]) != shape:
-            raise AdapterToolError(f"{where}: tensor {name} has shape {list(stored[name])} but config.json implies "
+            raise InputError(f"{where}: tensor {name} has shape {list(stored[name])} but config.json implies "
                                    f"{list(shape)}; does config.json describe these weights?")
     tied_head = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
     extra = [n for n in stored if n not in needed and n not in tied_head and not n.endswith(_IGNORED_SUFFIXES)]
     if extra:
-        raise AdapterToolError(f"{where}: tensor {extra[0]} is not part of the decoder config.json describes; "
+        raise InputError(f"{where}: tensor {extra[0]} is not part of the decoder config.json describes; "
                                "train supports plain causal-LM checkpoints")
     for name in needed:
         if name not in quantized and torch_dtype(ckpt[name].dtype).is_floating_point is False:
-            raise AdapterToolError(f"{where}: tensor {name} is {ckpt[name].dtype}, not a float; train needs 16/32-bit or 4-bit weights")
+            raise InputError(f"{where}: tensor {name} is {ckpt[name].dtype}, not a float; train needs 16/32-bit or 4-bit weights")
 
 
 def _read_linear(ckpt: Checkpoint, name: str, quantized: dict[str, QuantizedKeys],

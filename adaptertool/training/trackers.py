@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from adaptertool.errors import AdapterToolError
+from adaptertool.errors import OptionError
 
 __all__ = ["REPORT_TO", "TENSORBOARD_DIR", "Trackers"]
 
@@ -48,7 +48,7 @@ class Trackers:
         self._wandb: Any = None
         for name in dict.fromkeys(names):
             if name not in REPORT_TO:
-                raise AdapterToolError(f"--report-to must be one of {', '.join(REPORT_TO)}, not {name!r}")
+                raise OptionError(f"--report-to must be one of {', '.join(REPORT_TO)}, not {name!r}")
             try:
                 if name == "tensorboard":
                     from torch.utils.tensorboard import SummaryWriter
@@ -63,7 +63,7 @@ class Trackers:
                                              config=config)
             except ImportError as err:
                 self.close()
-                raise AdapterToolError(f"--report-to {name} needs the {name} package: {_INSTALL[name]}") from err
+                raise OptionError(f"--report-to {name} needs the {name} package: {_INSTALL[name]}") from err
 
     def log(self, record: dict[str, Any]) -> None:
         """One step's record, as scalars at its step."""

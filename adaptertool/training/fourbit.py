@@ -1,7 +1,7 @@
 """QLoRA's frozen 4-bit base weight (Dettmers et al. 2023, https://arxiv.org/abs/2305.14314).
 
 Only the packed codes and their absmax stay resident; the dense weight is expanded on the fly,
-in the forward and again in the backward (:mod:`adaptertool.train.lora`), by the same reader
+in the forward and again in the backward (:mod:`adaptertool.training.lora`), by the same reader
 ``adaptertool dequantize`` uses (:func:`adaptertool.quant.dequantize_stored`).
 """
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adaptertool.errors import AdapterToolError
+from adaptertool.errors import InputError
 from adaptertool.io import (
     CheckpointWriter,
     TensorSpec,
@@ -93,7 +93,7 @@ def load_state(path: Path) -> TrainState:
     """
     folder = latest_checkpoint(path)
     if folder is None:
-        raise AdapterToolError(f"{path} holds no training checkpoint (step-*/{_STATE_JSON}); check --resume")
+        raise InputError(f"{path} holds no training checkpoint (step-*/{_STATE_JSON}); check --resume")
     meta = read_json(folder / _STATE_JSON)
     _, adapter_ckpt, _ = open_adapter(folder)
     with adapter_ckpt, open_checkpoint(folder / _STATE_TENSORS) as ckpt:
@@ -106,7 +106,7 @@ def load_state(path: Path) -> TrainState:
                           rng={k.removeprefix("rng/"): v for k, v in tensors.items() if k.startswith("rng/")},
                           log=list(meta.get("log", [])))
     except (KeyError, TypeError, ValueError) as err:
-        raise AdapterToolError(f"{folder / _STATE_JSON}: damaged training state ({err!r}); resume from another checkpoint") from err
+        raise InputError(f"{folder / _STATE_JSON}: damaged training state ({err!r}); resume from another checkpoint") from err
 
 
 def _spec(name: str, tensor: torch.Tensor) -> TensorSpec:

@@ -33,7 +33,7 @@ import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from adaptertool.errors import AdapterToolError
+from adaptertool.errors import InputError
 
 if TYPE_CHECKING:
     import torch
@@ -110,34 +110,34 @@ def parse_records(lines: Iterable[str], *, source: str) -> list[Record]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as err:
-            raise AdapterToolError(f"{source}:{number}: not valid JSON ({err.msg}, column {err.colno}); "
+            raise InputError(f"{source}:{number}: not valid JSON ({err.msg}, column {err.colno}); "
                                    "each line must be one JSON object") from err
         records.append(Record(number, _kind(obj, f"{source}:{number}"), obj))
     if not records:
-        raise AdapterToolError(f"{source}: holds no records; expected JSON lines with text, prompt/completion or messages")
+        raise InputError(f"{source}: holds no records; expected JSON lines with text, prompt/completion or messages")
     return records
 
 
 def _kind(obj: object, where: str) -> str:
     if not isinstance(obj, dict):
-        raise AdapterToolError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        raise InputError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     if "messages" in obj:
         messages = obj["messages"]
         if not isinstance(messages, list) or not messages:
-            raise AdapterToolError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+            raise InputError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise AdapterToolError(f"{where}: messages[{i}] must be an object with string 'role' and 'content'")
+                raise InputError(f"{where}: messages[{i}] must be an object with string 'role' and 'content'")
         return "chat"
     if "prompt" in obj or "completion" in obj:
         if not isinstance(obj.get("prompt"), str) or not isinstance(obj.get("completion"), str):
-            raise AdapterToolError(f"{where}: 'prompt' and 'completion' must both be present and be strings")
+            raise InputError(f"{where}: 'prompt' and 'completion' must both be present and be strings")
         return "completion"
     if "text" in obj:
         if not isinstance(obj["text"], str):
-            raise AdapterToolError(f"{where}: 'text' must be a string")
+            raise InputError(f"{where}: 'text' must be a string")
         return "text"
-    raise AdapterToolError(f"{where}: no 'text', 'prompt'/'completion' or 'messages' field "
+    raise InputError(f"{where}: no 'text', 'prompt'/'completion' or 'messages' field "
                            f"(found {', '.join(sorted(obj)) or 'none'})")
 
 
@@ -158,7 +158,7 @@ class ChatTemplate:
         try:
             self._template = env.from_string(source)
         except jinja2.TemplateError as err:
-            raise AdapterToolError(f"the tokenizer's chat template does not compile ({err}); fix chat_template") from err
+            raise InputError(f"the tokenizer's chat template does not compile ({err}); fix chat_template") from err
         self._special = special_tokens
 
     def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = False) -> str:
@@ -207,16 +207,16 @@ class TextTokenizer:
         try:
             from tokenizers import Tokenizer
         except ImportError as err:
-            raise AdapterToolError("train needs the tokenizers library (pip install tokenizers)") from err
+            raise InputError("train needs the tokenizers library (pip install tokenizers)") from err
         try:
             tokenizer = Tokenizer.from_str(tokenizer_json)
         except Exception as err:  # the Rust side raises plain Exceptions for any parse failure
-            raise AdapterToolError(f"{source}: not a tokenizers file ({err})") from err
+            raise InputError(f"{source}: not a tokenizers file ({err})") from err
         special = {k: _token_text(v) for k, v in tokenizer_config.items()
                    if k.endswith("_token") and _token_text(v) is not None}
         eos_id = _token_id(tokenizer, special.get("eos_token"), model_config.get("eos_token_id"))
         if eos_id is None:
-            raise AdapterToolError(f"{source}: no EOS token (tokenizer_config.json has no eos_token and config.json "
+            raise InputError(f"{source}: no EOS token (tokenizer_config.json has no eos_token and config.json "
                                    "no eos_token_id); training needs one to separate examples")
         bos_id = _token_id(tokenizer, special.get("bos_token"), model_config.get("bos_token_id"))
         pad_id = _token_id(tokenizer, special.get("pad_token"), model_config.get("pad_token_id"))
@@ -283,12 +283,12 @@ def _with_eos(ids: list[int], eos_id: int) -> list[int]:
 
 def _chat_example(messages: list[dict[str, Any]], tok: TextTokenizer, where: str) -> tuple[Example, bool]:
     if tok.chat is None:
-        raise AdapterToolError(f"{where}: a 'messages' record, but the tokenizer has no chat_template "
+        raise InputError(f"{where}: a 'messages' record, but the tokenizer has no chat_template "
                                "(tokenizer_config.json or chat_template.jinja); use text or prompt/completion")
     try:
         text = tok.chat.render(messages)
     except jinja2.TemplateError as err:
-        raise AdapterToolError(f"{where}: the chat template refuses this conversation ({err})") from err
+        raise InputError(f"{where}: the chat template refuses this conversation ({err})") from err
     spans = _assistant_spans(messages, tok.chat, text)
     ids, offsets = tok.encode(text, special=False)
     if not spans:
@@ -340,7 +340,7 @@ def build_dataset(examples: list[Example], *, seq_len: int, batch_size: int, pac
                           truncated=len(truncated), truncated_tokens=sum(len(e.ids) - seq_len for e in truncated),
                           dropped=len(cut) - len(kept), **counts)
     if not kept or stats.target_tokens == 0:
-        raise AdapterToolError("the data has no token to train on (every completion cut off by --seq-len?); "
+        raise InputError("the data has no token to train on (every completion cut off by --seq-len?); "
                                "raise --seq-len or check the data")
     batches = [_collate(blocks[i:i + batch_size], pad_id) for i in range(0, len(blocks), batch_size)]
     return Dataset(batches, replace(stats, batches=len(batches)))
