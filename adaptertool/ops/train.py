@@ -54,6 +54,7 @@ from adaptertool.training.distributed import (
     Group,
     choose_parallel,
     environment_group,
+    first_line,
     parallelize,
     resident_bytes,
     shard_block,
@@ -214,8 +215,9 @@ def train(cfg: TrainConfig, *, progress: bool = False) -> TrainReport:
             raise
         folder = latest_checkpoint(checkpoint_folder(cfg.out, cfg.checkpoint_dir))
         last = f"the last checkpoint, {folder}, is intact (--resume {folder})" if folder else "no checkpoint was written"
-        raise CollectiveError(f"rank {group.rank}: a collective operation failed ({_first_line(err)}); another process "
-                           f"probably exited (see its output: out of memory?) or --dist-timeout passed; {last}") from err
+        raise CollectiveError(f"rank {group.rank}: a collective operation failed ({first_line(err)}); another "
+                              f"process probably exited (see its output: out of memory?) or --dist-timeout passed; "
+                              f"{last}") from err
     finally:
         stop()
 
@@ -246,8 +248,8 @@ def _train(cfg: TrainConfig, job: Group | None, device: torch.device, progress: 
         notes.append(f"{group.world} processes, {parallel}: {why}")
         if parallel == "fsdp":
             shard = shard_block(group, device, replicate_nodes=cfg.replicate_nodes)
-    if device.type == "cpu":
-        _tune_heap(transient_weights=cfg.qlora or parallel == "fsdp")
+    if device.type == "cpu":  # a 4-bit or FP8 base expands its weights on the fly too
+        _tune_heap(transient_weights=cfg.qlora or parallel == "fsdp" or "quantization_config" in model_config)
     checkpoint_dir = checkpoint_folder(cfg.out, cfg.checkpoint_dir)
     fingerprint = _fingerprint(cfg, dataset.stats, loop_cfg, group)
     if group.main:
@@ -316,14 +318,9 @@ def _collective_failure(err: BaseException) -> bool:
         text in str(err) for text in ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out"))
 
 
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
-
-
 def _base_bytes(base: Path, *, qlora: bool, dtype: torch.dtype) -> int:
     """What the frozen base takes on a device once loaded: 16/32-bit tensors in ``dtype``, stored
-    4-bit ones as they are, and under ``qlora`` the block Linears at NF4's ~0.52 bytes a weight."""
+    4-bit and FP8 codes as they are, and under ``qlora`` the block Linears at NF4's ~0.52 bytes a weight."""
     from adaptertool.io import open_checkpoint, torch_dtype
 
     total = 0
@@ -331,8 +328,9 @@ def _base_bytes(base: Path, *, qlora: bool, dtype: torch.dtype) -> int:
         for name in ckpt:
             info = ckpt[name]
             numel = math.prod(info.shape)
-            if not torch_dtype(info.dtype).is_floating_point:
-                total += numel * torch_dtype(info.dtype).itemsize
+            stored = torch_dtype(info.dtype)
+            if not stored.is_floating_point or stored.itemsize == 1:  # 4-bit or FP8 codes stay as they are
+                total += numel * stored.itemsize
             elif qlora and name.startswith("model.layers.") and name.endswith("proj.weight"):
                 total += numel * 33 // 64  # 4-bit codes, one 8-bit absmax a 64-block, its nested scales
             else:
@@ -377,7 +375,7 @@ def _tokenizer(base: Path) -> tuple[dict[str, Any], TextTokenizer]:
     for name in ("config.json", "tokenizer.json"):
         if not (folder / name).is_file():
             raise InputError(f"{folder} has no {name}; train needs the model folder with its tokenizer "
-                                   "(tokenizer.json, as transformers saves it)")
+                             "(tokenizer.json, as transformers saves it)")
     tokenizer_config = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
     template = folder / "chat_template.jinja"
     model_config = read_json(folder / "config.json")
@@ -398,7 +396,7 @@ def _check_order(cfg: TrainConfig) -> None:
     # `train BASE OUT DATA` would otherwise say OUT exists and suggest --force, which replaces the data file.
     if not cfg.data.exists() and cfg.out.is_file():
         raise OptionError(f"DATA {cfg.data} does not exist and OUT {cfg.out} is a file: are they swapped? "
-                               "the order is train BASE DATA OUT")
+                          "the order is train BASE DATA OUT")
 
 
 def _dataset(path: Path, tok: TextTokenizer, cfg: TrainConfig, *, shuffle_seed: int) -> Dataset:

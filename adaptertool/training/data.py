@@ -111,7 +111,7 @@ def parse_records(lines: Iterable[str], *, source: str) -> list[Record]:
             obj = json.loads(line)
         except json.JSONDecodeError as err:
             raise InputError(f"{source}:{number}: not valid JSON ({err.msg}, column {err.colno}); "
-                                   "each line must be one JSON object") from err
+                             "each line must be one JSON object") from err
         records.append(Record(number, _kind(obj, f"{source}:{number}"), obj))
     if not records:
         raise InputError(f"{source}: holds no records; expected JSON lines with text, prompt/completion or messages")
@@ -138,7 +138,7 @@ def _kind(obj: object, where: str) -> str:
             raise InputError(f"{where}: 'text' must be a string")
         return "text"
     raise InputError(f"{where}: no 'text', 'prompt'/'completion' or 'messages' field "
-                           f"(found {', '.join(sorted(obj)) or 'none'})")
+                     f"(found {', '.join(sorted(obj)) or 'none'})")
 
 
 class ChatTemplate:
@@ -217,7 +217,7 @@ class TextTokenizer:
         eos_id = _token_id(tokenizer, special.get("eos_token"), model_config.get("eos_token_id"))
         if eos_id is None:
             raise InputError(f"{source}: no EOS token (tokenizer_config.json has no eos_token and config.json "
-                                   "no eos_token_id); training needs one to separate examples")
+                             "no eos_token_id); training needs one to separate examples")
         bos_id = _token_id(tokenizer, special.get("bos_token"), model_config.get("bos_token_id"))
         pad_id = _token_id(tokenizer, special.get("pad_token"), model_config.get("pad_token_id"))
         template = chat_template if chat_template is not None else tokenizer_config.get("chat_template")
@@ -284,7 +284,7 @@ def _with_eos(ids: list[int], eos_id: int) -> list[int]:
 def _chat_example(messages: list[dict[str, Any]], tok: TextTokenizer, where: str) -> tuple[Example, bool]:
     if tok.chat is None:
         raise InputError(f"{where}: a 'messages' record, but the tokenizer has no chat_template "
-                               "(tokenizer_config.json or chat_template.jinja); use text or prompt/completion")
+                         "(tokenizer_config.json or chat_template.jinja); use text or prompt/completion")
     try:
         text = tok.chat.render(messages)
     except jinja2.TemplateError as err:
@@ -341,7 +341,7 @@ def build_dataset(examples: list[Example], *, seq_len: int, batch_size: int, pac
                           dropped=len(cut) - len(kept), **counts)
     if not kept or stats.target_tokens == 0:
         raise InputError("the data has no token to train on (every completion cut off by --seq-len?); "
-                               "raise --seq-len or check the data")
+                         "raise --seq-len or check the data")
     batches = [_collate(blocks[i:i + batch_size], pad_id) for i in range(0, len(blocks), batch_size)]
     return Dataset(batches, replace(stats, batches=len(batches)))
 

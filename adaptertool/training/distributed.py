@@ -36,12 +36,12 @@ from adaptertool.training.data import IGNORE
 if TYPE_CHECKING:
     from adaptertool.training.model import Decoder
 
-__all__ = ["PARALLEL", "SINGLE", "Group", "Replicas", "choose_parallel", "environment_group", "full_tensor",
+__all__ = ["PARALLEL", "SINGLE", "Group", "Replicas", "choose_parallel", "environment_group", "first_line", "full_tensor",
            "parallelize", "resident_bytes", "shard_block", "shard_like", "start", "stop"]
 
 PARALLEL = ("auto", "ddp", "fsdp")
 # FSDP2 shards uint8 parameters from torch 2.13 on (pytorch#177948); older releases fail on them,
-# so there the 4-bit codes stay buffers: replicated, as under DDP.
+# so there the 4-bit and FP8 codes stay buffers: replicated, as under DDP.
 _SHARDS_INTEGER_PARAMS = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
 
 
@@ -111,7 +111,7 @@ def start(group: Group, device_name: str, *, timeout_s: float) -> torch.device:
     if cuda:
         if group.local_rank >= torch.cuda.device_count():
             raise ProcessError(f"rank {group.rank} is local rank {group.local_rank} but this node has "
-                                   f"{torch.cuda.device_count()} CUDA devices; start at most that many processes per node")
+                               f"{torch.cuda.device_count()} CUDA devices; start at most that many processes per node")
         device = torch.device("cuda", group.local_rank)
         torch.cuda.set_device(device)
     else:
@@ -122,8 +122,8 @@ def start(group: Group, device_name: str, *, timeout_s: float) -> torch.device:
                                              timeout=datetime.timedelta(seconds=timeout_s),
                                              device_id=device if cuda else None)
     except (RuntimeError, ValueError) as err:
-        raise ProcessError(f"rank {group.rank}: could not join the job's process group ({_first_line(err)}); "
-                               "check that every node reaches the rendezvous endpoint (--rdzv-endpoint)") from err
+        raise ProcessError(f"rank {group.rank}: could not join the job's process group ({first_line(err)}); "
+                           "check that every node reaches the rendezvous endpoint (--rdzv-endpoint)") from err
     return device
 
 
@@ -211,11 +211,11 @@ def _gradient_sync_off(model: nn.Module) -> Iterator[None]:
 
 def shard_block(group: Group, device: torch.device, *, replicate_nodes: bool) -> Any:
     """The ``shard`` callback for :func:`adaptertool.training.weights.load_decoder` under FSDP2: each
-    block becomes one unit (its 4-bit codes as parameters, so they are sharded too), then the root."""
+    block becomes one unit (its 4-bit or FP8 codes as parameters, so they are sharded too), then the root."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-    from adaptertool.training.fourbit import FourBitWeight
+    from adaptertool.training.lora import PackedWeight
     from adaptertool.training.model import Decoder
 
     if replicate_nodes and group.world > group.local_world:
@@ -227,7 +227,7 @@ def shard_block(group: Group, device: torch.device, *, replicate_nodes: bool) ->
     def shard(module: nn.Module) -> None:
         if _SHARDS_INTEGER_PARAMS:
             for part in module.modules():
-                if isinstance(part, FourBitWeight):
+                if isinstance(part, PackedWeight):
                     part.codes_as_parameters()
         fully_shard(module, mesh=mesh)
         if isinstance(module, Decoder):
@@ -273,6 +273,7 @@ def shard_like(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(tensor.to(param.device), mesh, param.placements)  # type: ignore[attr-defined]
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (torch's distributed errors run to many)."""
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__

@@ -60,7 +60,7 @@ def _gemma(config: Mapping[str, Any], architecture: str, source: str) -> dict[st
     activation = config.get("hidden_activation") or "gelu_pytorch_tanh"
     if activation != "gelu_pytorch_tanh":
         raise InputError(f"{source}: hidden_activation {activation!r} is not supported; train's Gemma MLP is "
-                               "GeGLU with the tanh-approximated GELU (gelu_pytorch_tanh)")
+                         "GeGLU with the tanh-approximated GELU (gelu_pytorch_tanh)")
     if config.get("use_bidirectional_attention"):
         raise InputError(f"{source}: use_bidirectional_attention is set (an embedding model); train trains causal LMs")
     gemma2 = architecture == _GEMMA2

@@ -46,6 +46,10 @@ class FourBitWeight(nn.Module):
         return self.state.shape
 
     @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    @property
     def nested_offset(self) -> float | None:
         return self.state.nested_offset
 

@@ -89,7 +89,7 @@ def make_optimizer(name: str, params: list[torch.nn.Parameter], *, lr: float, we
         raise OptionError(f"--optim must be one of {', '.join(OPTIMIZERS)}, not {name!r}")
     if name == "paged_adamw" and device.type != "cuda":
         raise OptionError("--optim paged_adamw pages optimizer state through CUDA unified memory and needs a "
-                               "CUDA device; use --optim adamw or adamw8bit on the CPU")
+                          "CUDA device; use --optim adamw or adamw8bit on the CPU")
     try:
         import bitsandbytes as bnb
     except ImportError as err:
@@ -223,7 +223,7 @@ def _check_fingerprint(saved: dict[str, Any], current: dict[str, Any]) -> None:
         hint = (f" (grad_accum: micro-batches per step across all processes, --grad-accum x processes, "
                 f"{saved.get('grad_accum')} in the checkpoint)" if "grad_accum" in changed else "")
         raise OptionError(f"--resume: the checkpoint was made with different {', '.join(changed)}{hint}; "
-                               "resume with the options (and data) of the interrupted run")
+                          "resume with the options (and data) of the interrupted run")
 
 
 def _diverged(loss: float, grad_norm: float, step: int, checkpoint: Path | None) -> AdapterToolError:

@@ -12,9 +12,10 @@ output row of ``W + scaling * B A`` to a trained magnitude ``m`` (one value per 
 the row norms as constants (the paper's section 4.3; PEFT detaches them too). Initialisation is
 PEFT's: A ~ kaiming_uniform(a=sqrt(5)), B = 0, so training starts from the base model exactly.
 
-The frozen weight is either a plain tensor or, for QLoRA, bitsandbytes 4-bit codes with their
-absmax (:class:`~adaptertool.training.fourbit.FourBitWeight`), expanded on the fly in the forward and
-again in the backward, so only the packed data stays resident.
+The frozen weight is either a plain tensor or quantised codes with their scales: for QLoRA,
+bitsandbytes 4-bit codes with their absmax (:class:`~adaptertool.training.fourbit.FourBitWeight`), or
+an FP8 base's codes (:class:`~adaptertool.training.fp8weight.Fp8Weight`), expanded on the fly in the
+forward and again in the backward, so only the packed data stays resident.
 """
 
 from __future__ import annotations
@@ -30,11 +31,13 @@ from torch import nn
 from adaptertool.adapters.lora import lora_scaling
 from adaptertool.errors import OptionError
 from adaptertool.training.fourbit import FourBitWeight
+from adaptertool.training.fp8weight import Fp8Weight
 
 __all__ = ["ALL_LINEAR", "EXPERT_FORMS", "FrozenLinear", "LoRALinear", "LoraSpec", "add_lora", "check_targets", "dropout_mask", "lora_modules"]
 
 ALL_LINEAR = "all-linear"
 EXPERT_FORMS = ("per-expert", "fused")  # how MoE expert LoRAs are trained and saved (see train/moe.py)
+PackedWeight = FourBitWeight | Fp8Weight  # a frozen weight kept as codes: shape, device, dequantize(dtype)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,15 +79,15 @@ class LoraSpec:
         return any(t == ALL_LINEAR or module == t or module.endswith("." + t) for t in self.targets)
 
 
-class _FourBitMatmul(torch.autograd.Function):
-    """``x W^T`` with W expanded from 4-bit codes in the forward and again in the backward.
+class _PackedMatmul(torch.autograd.Function):
+    """``x W^T`` with W expanded from its codes (4-bit or FP8) in the forward and again in the backward.
 
     Saving the dense W for the backward (as ``F.linear`` would) keeps every layer's full weight
     alive until the backward reaches it, which is the memory QLoRA exists to save.
     """
 
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, weight: FourBitWeight) -> torch.Tensor:
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
         ctx.weight = weight  # type: ignore[attr-defined]
         ctx.x_dtype = x.dtype  # type: ignore[attr-defined]
         return F.linear(x, weight.dequantize(x.dtype))
@@ -134,8 +137,8 @@ class _LoraLinear(torch.autograd.Function):
     the base output inside its matmul, and the input gradient of the base into the LoRA one:
     no (.., out) or (.., in) temporaries and no extra passes over them, forward or backward (with
     separate nodes, autograd would add two fresh (.., in) gradients). Same maths, same RNG draws
-    under gradient checkpointing (which replays the generator state). A 4-bit base is expanded in
-    the forward and again in the backward, as in :class:`_FourBitMatmul`.
+    under gradient checkpointing (which replays the generator state). A 4-bit or FP8 base is expanded
+    in the forward and again in the backward, as in :class:`_PackedMatmul`.
     """
 
     @staticmethod
@@ -148,7 +151,7 @@ class _LoraLinear(torch.autograd.Function):
         factor = scaling / (1.0 - p)
         hidden = F.linear(_drop(xa, keep), lora_a).mul_(factor)  # (.., r)
         result.view(-1, result.shape[-1]).addmm_(hidden.flatten(0, -2).to(result.dtype), lora_b.T.to(result.dtype))
-        ctx.save_for_backward(xa, keep, lora_a, lora_b, hidden, None if base.fourbit is not None else dense)  # type: ignore[attr-defined]
+        ctx.save_for_backward(xa, keep, lora_a, lora_b, hidden, None if base.quantized is not None else dense)  # type: ignore[attr-defined]
         ctx.base, ctx.factor, ctx.x_dtype = base, factor, x.dtype  # type: ignore[attr-defined]
         return result
 
@@ -187,28 +190,28 @@ def _as_float(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class FrozenLinear(nn.Module):
-    """``y = x W^T + b`` with a frozen W: a plain tensor, or a :class:`FourBitWeight` expanded to ``compute_dtype``."""
+    """``y = x W^T + b`` with a frozen W: a plain tensor, or a :data:`PackedWeight` expanded to ``compute_dtype``."""
 
-    def __init__(self, weight: torch.Tensor | FourBitWeight, bias: torch.Tensor | None = None, *,
+    def __init__(self, weight: torch.Tensor | PackedWeight, bias: torch.Tensor | None = None, *,
                  compute_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.compute_dtype = compute_dtype
-        self.fourbit = weight if isinstance(weight, FourBitWeight) else None
-        self.weight = None if isinstance(weight, FourBitWeight) else _frozen(weight)
+        self.quantized = weight if isinstance(weight, PackedWeight) else None
+        self.weight = None if isinstance(weight, PackedWeight) else _frozen(weight)
         self.bias = None if bias is None else _frozen(bias)
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """W as a dense ``(out, in)`` tensor of ``dtype`` (a fresh one for a 4-bit weight)."""
-        if self.fourbit is not None:
-            return self.fourbit.dequantize(dtype)
+        """W as a dense ``(out, in)`` tensor of ``dtype`` (a fresh one for a packed weight)."""
+        if self.quantized is not None:
+            return self.quantized.dequantize(dtype)
         assert self.weight is not None
         return self.weight.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fourbit is None:
+        if self.quantized is None:
             return F.linear(x, self.weight, self.bias)
-        y = _FourBitMatmul.apply(x.to(self.compute_dtype), self.fourbit)
+        y = _PackedMatmul.apply(x.to(self.compute_dtype), self.quantized)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
@@ -278,7 +281,7 @@ def check_targets(spec: LoraSpec, candidates: list[str]) -> None:
         if target != ALL_LINEAR and not any(LoraSpec(targets=(target,)).matches(name) for name in candidates):
             short = sorted({name.rsplit(".", 1)[-1] for name in candidates})
             raise OptionError(f"LoRA target {target!r} matches no Linear in the transformer blocks; choose from "
-                                   f"{', '.join(short)} or all-linear")
+                              f"{', '.join(short)} or all-linear")
 
 
 def add_lora(model: nn.Module, spec: LoraSpec, *, generator: torch.Generator, names: list[str]) -> list[str]:
@@ -312,7 +315,7 @@ def _frozen(tensor: torch.Tensor) -> nn.Parameter:
 
 
 def _device(linear: FrozenLinear) -> torch.device:
-    if linear.fourbit is not None:
-        return linear.fourbit.packed.device
+    if linear.quantized is not None:
+        return linear.quantized.device
     assert linear.weight is not None
     return linear.weight.device

@@ -101,7 +101,7 @@ class DecoderConfig:
     def __post_init__(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
             raise InputError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
-                                   f"num_key_value_heads {self.num_key_value_heads}; is config.json right?")
+                             f"num_key_value_heads {self.num_key_value_heads}; is config.json right?")
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in _ROPE_TYPES:
             raise InputError(f"rope_type {rope_type!r} is not supported; train supports {', '.join(_ROPE_TYPES)}")
@@ -117,7 +117,7 @@ class DecoderConfig:
         architecture = next((a for a in architectures if a in SUPPORTED_ARCHITECTURES), None)
         if architecture is None:
             raise InputError(f"{source}: architecture {', '.join(architectures) or '(none)'} is not supported by train; "
-                                   f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+                             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
         try:
             settings = family_settings(config, architecture, source=source)  # over the fields read below
             if "activation" not in settings and config.get("hidden_act", "silu") not in ("silu", "swish"):
@@ -481,7 +481,7 @@ class Decoder(nn.Module):
                 key, tensor = given[part]
                 if tuple(tensor.shape) != tuple(param.shape):
                     raise InputError(f"adapter tensor {key} has shape {list(tensor.shape)} but the model needs "
-                                           f"{list(param.shape)}; was it saved with the same rank?")
+                                     f"{list(param.shape)}; was it saved with the same rank?")
                 param.copy_(shard_like(tensor, param))
 
     def adapter_config(self, *, base_model_name_or_path: str) -> dict[str, Any]:

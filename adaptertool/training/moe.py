@@ -298,8 +298,8 @@ def lora_names(spec: LoraSpec, names: list[str], moe: MoeSpec | None) -> list[st
         if name.rsplit(".", 1)[1] in moved:
             if explicit:
                 raise OptionError(f"--targets names {name}, but PEFT 0.21 on transformers 5 moves target_modules "
-                                       f"named {'/'.join(moved)} onto the fused experts of a {moe.model_type} model, so "
-                                       "it could not load that LoRA beside them; use --experts per-expert")
+                                  f"named {'/'.join(moved)} onto the fused experts of a {moe.model_type} model, so "
+                                  "it could not load that LoRA beside them; use --experts per-expert")
             continue
         kept.append(name)
     return kept
@@ -321,8 +321,8 @@ def add_param_loras(model: nn.Module, spec: LoraSpec, *, generator: torch.Genera
         targeted = {p for p in _PROJECTIONS if spec.matches(layer.linear_module(0, p))}
         if targeted and (spec.dora or spec.dropout):
             raise OptionError("--experts fused trains PEFT target_parameters LoRAs, which have no "
-                                   f"{'DoRA' if spec.dora else 'dropout'}; use --experts per-expert"
-                                   f"{'' if spec.dora else ' or --dropout 0'}")
+                              f"{'DoRA' if spec.dora else 'dropout'}; use --experts per-expert"
+                              f"{'' if spec.dora else ' or --dropout 0'}")
         device = _device(block.gate)
         for param, parts in (("gate_up_proj", {"gate", "up"}), ("down_proj", {"down"})):
             if targeted & parts:

@@ -306,7 +306,7 @@ def test_transformers_fourbit_checkpoint(fourbit: dict[str, Path], tmp_path: Pat
                                                            dtype=torch.float32).eval()
     hf.save_pretrained(tmp_path / "hf-nf4")
     ours = load_decoder(tmp_path / "hf-nf4", lora=LoraSpec(dropout=0.0)).eval()
-    fourbits = {name.removesuffix(".base.fourbit"): m for name, m in ours.named_modules() if isinstance(m, FourBitWeight)}
+    fourbits = {name.removesuffix(".base.quantized"): m for name, m in ours.named_modules() if isinstance(m, FourBitWeight)}
     assert len(fourbits) == 14
     # bitsandbytes' CPU forward is no oracle: on CPUs with AVX512-BF16, Linear4bit's inference path
     # repacks each weight for a fused kernel that needs in_features to be a multiple of the blocksize

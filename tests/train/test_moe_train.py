@@ -328,8 +328,8 @@ def test_gradient_checkpointing_keeps_the_router_loss_gradients(moe_models: dict
 def test_qlora_keeps_routers_16_bit_and_trains(moe_models: dict[str, dict[str, Any]]) -> None:
     model = load_decoder(moe_models["qwen2_moe"]["fused"], lora=_spec("fused"), qlora=True, seed=1).train()
     block = _moe_blocks(model)[0]
-    assert block.gate.fourbit is None and block.shared_expert_gate is not None and block.shared_expert_gate.fourbit is None
-    assert getattr(block.experts, "0").gate_proj.fourbit is not None
+    assert block.gate.quantized is None and block.shared_expert_gate is not None and block.shared_expert_gate.quantized is None
+    assert getattr(block.experts, "0").gate_proj.quantized is not None
     _randomise_b_(model)
     ids, mask = batch(model.config.vocab_size, seed=10)
     model.loss_sum(ids, _targets(ids, mask)[1], attention_mask=mask, aux_weight=1.0).backward()
