@@ -18,6 +18,7 @@ import random
 import statistics
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from bench_io import CACHE, smollm2
@@ -68,12 +69,13 @@ print(json.dumps({"tokens_per_s": report["steps"] * int(sys.argv[2]) / seconds, 
 """
 
 
-def write_data(path: Path, steps: int) -> Path:
-    """Text records with comfortably more than ``steps`` batches of tokens (the BPE gives ~1.3 tokens a word)."""
+def write_data(path: Path, steps: int, words: Sequence[str] = WORDS) -> Path:
+    """Text records of ``words`` with comfortably more than ``steps`` batches of tokens (the BPE gives ~1.3
+    tokens a word; a word-level tokenizer one)."""
     rng = random.Random(0)
     with path.open("w", encoding="utf-8") as out:
         for _ in range(steps * BATCH * SEQ // 60 + 8):
-            out.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(60))}) + "\n")
+            out.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(60))}) + "\n")
     return path
 
 

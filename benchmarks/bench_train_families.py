@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import sys
 import tempfile
@@ -30,9 +29,9 @@ from pathlib import Path
 
 from bench_distributed import write_word_tokenizer
 from bench_io import CACHE
+from bench_train import BATCH, SEQ, write_data
 from harness import emit, measure_alternating, remover
 
-BATCH, SEQ = 4, 256
 WORDS = [f"w{i}" for i in range(8000)]
 MODELS = {
     "gemma3": ("Gemma3TextConfig", {"hidden_size": 640, "num_attention_heads": 4, "num_key_value_heads": 1,
@@ -110,14 +109,6 @@ def build(name: str) -> Path:
     return folder
 
 
-def write_data(path: Path, steps: int) -> Path:
-    rng = random.Random(0)
-    with path.open("w", encoding="utf-8") as out:
-        for _ in range(steps * BATCH * SEQ // 60 + 8):
-            out.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(60))}) + "\n")
-    return path
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4)
@@ -127,7 +118,7 @@ def main() -> None:
     bases = {name: build(name) for name in MODELS}
     with tempfile.TemporaryDirectory(dir=CACHE) as scratch_name:
         scratch = Path(scratch_name)
-        data, out = write_data(scratch / "train.jsonl", args.steps), scratch / "out"
+        data, out = write_data(scratch / "train.jsonl", args.steps, WORDS), scratch / "out"
         sides = []
         for name, base in bases.items():
             targets = TARGETS[name]
