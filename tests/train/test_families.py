@@ -269,3 +269,21 @@ def test_gemma3_270m_matches_transformers(gemma3_270m: Path, tmp_path: Path) -> 
     theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).eval()
     ids, mask = batch(ours.config.vocab_size, length=48)
     assert_logits_match(ours, theirs, ids, mask, atol=1e-5)  # measured 6.2e-6 (ours are returned in float32)
+
+
+@pytest.mark.slow
+def test_gemma3_270m_short_run_lowers_held_out_loss(gemma3_270m: Path, tmp_path: Path) -> None:
+    """The real Gemma 3 270M learns the arithmetic prompts SmolLM2's run learns (tests/ops/test_train.py),
+    with the same settings, and the adapter holds every block Linear's factors."""
+    from adaptertool.ops.train import TrainConfig, train
+    from tests.ops.test_train import SMOL, _arithmetic, _write_jsonl
+
+    data = _write_jsonl(tmp_path / "train.jsonl", _arithmetic(0, 24))
+    held_out = _write_jsonl(tmp_path / "val.jsonl", _arithmetic(1, 8))
+    report = train(TrainConfig(base=gemma3_270m, data=data, out=tmp_path / "adapter", eval_data=held_out, **SMOL))
+    assert report.steps == 6 and report.data.truncated == 0
+    # Measured: 1.21 -> 0.31 nats per completion token in 6 steps (8.5 s on 2 cores)
+    assert report.eval_loss_start is not None and report.eval_loss < 0.5 * report.eval_loss_start
+    _, weights, _ = open_adapter(tmp_path / "adapter")
+    with weights:
+        assert len(weights) == 2 * 7 * 18  # A and B of 7 Linears in each of 18 layers
