@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import warnings
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from adaptertool.cli import cli
 from adaptertool.errors import AdapterToolError
 from adaptertool.ops.extract import ExtractConfig, extract
 from adaptertool.ops.merge import MergeConfig, merge
+from tests.ops.moe_peft import moe_model, peft_load
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -79,12 +79,9 @@ def tuned(moe_fixtures: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 def _model(folder: Path) -> torch.nn.Module:
-    # DeepSeek-V3's forward takes head_dim as its rotary size; the fixtures' is qk_rope_head_dim 4 (test_merge_moe).
-    extra = {"head_dim": 4} if json.loads((folder / "config.json").read_text())["model_type"] == "deepseek_v3" else {}
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True,
-                                                                     **extra)
+    model, info = moe_model(folder)
     assert not any(info.values()), info
-    return model.eval()
+    return model
 
 
 def _logits(model: torch.nn.Module) -> torch.Tensor:
@@ -93,21 +90,9 @@ def _logits(model: torch.nn.Module) -> torch.Tensor:
 
 
 def _peft(base: Path, adapter: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[torch.nn.Module, list[str], list[str]]:
-    """PeftModel.from_pretrained, and the LoRA keys its state-dict load found missing and unexpected."""
-    results = []
-    original = peft.peft_model.set_peft_model_state_dict
-
-    def spy(*args, **kwargs):
-        results.append(original(*args, **kwargs))
-        return results[-1]
-
-    monkeypatch.setattr(peft.peft_model, "set_peft_model_state_dict", spy)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model = peft.PeftModel.from_pretrained(_model(base), adapter)
-    assert not [w for w in caught if "missing" in str(w.message).lower()], [str(w.message) for w in caught]
-    (result,) = results
-    return model, [k for k in result.missing_keys if "lora_" in k], list(result.unexpected_keys)
+    model, missing, unexpected, caught = peft_load(_model(base), adapter, monkeypatch)
+    assert not [w for w in caught if "missing" in w.lower()], caught
+    return model, missing, unexpected
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")

@@ -10,7 +10,6 @@ were, since B is 0.
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from safetensors.torch import load_file
 from adaptertool.cli import cli
 from adaptertool.errors import AdapterToolError
 from adaptertool.ops.init import InitConfig, init_adapter
+from tests.ops.moe_peft import moe_model, peft_load
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -36,26 +36,13 @@ MOE_LAYERS = {"deepseek_v3": 1}  # its first layer is dense (first_k_dense_repla
 
 
 def _model(folder: Path) -> torch.nn.Module:
-    # DeepSeek-V3's forward takes head_dim as its rotary size; the fixtures' is qk_rope_head_dim 4 (test_merge_moe).
-    extra = {"head_dim": 4} if json.loads((folder / "config.json").read_text())["model_type"] == "deepseek_v3" else {}
-    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **extra).eval()
+    return moe_model(folder)[0]
 
 
 def _load(base: Path, adapter: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[torch.nn.Module, list[str], list[str]]:
-    """PeftModel.from_pretrained, and the LoRA keys its state-dict load found missing and unexpected."""
-    results = []
-    original = peft.peft_model.set_peft_model_state_dict
-
-    def spy(*args, **kwargs):
-        results.append(original(*args, **kwargs))
-        return results[-1]
-
-    monkeypatch.setattr(peft.peft_model, "set_peft_model_state_dict", spy)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # PEFT's own "rank_pattern keys did not match" when it converts per-expert adapters
-        model = peft.PeftModel.from_pretrained(_model(base), adapter)
-    (result,) = results
-    return model, [k for k in result.missing_keys if "lora_" in k], list(result.unexpected_keys)
+    # PEFT warns that rank_pattern keys did not match when it converts per-expert adapters: not checked here
+    model, missing, unexpected, _ = peft_load(_model(base), adapter, monkeypatch)
+    return model, missing, unexpected
 
 
 def _logits(model: torch.nn.Module) -> torch.Tensor:
