@@ -7,6 +7,7 @@ process would not do: Linux counts the parent's pages at fork time into the chil
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -81,9 +82,21 @@ def drop_page_cache() -> bool:
         return False
 
 
+# Environment variables that hold torch's kernels, MKL and oneDNN to an older instruction set: with
+# ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 an AVX-512 machine runs
+# the code paths of an AVX2-only one (its caches, clock and memory stay its own). Every side inherits them.
+ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+
+
 def machine() -> dict[str, object]:
+    flags: set[str] = set()
+    with contextlib.suppress(OSError):
+        line = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "")
+        flags = set(line.split(":", 1)[-1].split())
     return {"python": platform.python_version(), "torch": version("torch"), "cpus": os.cpu_count(),
-            "machine": platform.machine(), "platform": platform.platform()}
+            "machine": platform.machine(), "platform": platform.platform(),
+            "cpu_isa": "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "other",
+            "isa_limits": {name: os.environ[name] for name in ISA_LIMITS if name in os.environ}}
 
 
 def emit(name: str, results: list[Measurement], extra: dict[str, object]) -> None:

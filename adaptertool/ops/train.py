@@ -268,6 +268,8 @@ def _train(cfg: TrainConfig, job: Group | None, device: torch.device, progress: 
                             fingerprint=fingerprint, eval_batches=eval_batches, checkpoint_dir=checkpoint_dir,
                             resume=resume, log_path=checkpoint_dir / LOG_FILE, progress=progress, replicas=replicas,
                             group=group, on_record=on_record)
+    if device.type == "cpu":
+        _release_heap()
     state = {k: v.detach() for k, v in model.adapter_state_dict().items()}  # every process takes part
     files: list[str] = []
     if group.main:
@@ -367,6 +369,14 @@ def _tune_heap(*, transient_weights: bool) -> None:
     else:
         libc.mallopt(_M_TRIM_THRESHOLD, -1)  # -1: never trim (mallopt(3))
         libc.mallopt(_M_MMAP_THRESHOLD, 256 << 20)
+
+
+def _release_heap() -> None:
+    """Hand the heap's free memory, kept between steps by :func:`_tune_heap`, back to the OS once the loop is
+    done: what is written after it (Python objects, matplotlib's plot) comes from fresh pages, not from there."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):  # not glibc (musl): nothing kept
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _tokenizer(base: Path) -> tuple[dict[str, Any], TextTokenizer]:

@@ -37,6 +37,7 @@ __all__ = [
     "FP8_MAX",
     "Fp8Format",
     "Fp8Scheme",
+    "check_fp8",
     "dequantize_fp8",
     "find_fp8_weights",
     "fp8_format",
@@ -197,9 +198,21 @@ def find_fp8_weights(specs: Mapping[str, tuple[str, tuple[int, ...]]], quantizat
     return found
 
 
+def check_fp8(q: torch.Tensor, scale: torch.Tensor, scheme: Fp8Scheme, *, source: str = "checkpoint") -> None:
+    """:func:`dequantize_fp8`'s checks of the codes and scale, for a caller that decodes the same tensors
+    again and again (training) and passes ``checked=True`` after this: no pass and no device sync per decode.
+
+    Raises:
+        AdapterToolError: as :func:`dequantize_fp8`.
+    """
+    _checked_grid(q, scale, scheme, q.device, source)
+    if bool((q.view(torch.uint8) & 0x7F).eq_(0x7F).any()):  # S.1111.111: E4M3's NaNs
+        raise InputError(f"{source}: FP8 weight {scheme.weight} holds NaN codes; the checkpoint is corrupt")
+
+
 def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, scheme: Fp8Scheme, *, dtype: torch.dtype = torch.float32,
                    device: torch.device | str | None = None, source: str = "checkpoint",
-                   chunk_elements: int = _CHUNK_ELEMENTS) -> torch.Tensor:
+                   chunk_elements: int = _CHUNK_ELEMENTS, checked: bool = False) -> torch.Tensor:
     """The dense weight ``q * s``, each scale over its block, rounded once to ``dtype``.
 
     Works through ``chunk_elements`` at a time, so beyond the output it holds only chunk-sized
@@ -211,20 +224,21 @@ def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, scheme: Fp8Scheme, *, d
         q: the stored float8_e4m3fn codes (N, K).
         scale: the stored scale, of a shape in ``scheme.scale_shapes``.
         device: where to build the result; None for ``q``'s device.
+        checked: :func:`check_fp8` passed on these tensors: their values are not checked again.
 
     Raises:
-        AdapterToolError: tensors that do not fit ``scheme``, or a scale that is NaN, infinite, not
-        positive or so large that ``448 * s`` overflows float32.
+        AdapterToolError: tensors that do not fit ``scheme``, NaN codes, or a scale that is NaN,
+        infinite, not positive or so large that ``448 * s`` overflows float32.
     """
     device = q.device if device is None else torch.device(device)
-    grid = _checked_grid(q, scale, scheme, device, source)
+    grid = _checked_grid(q, scale, scheme, device, source, values=not checked)
     rows, cols = q.shape
     bn, bk = scheme.block_size((rows, cols))
     spread = _spread_columns(grid, bk, cols)
     out = torch.empty((rows, cols), dtype=dtype, device=device)
     spread = spread * _CODE_SHIFT  # exact (a power of two): see _codes_shifted
     for r0, r1 in _row_chunks(rows, cols, bn, grid.shape[0], chunk_elements):
-        codes, scales = _codes_shifted(q[r0:r1].to(device), scheme, source), _rows(spread, bn, r0, r1)
+        codes, scales = _codes_shifted(q[r0:r1].to(device), scheme, source, nan_check=not checked), _rows(spread, bn, r0, r1)
         if dtype == torch.float32:
             torch.mul(codes, scales, out=out[r0:r1])
         elif dtype == torch.float64:
@@ -311,8 +325,9 @@ def requantize_fp8(weight: torch.Tensor, stored_q: torch.Tensor, stored_scale: t
 
 
 def _checked_grid(q: torch.Tensor, scale: torch.Tensor, scheme: Fp8Scheme, device: torch.device,
-                  source: str) -> torch.Tensor:
-    """The scale as a float32 (rows, cols) grid on ``device``, after checking both tensors against ``scheme``."""
+                  source: str, *, values: bool = True) -> torch.Tensor:
+    """The scale as a float32 (rows, cols) grid on ``device``, after checking both tensors against ``scheme``
+    (``values``: the scale's values too, a pass and, on a GPU, a sync)."""
     if q.dtype != torch.float8_e4m3fn or q.dim() != 2:
         raise InputError(f"{source}: FP8 weight {scheme.weight} is {q.dtype} {list(q.shape)}; expected 2-D float8_e4m3fn")
     shape = (q.shape[0], q.shape[1])
@@ -322,13 +337,13 @@ def _checked_grid(q: torch.Tensor, scale: torch.Tensor, scheme: Fp8Scheme, devic
     if scale.dtype != _torch_dtype(scheme.scale_dtype):
         raise InputError(f"{source}: FP8 scale {scheme.scale} is {scale.dtype}; its header said {scheme.scale_dtype}")
     grid = scale.to(device=device, dtype=torch.float32).reshape(scheme.grid(shape))
-    if not bool(((grid > 0) & (grid <= _SCALE_LIMIT)).all()):
+    if values and not bool(((grid > 0) & (grid <= _SCALE_LIMIT)).all()):
         raise InputError(f"{source}: FP8 scale {scheme.scale} holds a scale that is NaN, infinite, not positive or "
                          f"above {_SCALE_LIMIT:.3g}; the checkpoint is corrupt")
     return grid
 
 
-def _codes_shifted(q: torch.Tensor, scheme: Fp8Scheme, source: str) -> torch.Tensor:
+def _codes_shifted(q: torch.Tensor, scheme: Fp8Scheme, source: str, *, nan_check: bool = True) -> torch.Tensor:
     """float32 values of float8_e4m3fn codes, divided by _CODE_SHIFT (exact).
 
     torch converts float8 to float element by element (about 7 ns each here); this is a few
@@ -341,7 +356,7 @@ def _codes_shifted(q: torch.Tensor, scheme: Fp8Scheme, source: str) -> torch.Ten
     sign = bits & -0x8000
     bits <<= 7
     bits &= 0x3F80
-    if bool((bits == 0x3F80).any()):
+    if nan_check and bool((bits == 0x3F80).any()):
         raise InputError(f"{source}: FP8 weight {scheme.weight} holds NaN codes; the checkpoint is corrupt")
     bits |= sign
     return bits.view(torch.float16).float()

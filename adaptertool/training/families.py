@@ -18,7 +18,7 @@ Phi-3 / Phi-4 (https://arxiv.org/abs/2404.14219): Llama blocks with q/k/v in one
 (rows q, then k, then v) and gate/up in one ``gate_up_proj`` (gate rows first), so LoRA trains on
 the fused modules under PEFT's names; RoPE on the first ``partial_rotary_factor`` of each head
 only; a sliding window on every block when ``sliding_window`` is set; LongRoPE
-(https://arxiv.org/abs/2402.13753) per-frequency divisors, ``short_factor`` while the batch's
+(https://arxiv.org/abs/2402.13753; its tables in :mod:`.rope`) per-frequency divisors, ``short_factor`` while the batch's
 positions stay within ``original_max_position_embeddings`` and ``long_factor`` past it (transformers
 picks by the largest position id), with cos and sin scaled by
 ``sqrt(1 + ln(factor) / ln(original))``, ``factor = max_position_embeddings / original``.
@@ -26,7 +26,6 @@ picks by the largest position id), with cos and sin scaled by
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,7 +33,7 @@ import torch
 
 from adaptertool.errors import InputError
 
-__all__ = ["FAMILY_ARCHITECTURES", "family_settings", "longrope_frequencies", "softcapped_attention"]
+__all__ = ["FAMILY_ARCHITECTURES", "family_settings", "softcapped_attention"]
 
 _GEMMA2, _GEMMA3, _PHI3 = "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM"
 FAMILY_ARCHITECTURES = (_GEMMA2, _GEMMA3, _PHI3)
@@ -134,21 +133,6 @@ def _phi3(config: Mapping[str, Any], source: str) -> dict[str, Any]:
 
 def _cap(value: Any) -> float | None:
     return None if value is None else float(value)
-
-
-def longrope_frequencies(scaling: Mapping[str, Any], *, dim: int, theta: float, max_position_embeddings: int,
-                         long: bool, device: torch.device | None = None) -> tuple[torch.Tensor, float]:
-    """LongRoPE's ``(inverse frequencies (dim/2,) float32, attention factor)``: ``1 / (factor_i theta^(2i/dim))``
-    with the long or short factors, and the factor cos and sin are multiplied by."""
-    factors = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float32, device=device)
-    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
-    freqs = 1.0 / (factors * theta**exponents)
-    original = int(scaling["original_max_position_embeddings"])
-    attention = scaling.get("attention_factor")
-    if attention is None:
-        factor = scaling.get("factor") or max_position_embeddings / original
-        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
-    return freqs, float(attention)
 
 
 def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *,

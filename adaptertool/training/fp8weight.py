@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from adaptertool.quant import Fp8Scheme, dequantize_fp8
+from adaptertool.quant import Fp8Scheme, check_fp8, dequantize_fp8
 
 __all__ = ["Fp8Weight"]
 
@@ -20,11 +20,16 @@ class Fp8Weight(nn.Module):
     """A frozen weight held as FP8 codes and scales.
 
     Buffers: ``codes`` float8_e4m3fn ``(out, in)``; ``scale`` as stored (float32, bfloat16 or
-    float8_e8m0fnu), shaped as ``scheme`` lays it out.
+    float8_e8m0fnu), shaped as ``scheme`` lays it out. Their values are checked once, here
+    (:func:`~adaptertool.quant.check_fp8`), not at every decode.
+
+    Raises:
+        AdapterToolError: NaN codes, or scales that are not finite and positive (from the constructor).
     """
 
-    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, scheme: Fp8Scheme) -> None:
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, scheme: Fp8Scheme, *, source: str = "checkpoint") -> None:
         super().__init__()
+        check_fp8(codes, scale, scheme, source=source)
         self.scheme = scheme
         self.register_buffer("codes", codes)
         self.register_buffer("scale", scale)
@@ -48,7 +53,7 @@ class Fp8Weight(nn.Module):
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """The dense weight on the codes' device: ``q * s`` per block, rounded once to ``dtype``."""
-        return dequantize_fp8(self.codes, self.scale, self.scheme, dtype=dtype)
+        return dequantize_fp8(self.codes, self.scale, self.scheme, dtype=dtype, checked=True)
 
     def extra_repr(self) -> str:
         block = f"block={list(self.scheme.block)}" if self.scheme.block else f"per {self.scheme.strategy}"

@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from adaptertool.adapters.peft_keys import PEFT_PREFIX, split_adapter_key
 from adaptertool.errors import InputError, OptionError
 from adaptertool.training.distributed import full_tensor, shard_like
-from adaptertool.training.families import FAMILY_ARCHITECTURES, family_settings, longrope_frequencies, softcapped_attention
+from adaptertool.training.families import FAMILY_ARCHITECTURES, family_settings, softcapped_attention
 from adaptertool.training.fused import geglu, head_cross_entropy, rms_norm, rope, swiglu
 from adaptertool.training.lora import ALL_LINEAR, FrozenLinear, LoraSpec, lora_modules
 from adaptertool.training.moe import (
@@ -47,6 +47,7 @@ from adaptertool.training.moe import (
     moe_fields,
     param_lora_tensors,
 )
+from adaptertool.training.rope import rotary_tables
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "Decoder", "DecoderConfig"]
 
@@ -186,61 +187,6 @@ class RMSNorm(nn.Module):
 
 def _norm(config: DecoderConfig, size: int) -> RMSNorm:
     return RMSNorm(size, config.rms_norm_eps, offset=config.gemma_norms)
-
-
-def rope_frequencies(config: DecoderConfig, device: torch.device | None = None) -> torch.Tensor:
-    """RoPE's inverse frequencies ``theta^(-2i/d)``, (head_dim/2,) float32, with linear or llama3 scaling.
-
-    llama3 (Llama 3.1): wavelengths ``2 pi / f`` longer than ``original_max / low_freq_factor`` are
-    divided by ``factor``, those shorter than ``original_max / high_freq_factor`` kept, and the
-    band between blends the two with ``s = (original_max / wavelength - low) / (high - low)``.
-    """
-    dim = config.rotary_dim or config.head_dim
-    freqs = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
-    scaling = config.rope_scaling or {}
-    if scaling.get("rope_type") == "linear":
-        return freqs / float(scaling["factor"])
-    if scaling.get("rope_type") != "llama3":
-        return freqs
-    factor, low, high = float(scaling["factor"]), float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
-    original = float(scaling.get("original_max_position_embeddings", config.max_position_embeddings))
-    wavelength = 2 * torch.pi / freqs
-    scaled = torch.where(wavelength > original / low, freqs / factor, freqs)
-    smooth = (original / wavelength - low) / (high - low)
-    blended = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelength >= original / high) & (wavelength <= original / low)
-    return torch.where(medium, blended, scaled)
-
-
-def rotary_tables(config: DecoderConfig, position_ids: torch.Tensor,
-                  dtype: torch.dtype) -> dict[bool, tuple[torch.Tensor, torch.Tensor]]:
-    """{sliding?: (cos, sin)}, each (B|1, 1, T, rotary dim) in ``dtype``; the two differ only for Gemma 3.
-
-    LongRoPE picks its long factors when the largest position id reaches past the pretraining
-    length, as transformers does (one device sync, for that RoPE type only).
-    """
-    T = position_ids.shape[-1]
-    positions = position_ids.view(-1, 1, T, 1).float()
-    device = position_ids.device
-
-    def table(freqs: torch.Tensor, factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        angles = torch.cat((positions * freqs,) * 2, dim=-1)  # (B|1, 1, T, rotary dim)
-        cos, sin = angles.cos(), angles.sin()
-        if factor != 1.0:
-            cos, sin = cos * factor, sin * factor
-        return cos.to(dtype), sin.to(dtype)
-
-    scaling = config.rope_scaling or {}
-    if scaling.get("rope_type") == "longrope":
-        long = int(position_ids.max()) + 1 > int(scaling["original_max_position_embeddings"])
-        full = table(*longrope_frequencies(scaling, dim=config.rotary_dim or config.head_dim, theta=config.rope_theta,
-                                           max_position_embeddings=config.max_position_embeddings, long=long, device=device))
-    else:
-        full = table(rope_frequencies(config, device))
-    if config.local_rope_theta is None:
-        return {False: full, True: full}
-    local = replace(config, rope_theta=config.local_rope_theta, rope_scaling=None)
-    return {False: full, True: table(rope_frequencies(local, device))}
 
 
 class Attention(nn.Module):

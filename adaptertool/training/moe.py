@@ -9,7 +9,10 @@ Mixtral always renormalises the top-k weights, the others when config.json's ``n
 says so (transformers' routers). Each expert runs on the tokens routed to it only: the (token,
 slot) pairs are sorted by expert, gathered, run one expert after the other and scatter-added back
 with their weights, one host sync per layer for the group sizes. Every expert runs, on no rows if
-none is routed to it, so each LoRA parameter takes part in every backward (DDP needs that).
+none is routed to it, so each LoRA parameter takes part in every backward (DDP needs that). Frozen
+experts without LoRA (16/32-bit) are stacked per projection and run by :class:`_GroupedLinear`, which
+writes every expert's rows into one (N*k, out) tensor: the per-expert pieces change size with the
+routing every step, and glibc's heap, kept between steps, grew ~90 MB fragmenting around them.
 
 The load-balancing loss is Switch Transformer's (Fedus et al. 2021, https://arxiv.org/abs/2101.03961,
 eqs. 4-6) as transformers computes it, over every MoE layer of one forward:
@@ -44,14 +47,14 @@ from adaptertool.adapters.experts import FAMILIES, MoeLayer, describe_experts
 from adaptertool.errors import InputError, OptionError
 from adaptertool.io import Checkpoint, TensorInfo, TensorSpec
 from adaptertool.training.fused import swiglu
-from adaptertool.training.lora import ALL_LINEAR, FrozenLinear, LoRALinear, LoraSpec, _device, _LoraLinear
+from adaptertool.training.lora import ALL_LINEAR, FrozenLinear, LoRALinear, LoraSpec, lora_linear
 
 if TYPE_CHECKING:
     from adaptertool.training.model import DecoderConfig
 
 __all__ = ["MOE_ARCHITECTURES", "ExpertNames", "MoeSpec", "ParamLora", "RouterStats", "SparseMoe", "adapter_config_fields",
            "add_param_loras", "expert_checkpoint", "lora_names", "moe_fields", "param_lora_tensors", "router_like",
-           "with_aux_coef"]
+           "group_frozen_experts", "with_aux_coef"]
 
 MOE_ARCHITECTURES = {"Qwen3MoeForCausalLM": "qwen3_moe", "Qwen2MoeForCausalLM": "qwen2_moe",
                      "MixtralForCausalLM": "mixtral", "OlmoeForCausalLM": "olmoe"}
@@ -200,14 +203,35 @@ class _Experts(nn.Module):
         self.count = spec.experts
         self.gate_up_proj: ParamLora | None = None
         self.down_proj: ParamLora | None = None
+        self.stacked = False  # see stack()
+
+    def stack(self) -> None:
+        """Frozen 16/32-bit experts without LoRA become one (E, out, in) buffer per projection,
+        ``{gate,up,down}_weights``, for :class:`_GroupedLinear`; the expert modules, which named them for the
+        loader and for LoRA, go. Other experts stay as they are."""
+        experts = [getattr(self, str(e)) for e in range(self.count)]
+        linears = [[getattr(expert, name) for expert in experts] for name in experts[0].names]
+        plain = all(type(m) is FrozenLinear and m.weight is not None and m.bias is None for ms in linears for m in ms)
+        if not plain or self.gate_up_proj is not None or self.down_proj is not None:
+            return
+        for projection, modules in zip(_PROJECTIONS, linears):
+            self.register_buffer(f"{projection}_weights", torch.stack([m.weight for m in modules]), persistent=False)
+        for e in range(self.count):
+            delattr(self, str(e))
+        self.stacked = True
 
     def forward(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """``sum_j weights_j expert_{chosen_j}(x)`` per token; x (N, C), chosen and weights (N, k)."""
         order = chosen.flatten().argsort(stable=True)  # (N*k,) token-slots grouped by expert
         tokens = order // chosen.shape[1]
         sizes = torch.bincount(chosen.flatten(), minlength=self.count).tolist()  # the layer's host sync
-        groups = x[tokens].split(sizes)
-        out = torch.cat([self._expert(e, rows) for e, rows in enumerate(groups)])  # (N*k, C)
+        rows = x.index_select(0, tokens)  # (N*k, C); its backward adds with index_add_ (x[tokens]'s sorts first)
+        if self.stacked:
+            gate, up, down = (getattr(self, f"{p}_weights") for p in _PROJECTIONS)
+            out = _GroupedLinear.apply(swiglu(_GroupedLinear.apply(rows, gate, sizes),
+                                              _GroupedLinear.apply(rows, up, sizes)), down, sizes)
+        else:
+            out = torch.cat([self._expert(e, group) for e, group in enumerate(rows.split(sizes))])  # (N*k, C)
         out = out * weights.flatten()[order].unsqueeze(1)
         return torch.zeros_like(x).index_add_(0, tokens, out.to(x.dtype))  # autocast may widen out
 
@@ -220,12 +244,44 @@ class _Experts(nn.Module):
             lora_a, lora_b = self.gate_up_proj.factors(e)
             b_gate, b_up = split_gate_up(lora_b, interleaved=False)
             scaling = self.gate_up_proj.scaling
-            hidden = swiglu(_LoraLinear.apply(x, gate, lora_a, b_gate, scaling, 0.0),
-                            _LoraLinear.apply(x, up, lora_a, b_up, scaling, 0.0))
+            hidden = swiglu(lora_linear(x, gate, lora_a, b_gate, scaling=scaling),
+                            lora_linear(x, up, lora_a, b_up, scaling=scaling))
         if self.down_proj is None:
             return down(hidden)
         lora_a, lora_b = self.down_proj.factors(e)
-        return _LoraLinear.apply(hidden, down, lora_a, lora_b, self.down_proj.scaling, 0.0)
+        return lora_linear(hidden, down, lora_a, lora_b, scaling=self.down_proj.scaling)
+
+
+class _GroupedLinear(torch.autograd.Function):
+    """``x_e W_e^T`` for consecutive row groups ``x_e`` of x (sizes), W (E, out, in) frozen: one (.., out)
+    output (and, backward, one (.., in) input gradient) whose slices the experts' products fill."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, weight: torch.Tensor,
+                sizes: list[int]) -> torch.Tensor:
+        ctx.save_for_backward(weight)  # type: ignore[attr-defined]
+        ctx.sizes = sizes  # type: ignore[attr-defined]
+        x = x.to(weight.dtype)  # autocast may have widened it; out= takes no autocast
+        out = x.new_empty(x.shape[0], weight.shape[1])
+        for e, (start, stop) in enumerate(_bounds(sizes)):
+            torch.mm(x[start:stop], weight[e].T, out=out[start:stop])
+        return out
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (weight,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        grad = grad.to(weight.dtype)
+        grad_x = grad.new_empty(grad.shape[0], weight.shape[2])
+        for e, (start, stop) in enumerate(_bounds(ctx.sizes)):  # type: ignore[attr-defined]
+            torch.mm(grad[start:stop], weight[e], out=grad_x[start:stop])
+        return grad_x, None, None
+
+
+def _bounds(sizes: list[int]) -> Iterator[tuple[int, int]]:
+    start = 0
+    for size in sizes:
+        yield start, start + size
+        start += size
 
 
 class SparseMoe(nn.Module):
@@ -323,12 +379,19 @@ def add_param_loras(model: nn.Module, spec: LoraSpec, *, generator: torch.Genera
             raise OptionError("--experts fused trains PEFT target_parameters LoRAs, which have no "
                               f"{'DoRA' if spec.dora else 'dropout'}; use --experts per-expert"
                               f"{'' if spec.dora else ' or --dropout 0'}")
-        device = _device(block.gate)
+        device = block.gate.device
         for param, parts in (("gate_up_proj", {"gate", "up"}), ("down_proj", {"down"})):
             if targeted & parts:
                 _, out_features, in_features = layer.params[param]
                 setattr(block.experts, param, ParamLora(layer.experts, in_features, out_features, spec,
                                                         generator=generator, device=device))
+
+
+def group_frozen_experts(model: nn.Module) -> None:
+    """Stack the frozen experts of every MoE block in ``model`` that have no LoRA (:meth:`_Experts.stack`)."""
+    for block in model.modules():
+        if isinstance(block, SparseMoe):
+            block.experts.stack()
 
 
 def param_lora_tensors(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:

@@ -36,7 +36,7 @@ from adaptertool.training.fourbit import FourBitWeight
 from adaptertool.training.fp8weight import Fp8Weight
 from adaptertool.training.lora import FrozenLinear, LoraSpec, add_lora, check_targets
 from adaptertool.training.model import Decoder, DecoderConfig
-from adaptertool.training.moe import add_param_loras, expert_checkpoint, lora_names, router_like, with_aux_coef
+from adaptertool.training.moe import add_param_loras, expert_checkpoint, lora_names, router_like, group_frozen_experts, with_aux_coef
 
 __all__ = ["load_decoder"]
 
@@ -99,6 +99,8 @@ def load_decoder(path: Path, *, lora: LoraSpec, qlora: bool = False, device: str
             add_param_loras(block, lora, generator=generator)
             if shard is not None:
                 shard(block)
+            else:  # FSDP2 shards each expert's own weight: no stack of them beside
+                group_frozen_experts(block)
         _load(model, ckpt, "", quantized, books, device, dtype)  # embeddings and the final norm
         head = model.model.embed_tokens.weight if config.tie_word_embeddings else _read(ckpt, "lm_head.weight", device, dtype)
         model.lm_head = FrozenLinear(head, compute_dtype=dtype)
@@ -188,7 +190,8 @@ def _read_linear(ckpt: Checkpoint, name: str, quantized: dict[str, QuantizedKeys
         stored = read_stored(ckpt.read, layout, source=str(ckpt[weight_name].file))
         weight = FourBitWeight.from_stored(stored).to(device)
     elif isinstance(layout, Fp8Scheme):
-        weight = Fp8Weight(ckpt.read(weight_name), ckpt.read(layout.scale), layout).to(device)
+        weight = Fp8Weight(ckpt.read(weight_name), ckpt.read(layout.scale), layout,
+                           source=str(ckpt[weight_name].file)).to(device)
     elif books is not None:
         book, code_map = books
         weight = FourBitWeight.quantize(ckpt.read(weight_name), book, code_map=code_map, name=weight_name,

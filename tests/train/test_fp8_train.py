@@ -11,12 +11,14 @@ import json
 import math
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
+import adaptertool.quant.fp8 as fp8_module
 from adaptertool.cli import cli
 from adaptertool.errors import InputError, OptionError
 from adaptertool.io import open_adapter
@@ -143,6 +145,36 @@ def test_an_fp8_head_is_refused(fp8_bases: dict[str, tuple[Path, Path]], tmp_pat
     save_file(tensors, fp8 / "model.safetensors")
     with pytest.raises(InputError, match=r"FP8 tensor lm_head.weight is not a Linear weight in the transformer blocks"):
         load_decoder(fp8, lora=LoraSpec())
+
+
+@pytest.mark.parametrize(("tensor", "bad", "message"), [
+    ("weight", 0x7F, r"FP8 weight model.layers.1.mlp.up_proj.weight holds NaN codes; the checkpoint is corrupt"),
+    ("weight_scale_inv", float("nan"), r"FP8 scale model.layers.1.mlp.up_proj.weight_scale_inv holds a scale that is NaN")])
+def test_corrupt_codes_or_scales_are_refused_at_load_and_not_checked_again(
+        fp8_bases: dict[str, tuple[Path, Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tensor: str,
+        bad: float, message: str) -> None:
+    fp8 = shutil.copytree(fp8_bases["block-aligned"][0], tmp_path / "fp8")
+    tensors = load_file(fp8 / "model.safetensors")
+    name = f"model.layers.1.mlp.up_proj.{tensor}"
+    if tensor == "weight":
+        tensors[name].view(torch.uint8)[3, 5] = int(bad)
+    else:
+        tensors[name][0, 0] = bad
+    save_file(tensors, fp8 / "model.safetensors")
+    with pytest.raises(InputError, match=message):
+        load_decoder(fp8, lora=LoraSpec())
+    # a sound base: checked at load, then every decode (forward and backward) runs without the value checks
+    checks, decode = [], fp8_module._codes_shifted
+
+    def recorded(*args: Any, nan_check: bool, **kwargs: Any) -> torch.Tensor:
+        checks.append(nan_check)
+        return decode(*args, nan_check=nan_check, **kwargs)
+
+    monkeypatch.setattr(fp8_module, "_codes_shifted", recorded)
+    model = load_decoder(fp8_bases["block-aligned"][0], lora=LoraSpec(rank=4, dropout=0.0))
+    ids, mask = batch(model.config.vocab_size, seed=5)
+    _loss(model(ids, attention_mask=mask), ids, mask).backward()
+    assert checks and not any(checks)
 
 
 @pytest.mark.parametrize("case", ["block-partial", "ct-channel"])

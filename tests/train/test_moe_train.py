@@ -75,7 +75,16 @@ def moe_models(tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) 
 
 
 def _spec(form: str) -> LoraSpec:
+    """LoRA on every Linear, the experts' in ``form``; "frozen": on attention only, the experts stacked."""
+    if form == "frozen":
+        return LoraSpec(rank=RANK, alpha=ALPHA, dropout=0.0, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
     return LoraSpec(rank=RANK, alpha=ALPHA, dropout=0.0, experts=form)
+
+
+def _load(folder: Path, form: str, **kwargs: Any) -> Decoder:
+    ours = load_decoder(folder, lora=_spec(form), **kwargs)
+    assert [b.experts.stacked for b in _moe_blocks(ours)] == [form == "frozen"] * len(_moe_blocks(ours))
+    return ours
 
 
 def _moe_blocks(model: Decoder) -> list[SparseMoe]:
@@ -90,10 +99,11 @@ def _targets(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch
     return labels, torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
 
 
-@pytest.mark.parametrize("layout", ["per-expert", "fused"])
+@pytest.mark.parametrize(("layout", "form"), [("per-expert", "per-expert"), ("fused", "per-expert"), ("fused", "frozen")])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_logits_and_aux_loss_match_transformers(moe_models: dict[str, dict[str, Any]], family: str, layout: str) -> None:
-    ours = load_decoder(moe_models[family][layout], lora=_spec("per-expert")).eval()
+def test_logits_and_aux_loss_match_transformers(moe_models: dict[str, dict[str, Any]], family: str, layout: str,
+                                                form: str) -> None:
+    ours = _load(moe_models[family][layout], form).eval()
     hf = moe_models[family]["hf"]
     coef = ours.config.moe.router_aux_loss_coef
     assert coef == hf.config.router_aux_loss_coef
@@ -128,6 +138,8 @@ def test_fused_checkpoint_reads_each_fused_tensor_once(moe_models: dict[str, dic
 
 def _effective(block: SparseMoe, e: int, projection: str) -> torch.Tensor:
     """Expert e's float64 ``W + scaling B A`` for ``projection``, whichever form its LoRA takes."""
+    if block.experts.stacked:
+        return getattr(block.experts, f"{projection}_weights")[e].double()
     expert = getattr(block.experts, str(e))
     linear = getattr(expert, block.layer.linear_module(e, projection).rsplit(".", 1)[1])
     if isinstance(linear, LoRALinear):
@@ -154,18 +166,18 @@ def _dense_reference(block: SparseMoe, x: torch.Tensor) -> torch.Tensor:
         gate, up, down = (_effective(block, e, p) for p in ("gate", "up", "down"))
         out += weights[:, e:e + 1] * ((F.silu(flat @ gate.T) * (flat @ up.T)) @ down.T)
     if block.shared_expert is not None:
-        shared = {n: (m.base.weight + m.scaling * m.lora_B @ m.lora_A).double()
+        shared = {n: (m.base.weight + m.scaling * m.lora_B @ m.lora_A if isinstance(m, LoRALinear) else m.weight).double()
                   for n, m in block.shared_expert.named_children()}
         mlp = (F.silu(flat @ shared["gate_proj"].T) * (flat @ shared["up_proj"].T)) @ shared["down_proj"].T
         out += torch.sigmoid(flat @ block.shared_expert_gate.weight.double().T) * mlp
     return out.view(x.shape)
 
 
-@pytest.mark.parametrize("form", ["per-expert", "fused"])
+@pytest.mark.parametrize("form", ["per-expert", "fused", "frozen"])
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_routed_experts_equal_a_dense_pass_over_all_experts(moe_models: dict[str, dict[str, Any]], family: str,
                                                             form: str) -> None:
-    ours = load_decoder(moe_models[family]["per-expert"], lora=_spec(form), seed=1).eval()
+    ours = _load(moe_models[family]["per-expert"], form, seed=1).eval()
     _randomise_b_(ours)
     block = _moe_blocks(ours)[0].double()  # both sides in float64: the difference is the routing's alone
     for linear in block.modules():
@@ -224,12 +236,13 @@ def _peft_grads_as_ours(ours: Decoder, peft_grads: dict[str, torch.Tensor]) -> d
     return grads
 
 
-@pytest.mark.parametrize("form", ["per-expert", "fused"])
+@pytest.mark.parametrize("form", ["per-expert", "fused", "frozen"])
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_lora_gradients_match_peft(moe_models: dict[str, dict[str, Any]], tmp_path: Path, family: str, form: str) -> None:
-    """One forward and backward of transformers' training loss, CE mean + coef x aux, with padding."""
+    """One forward and backward of transformers' training loss, CE mean + coef x aux, with padding (frozen
+    experts: the attention LoRAs' gradients come back through the stacked experts' backward)."""
     base = moe_models[family]["per-expert"]
-    ours = load_decoder(base, lora=_spec(form), seed=1)
+    ours = _load(base, form, seed=1)
     _randomise_b_(ours)
     if form == "per-expert" and family == "qwen2_moe":  # which PEFT would not convert
         state, config = _to_target_parameters(ours)
@@ -246,7 +259,7 @@ def test_lora_gradients_match_peft(moe_models: dict[str, dict[str, Any]], tmp_pa
     theirs(input_ids=ids, attention_mask=mask.long(), labels=labels, output_router_logits=True).loss.backward()
     peft_grads = {n.replace(".default", "").removesuffix(".weight"): p.grad
                   for n, p in theirs.named_parameters() if p.requires_grad}
-    if form == "fused":  # one to one: our parameters under their PEFT keys
+    if form != "per-expert":  # one to one: our parameters under their PEFT keys
         keys = {id(p): key.removesuffix(".weight") for key, p in param_lora_tensors(ours)}
         got = {keys.get(id(p), f"base_model.model.{n}"): p.grad for n, p in ours.named_parameters() if p.requires_grad}
         want = peft_grads
