@@ -1,7 +1,7 @@
 """train on Gemma 3 and Qwen3-MoE vs a PEFT + transformers loop, and MoE vs a dense model of the same
 active size: same model, data, batch, sequence length and precision, same run.
 
-    python benchmarks/bench_train_families.py [--steps 4] [--runs 2]
+    python benchmarks/bench_train_families.py [--steps 4] [--runs 2] [--dropout 0.05]
 
 Models (random weights of a trained look, float32, written once into .cache/bench by transformers'
 save_pretrained, with a word-level tokenizer):
@@ -11,8 +11,8 @@ save_pretrained, with a word-level tokenizer):
 - qwen3_moe: Qwen3-MoE of hidden 512 (8 heads over 4 of 64), 4 layers of 16 experts of 256, top 4;
 - qwen3_dense: the same Qwen3 with one dense MLP of 4 x 256 = 1024, the MoE model's active size.
 
-Each side trains rank-16 LoRA (alpha 32, dropout 0) for --steps steps of 4 x 256 tokens with
-AdamW 2e-4 and clipping at 1.0 on the CPU; all-linear on Gemma 3 and the dense Qwen3; on the MoE
+Each side trains rank-16 LoRA (alpha 32, --dropout, bench_train.py's 0.05 by default) for --steps
+steps of 4 x 256 tokens with AdamW 2e-4 and clipping at 1.0 on the CPU; all-linear on Gemma 3 and the dense Qwen3; on the MoE
 model q/k/v/o on both sides (PEFT 0.21 on transformers 5 cannot target the fused experts' Linears
 by name: the same trainable set on both sides). Each times its own loop (loading excluded) and
 counts batch x seq positions per step; GNU time gives peak RSS. The sides take turns, run by run.
@@ -51,7 +51,7 @@ import json, sys, time, torch
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM
 from peft import LoraConfig, get_peft_model
-base, data, steps, batch, seq, targets, result = sys.argv[1:8]
+base, data, steps, batch, seq, targets, dropout, result = sys.argv[1:9]
 steps, batch, seq = int(steps), int(batch), int(seq)
 torch.manual_seed(0)
 # the word-level tokenizer.json itself: AutoTokenizer would pick the family's own tokenizer class
@@ -61,7 +61,7 @@ for line in open(data):
     ids += tok.encode(json.loads(line)["text"], add_special_tokens=False).ids + [tok.token_to_id("</s>")]
 blocks = torch.tensor(ids[: steps * batch * seq]).view(steps, batch, seq)
 model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=float(dropout),
                                          target_modules=json.loads(targets) or "all-linear"))
 params = [p for p in model.parameters() if p.requires_grad]
 optimizer = torch.optim.AdamW(params, lr=2e-4)
@@ -113,6 +113,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--dropout", type=float, default=0.05)
     args = parser.parse_args()
     CACHE.mkdir(parents=True, exist_ok=True)
     bases = {name: build(name) for name in MODELS}
@@ -122,14 +123,14 @@ def main() -> None:
         sides = []
         for name, base in bases.items():
             targets = TARGETS[name]
-            ours = [str(base), str(data), str(out), "--rank", "16", "--alpha", "32", "--dropout", "0", "--seq-len",
+            ours = [str(base), str(data), str(out), "--rank", "16", "--alpha", "32", "--dropout", str(args.dropout), "--seq-len",
                     str(SEQ), "--batch-size", str(BATCH), "--max-steps", str(args.steps), "--schedule", "constant",
                     "--device", "cpu", "--json", "--force", *[a for t in targets or [] for a in ("--targets", t)]]
             sides.append((f"ours-{name}", f"adaptertool train, {name}", [sys.executable, "-c", OURS,
                           str(scratch / f"ours-{name}.json"), str(BATCH * SEQ), *ours], remover(out)))
             if name != "qwen3_dense":
                 sides.append((f"peft-{name}", f"PEFT + transformers, {name}", [sys.executable, "-c", PEER, str(base),
-                              str(data), str(args.steps), str(BATCH), str(SEQ), json.dumps(targets),
+                              str(data), str(args.steps), str(BATCH), str(SEQ), json.dumps(targets), str(args.dropout),
                               str(scratch / f"peft-{name}.json")], None))
         measured = dict(zip([key for key, *_ in sides],
                             measure_alternating([(label, argv, before) for _, label, argv, before in sides], runs=args.runs)))
@@ -138,7 +139,7 @@ def main() -> None:
     tps = {key: statistics.median(values) for key, values in runs.items()}
     ratio = {name: round(tps[f"ours-{name}"] / tps[f"peft-{name}"], 3) for name in ("gemma3", "qwen3_moe")}
     emit("train-families", list(measured.values()), {
-        "steps": args.steps, "tokens_per_step": BATCH * SEQ,
+        "steps": args.steps, "tokens_per_step": BATCH * SEQ, "dropout": args.dropout,
         "tokens_per_s": {key: round(v, 1) for key, v in tps.items()},
         "tokens_per_s_runs": {key: [round(v, 1) for v in values] for key, values in runs.items()},
         "speedup_vs_peft": ratio,
