@@ -12,10 +12,11 @@ save_pretrained, with a word-level tokenizer):
 - qwen3_dense: the same Qwen3 with one dense MLP of 4 x 256 = 1024, the MoE model's active size.
 
 Each side trains rank-16 LoRA (alpha 32, --dropout, bench_train.py's 0.05 by default) for --steps
-steps of 4 x 256 tokens with AdamW 2e-4 and clipping at 1.0 on the CPU; all-linear on Gemma 3 and the dense Qwen3; on the MoE
-model q/k/v/o on both sides (PEFT 0.21 on transformers 5 cannot target the fused experts' Linears
-by name: the same trainable set on both sides). Each times its own loop (loading excluded) and
-counts batch x seq positions per step; GNU time gives peak RSS. The sides take turns, run by run.
+steps of 4 x 256 tokens with AdamW 2e-4 and clipping at 1.0 on the CPU: all-linear on Gemma 3; q/k/v/o
+on the MoE model on both sides (PEFT 0.21 on transformers 5 cannot target the fused experts' Linears
+by name: the same trainable set on both sides); ours only, the MoE and dense Qwen3 with the same
+targets, q/k/v/o and all-linear (the experts with LoRA). Each times its own loop (loading excluded)
+and counts batch x seq positions per step; GNU time gives peak RSS. The sides take turns, run by run.
 """
 
 from __future__ import annotations
@@ -44,7 +45,12 @@ MODELS = {
     "qwen3_dense": ("Qwen3Config", {"hidden_size": 512, "num_attention_heads": 8, "num_key_value_heads": 4,
                                     "head_dim": 64, "num_hidden_layers": 4, "intermediate_size": 1024}),
 }
-TARGETS = {"gemma3": None, "qwen3_moe": ["q_proj", "k_proj", "v_proj", "o_proj"], "qwen3_dense": None}
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+# (side, model, LoRA targets (None: all-linear), with its PEFT peer): the MoE model against its dense
+# equivalent with the same targets, attention only (PEFT's set) and all-linear (experts with LoRA)
+SIDES = [("gemma3", "gemma3", None, True), ("qwen3_moe", "qwen3_moe", ATTENTION, True),
+         ("qwen3_dense", "qwen3_dense", ATTENTION, False), ("qwen3_moe-all", "qwen3_moe", None, False),
+         ("qwen3_dense-all", "qwen3_dense", None, False)]
 
 PEER = """
 import json, sys, time, torch
@@ -121,14 +127,14 @@ def main() -> None:
         scratch = Path(scratch_name)
         data, out = write_data(scratch / "train.jsonl", args.steps, WORDS), scratch / "out"
         sides = []
-        for name, base in bases.items():
-            targets = TARGETS[name]
+        for name, model, targets, peer in SIDES:
+            base = bases[model]
             ours = [str(base), str(data), str(out), "--rank", "16", "--alpha", "32", "--dropout", str(args.dropout), "--seq-len",
                     str(SEQ), "--batch-size", str(BATCH), "--max-steps", str(args.steps), "--schedule", "constant",
                     "--device", "cpu", "--json", "--force", *[a for t in targets or [] for a in ("--targets", t)]]
             sides.append((f"ours-{name}", f"adaptertool train, {name}", [sys.executable, "-c", OURS,
                           str(scratch / f"ours-{name}.json"), str(BATCH * SEQ), *ours], remover(out)))
-            if name != "qwen3_dense":
+            if peer:
                 sides.append((f"peft-{name}", f"PEFT + transformers, {name}", [sys.executable, "-c", PEER, str(base),
                               str(data), str(args.steps), str(BATCH), str(SEQ), json.dumps(targets), str(args.dropout),
                               str(scratch / f"peft-{name}.json")], None))
@@ -145,7 +151,8 @@ def main() -> None:
         "speedup_vs_peft": ratio,
         "rss_ratio_vs_peft": {name: round(measured[f"ours-{name}"].peak_rss_mb / measured[f"peft-{name}"].peak_rss_mb, 3)
                               for name in ("gemma3", "qwen3_moe")},
-        "moe_vs_dense_same_active": round(tps["ours-qwen3_dense"] / tps["ours-qwen3_moe"], 3),
+        "moe_vs_dense_same_active": {"attention": round(tps["ours-qwen3_dense"] / tps["ours-qwen3_moe"], 3),
+                                     "all-linear": round(tps["ours-qwen3_dense-all"] / tps["ours-qwen3_moe-all"], 3)},
     })
 
 
