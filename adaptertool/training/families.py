@@ -18,10 +18,10 @@ Phi-3 / Phi-4 (https://arxiv.org/abs/2404.14219): Llama blocks with q/k/v in one
 (rows q, then k, then v) and gate/up in one ``gate_up_proj`` (gate rows first), so LoRA trains on
 the fused modules under PEFT's names; RoPE on the first ``partial_rotary_factor`` of each head
 only; a sliding window on every block when ``sliding_window`` is set; LongRoPE
-(https://arxiv.org/abs/2402.13753; its tables in :mod:`.rope`) per-frequency divisors, ``short_factor`` while the batch's
-positions stay within ``original_max_position_embeddings`` and ``long_factor`` past it (transformers
-picks by the largest position id), with cos and sin scaled by
-``sqrt(1 + ln(factor) / ln(original))``, ``factor = max_position_embeddings / original``.
+(https://arxiv.org/abs/2402.13753; its tables are :mod:`.rope`'s) per-frequency divisors,
+``short_factor`` while the batch's positions stay within ``original_max_position_embeddings`` and
+``long_factor`` past it (transformers picks by the largest position id), with cos and sin scaled
+by ``sqrt(1 + ln(factor) / ln(original))``, ``factor = max_position_embeddings / original``.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from adaptertool.training.fourbit import FourBitWeight
 from adaptertool.training.fp8weight import Fp8Weight
 
 __all__ = ["ALL_LINEAR", "EXPERT_FORMS", "FrozenLinear", "LoRALinear", "LoraSpec", "add_lora", "check_targets", "dropout_mask",
-           "lora_linear", "lora_modules"]
+           "grouped_linear", "grouped_lora_linear", "lora_linear", "lora_modules"]
 
 ALL_LINEAR = "all-linear"
 EXPERT_FORMS = ("per-expert", "fused")  # how MoE expert LoRAs are trained and saved (see train/moe.py)
@@ -187,6 +187,106 @@ def lora_linear(x: torch.Tensor, base: FrozenLinear, lora_a: torch.Tensor, lora_
     return _LoraLinear.apply(x, base, lora_a, lora_b, scaling, dropout)
 
 
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """``x_e W_e^T`` for consecutive row groups ``x_e`` of x (``sizes``), W (E, out, in) frozen: MoE experts
+    without LoRA, one (.., out) output (:class:`_GroupedLinear`)."""
+    return _GroupedLinear.apply(x, weight, sizes)
+
+
+def grouped_lora_linear(x: torch.Tensor, layers: list[LoRALinear], sizes: list[int]) -> torch.Tensor:
+    """``layers[e](x_e)`` for consecutive row groups ``x_e`` of x (``sizes``): MoE experts' LoRA Linears
+    (16/32-bit bases in the adapter's dtype, no bias, no DoRA, one scaling and dropout) as one
+    autograd node (:class:`_GroupedLoraLinear`) instead of one each."""
+    first = layers[0]
+    weights = [layer.base.weight for layer in layers]
+    return _GroupedLoraLinear.apply(x, weights, sizes, first.scaling, first.active_dropout,
+                                    *[layer.lora_A for layer in layers], *[layer.lora_B for layer in layers])
+
+
+class _GroupedLoraLinear(torch.autograd.Function):
+    """:class:`_LoraLinear` for a row group per expert, all in one (.., out) output: 48 autograd nodes a
+    layer of 16 experts become 3, and one dropout mask covers every routed row (the same law: each
+    element kept with probability 1 - p). Arguments after ``p``: the experts' A, then their B."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, weights: list[torch.Tensor], sizes: list[int],
+                scaling: float, p: float, *factors: torch.Tensor) -> torch.Tensor:
+        lora_a, lora_b = factors[: len(sizes)], factors[len(sizes):]
+        keep = dropout_mask(x, p) if p > 0 else None
+        dropped = _drop(x, keep)
+        out = x.new_empty(x.shape[0], weights[0].shape[0])
+        hidden = x.new_empty(x.shape[0], lora_a[0].shape[0])  # (.., r)
+        groups = list(_bounds(sizes))
+        for e, (start, stop) in enumerate(groups):
+            torch.mm(x[start:stop], weights[e].T, out=out[start:stop])
+            torch.mm(dropped[start:stop], lora_a[e].T, out=hidden[start:stop])
+        factor = scaling / (1.0 - p)
+        hidden.mul_(factor)
+        for e, (start, stop) in enumerate(groups):
+            out[start:stop].addmm_(hidden[start:stop], lora_b[e].T)
+        ctx.save_for_backward(x, keep, hidden, *factors)  # type: ignore[attr-defined]
+        ctx.weights, ctx.groups, ctx.factor = weights, groups, factor  # type: ignore[attr-defined]
+        return out
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, keep, hidden, *factors = ctx.saved_tensors  # type: ignore[attr-defined]
+        groups, weights = ctx.groups, ctx.weights  # type: ignore[attr-defined]
+        lora_a, lora_b = factors[: len(groups)], factors[len(groups):]
+        grad_hidden = grad.new_empty(hidden.shape)
+        grads_b = []
+        for e, (start, stop) in enumerate(groups):  # as _LoraLinear's, group by group
+            grads_b.append((hidden[start:stop].T @ grad[start:stop]).T)
+            torch.mm(grad[start:stop], lora_b[e], out=grad_hidden[start:stop])
+        grad_hidden.mul_(ctx.factor)  # type: ignore[attr-defined]
+        kept = None if keep is None else _as_float(keep, x.dtype)
+        dropped = x if kept is None else x * kept
+        grads_a = [grad_hidden[start:stop].T @ dropped[start:stop] for start, stop in groups]
+        grad_x = None
+        if ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
+            grad_x = torch.empty_like(x) if kept is None else dropped  # done with: written over
+            for e, (start, stop) in enumerate(groups):
+                torch.mm(grad_hidden[start:stop], lora_a[e], out=grad_x[start:stop])
+            if kept is not None:
+                grad_x.mul_(kept)
+            for e, (start, stop) in enumerate(groups):
+                grad_x[start:stop].addmm_(grad[start:stop], weights[e])
+        return (grad_x, None, None, None, None, *grads_a, *grads_b)
+
+
+class _GroupedLinear(torch.autograd.Function):
+    """``x_e W_e^T`` for consecutive row groups ``x_e`` of x (sizes), W (E, out, in) frozen: one (.., out)
+    output (and, backward, one (.., in) input gradient) whose slices the experts' products fill."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, weight: torch.Tensor,
+                sizes: list[int]) -> torch.Tensor:
+        ctx.save_for_backward(weight)  # type: ignore[attr-defined]
+        ctx.sizes = sizes  # type: ignore[attr-defined]
+        x = x.to(weight.dtype)  # autocast may have widened it; out= takes no autocast
+        out = x.new_empty(x.shape[0], weight.shape[1])
+        for e, (start, stop) in enumerate(_bounds(sizes)):
+            torch.mm(x[start:stop], weight[e].T, out=out[start:stop])
+        return out
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (weight,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        grad = grad.to(weight.dtype)
+        grad_x = grad.new_empty(grad.shape[0], weight.shape[2])
+        for e, (start, stop) in enumerate(_bounds(ctx.sizes)):  # type: ignore[attr-defined]
+            torch.mm(grad[start:stop], weight[e], out=grad_x[start:stop])
+        return grad_x, None, None
+
+
+def _bounds(sizes: list[int]) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` of consecutive row groups of ``sizes`` rows."""
+    start = 0
+    for size in sizes:
+        yield start, start + size
+        start += size
+
+
 def _drop(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     """x with the dropped elements zeroed (not yet rescaled), ``keep`` a bool mask: one fresh tensor."""
     return x if keep is None else _as_float(keep, x.dtype).mul_(x)
@@ -258,10 +358,14 @@ class LoRALinear(nn.Module):
             delta = self.lora_B @ self.lora_A  # (out, r) @ (r, in)
             return torch.linalg.norm(dense + self.scaling * delta, dim=1)
 
+    @property
+    def active_dropout(self) -> float:
+        """Dropout's p now: 0 in eval mode."""
+        return self.dropout.p if isinstance(self.dropout, nn.Dropout) and self.training else 0.0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.lora_magnitude_vector is None:
-            p = self.dropout.p if isinstance(self.dropout, nn.Dropout) and self.training else 0.0
-            return lora_linear(x, self.base, self.lora_A, self.lora_B, scaling=self.scaling, dropout=p)
+            return lora_linear(x, self.base, self.lora_A, self.lora_B, scaling=self.scaling, dropout=self.active_dropout)
         return self._dora(x.to(self.lora_A.dtype), self.base(x))
 
     def _dora(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:

@@ -9,10 +9,13 @@ Mixtral always renormalises the top-k weights, the others when config.json's ``n
 says so (transformers' routers). Each expert runs on the tokens routed to it only: the (token,
 slot) pairs are sorted by expert, gathered, run one expert after the other and scatter-added back
 with their weights, one host sync per layer for the group sizes. Every expert runs, on no rows if
-none is routed to it, so each LoRA parameter takes part in every backward (DDP needs that). Frozen
-experts without LoRA (16/32-bit) are stacked per projection and run by :class:`_GroupedLinear`, which
-writes every expert's rows into one (N*k, out) tensor: the per-expert pieces change size with the
-routing every step, and glibc's heap, kept between steps, grew ~90 MB fragmenting around them.
+none is routed to it, so each LoRA parameter takes part in every backward (DDP needs that).
+Frozen experts without LoRA (16/32-bit) are stacked per projection and run by
+:func:`~adaptertool.training.lora.grouped_linear`, experts with plain LoRA on every Linear by
+:func:`~adaptertool.training.lora.grouped_lora_linear`: one autograd node and one (N*k, out) tensor
+per projection, which every expert's rows fill. Per-expert pieces change size with the routing
+every step, and glibc's heap, kept between steps, grew ~55 MB fragmenting around them (the
+benchmark's Qwen3-MoE); one node per expert Linear (48 a layer of 16 experts) cost Python time.
 
 The load-balancing loss is Switch Transformer's (Fedus et al. 2021, https://arxiv.org/abs/2101.03961,
 eqs. 4-6) as transformers computes it, over every MoE layer of one forward:
@@ -47,7 +50,15 @@ from adaptertool.adapters.experts import FAMILIES, MoeLayer, describe_experts
 from adaptertool.errors import InputError, OptionError
 from adaptertool.io import Checkpoint, TensorInfo, TensorSpec
 from adaptertool.training.fused import swiglu
-from adaptertool.training.lora import ALL_LINEAR, FrozenLinear, LoRALinear, LoraSpec, lora_linear
+from adaptertool.training.lora import (
+    ALL_LINEAR,
+    FrozenLinear,
+    LoRALinear,
+    LoraSpec,
+    grouped_linear,
+    grouped_lora_linear,
+    lora_linear,
+)
 
 if TYPE_CHECKING:
     from adaptertool.training.model import DecoderConfig
@@ -207,7 +218,7 @@ class _Experts(nn.Module):
 
     def stack(self) -> None:
         """Frozen 16/32-bit experts without LoRA become one (E, out, in) buffer per projection,
-        ``{gate,up,down}_weights``, for :class:`_GroupedLinear`; the expert modules, which named them for the
+        ``{gate,up,down}_weights``, for ``grouped_linear``; the expert modules, which named them for the
         loader and for LoRA, go. Other experts stay as they are."""
         experts = [getattr(self, str(e)) for e in range(self.count)]
         linears = [[getattr(expert, name) for expert in experts] for name in experts[0].names]
@@ -228,12 +239,26 @@ class _Experts(nn.Module):
         rows = x.index_select(0, tokens)  # (N*k, C); its backward adds with index_add_ (x[tokens]'s sorts first)
         if self.stacked:
             gate, up, down = (getattr(self, f"{p}_weights") for p in _PROJECTIONS)
-            out = _GroupedLinear.apply(swiglu(_GroupedLinear.apply(rows, gate, sizes),
-                                              _GroupedLinear.apply(rows, up, sizes)), down, sizes)
+            out = grouped_linear(swiglu(grouped_linear(rows, gate, sizes), grouped_linear(rows, up, sizes)), down, sizes)
+        elif self._grouped_loras():
+            gate, up, down = ([getattr(getattr(self, str(e)), name) for e in range(self.count)]
+                              for name in getattr(self, "0").names)
+            hidden = swiglu(grouped_lora_linear(rows, gate, sizes), grouped_lora_linear(rows, up, sizes))
+            out = grouped_lora_linear(hidden, down, sizes)
         else:
             out = torch.cat([self._expert(e, group) for e, group in enumerate(rows.split(sizes))])  # (N*k, C)
         out = out * weights.flatten()[order].unsqueeze(1)
         return torch.zeros_like(x).index_add_(0, tokens, out.to(x.dtype))  # autocast may widen out
+
+    def _grouped_loras(self) -> bool:
+        """Whether every expert Linear is a LoRA :func:`~adaptertool.training.lora.grouped_lora_linear` runs."""
+        if self.gate_up_proj is not None or self.down_proj is not None:
+            return False
+        experts = [getattr(self, str(e)) for e in range(self.count)]
+        linears = [getattr(expert, name) for expert in experts for name in expert.names]
+        return all(isinstance(m, LoRALinear) and m.lora_magnitude_vector is None and type(m.base) is FrozenLinear
+                   and m.base.weight is not None and m.base.bias is None and m.base.weight.dtype == m.lora_A.dtype
+                   and m.active_dropout == linears[0].active_dropout and m.scaling == linears[0].scaling for m in linears)
 
     def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         expert = getattr(self, str(e))
@@ -250,38 +275,6 @@ class _Experts(nn.Module):
             return down(hidden)
         lora_a, lora_b = self.down_proj.factors(e)
         return lora_linear(hidden, down, lora_a, lora_b, scaling=self.down_proj.scaling)
-
-
-class _GroupedLinear(torch.autograd.Function):
-    """``x_e W_e^T`` for consecutive row groups ``x_e`` of x (sizes), W (E, out, in) frozen: one (.., out)
-    output (and, backward, one (.., in) input gradient) whose slices the experts' products fill."""
-
-    @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, weight: torch.Tensor,
-                sizes: list[int]) -> torch.Tensor:
-        ctx.save_for_backward(weight)  # type: ignore[attr-defined]
-        ctx.sizes = sizes  # type: ignore[attr-defined]
-        x = x.to(weight.dtype)  # autocast may have widened it; out= takes no autocast
-        out = x.new_empty(x.shape[0], weight.shape[1])
-        for e, (start, stop) in enumerate(_bounds(sizes)):
-            torch.mm(x[start:stop], weight[e].T, out=out[start:stop])
-        return out
-
-    @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        (weight,) = ctx.saved_tensors  # type: ignore[attr-defined]
-        grad = grad.to(weight.dtype)
-        grad_x = grad.new_empty(grad.shape[0], weight.shape[2])
-        for e, (start, stop) in enumerate(_bounds(ctx.sizes)):  # type: ignore[attr-defined]
-            torch.mm(grad[start:stop], weight[e], out=grad_x[start:stop])
-        return grad_x, None, None
-
-
-def _bounds(sizes: list[int]) -> Iterator[tuple[int, int]]:
-    start = 0
-    for size in sizes:
-        yield start, start + size
-        start += size
 
 
 class SparseMoe(nn.Module):

@@ -36,7 +36,14 @@ from adaptertool.training.fourbit import FourBitWeight
 from adaptertool.training.fp8weight import Fp8Weight
 from adaptertool.training.lora import FrozenLinear, LoraSpec, add_lora, check_targets
 from adaptertool.training.model import Decoder, DecoderConfig
-from adaptertool.training.moe import add_param_loras, expert_checkpoint, lora_names, router_like, group_frozen_experts, with_aux_coef
+from adaptertool.training.moe import (
+    add_param_loras,
+    expert_checkpoint,
+    group_frozen_experts,
+    lora_names,
+    router_like,
+    with_aux_coef,
+)
 
 __all__ = ["load_decoder"]
 

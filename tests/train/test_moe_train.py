@@ -189,6 +189,61 @@ def test_routed_experts_equal_a_dense_pass_over_all_experts(moe_models: dict[str
     assert (_dense_reference(block, x) - got).abs().max() < 1e-6
 
 
+def test_expert_dropout_masks_each_routed_input(moe_models: dict[str, dict[str, Any]],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-expert LoRAs with dropout, in training mode: expert e's LoRA sees its routed rows of the one
+    mask drawn for all experts (here a fixed pattern), scaled by 1 / (1 - p); output and LoRA gradients
+    equal a float64 reference, token by token."""
+    p = 0.5
+    ours = load_decoder(moe_models["qwen3_moe"]["per-expert"], lora=LoraSpec(rank=RANK, alpha=ALPHA, dropout=p), seed=1)
+    _randomise_b_(ours)
+    block = _moe_blocks(ours)[0].train()
+    assert block.experts._grouped_loras()  # every expert Linear in one node per projection
+    drawn: list[torch.Tensor] = []
+
+    def fixed(x: torch.Tensor, prob: float) -> torch.Tensor:  # a different pattern for each draw
+        assert prob == p
+        drawn.append((torch.arange(x.numel()) % (3 + len(drawn)) != 0).view(x.shape))
+        return drawn[-1]
+
+    monkeypatch.setattr("adaptertool.training.lora.dropout_mask", fixed)
+    x = torch.randn(2, 5, ours.config.hidden_size, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    got = block(x, None).reshape(-1, x.shape[-1])
+    assert len(drawn) == 3  # one mask per projection for all experts
+    masks = dict(zip(("gate", "up", "down"), drawn))
+    weights = torch.randn(got.shape, generator=torch.Generator().manual_seed(3))
+    (got * weights).sum().backward()
+    params = {n: q for n, q in block.named_parameters() if q.requires_grad} | {"x": x}
+    grads = {n: q.grad.clone() for n, q in params.items()}
+    for q in params.values():
+        q.grad = None
+
+    flat = x.reshape(-1, x.shape[-1]).double()
+    probs = F.softmax(flat @ block.gate.weight.double().T, dim=-1)
+    top, chosen = probs.topk(block.spec.top_k, dim=-1)
+    top = top / top.sum(-1, keepdim=True) if block.spec.normalize else top
+    order = chosen.flatten().argsort(stable=True)  # the masks' rows: token-slots sorted by expert
+    want = [torch.zeros(flat.shape[1], dtype=torch.float64) for _ in range(flat.shape[0])]
+    for row, slot in enumerate(order.tolist()):
+        token, e = slot // block.spec.top_k, int(chosen.flatten()[slot])
+        expert = getattr(block.experts, str(e))
+
+        def lora(name: str, v: torch.Tensor, projection: str, expert: Any = expert, row: int = row) -> torch.Tensor:
+            m = getattr(expert, name)
+            kept = v * masks[projection][row].double() / (1 - p)
+            return v @ m.base.weight.double().T + m.scaling * (kept @ m.lora_A.double().T) @ m.lora_B.double().T
+
+        v = flat[token]
+        hidden = F.silu(lora("gate_proj", v, "gate")) * lora("up_proj", v, "up")
+        want[token] = want[token] + top.flatten()[slot] * lora("down_proj", hidden, "down")
+    want_out = torch.stack(want)
+    (want_out * weights.double()).sum().backward()
+    assert (got.double() - want_out).abs().max() < 1e-5
+    for name, q in params.items():
+        torch.testing.assert_close(grads[name], q.grad, atol=1e-5, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+    assert sum(bool(g.abs().max() > 0) for g in grads.values()) > 0.5 * len(grads)
+
+
 def _to_target_parameters(ours: Decoder) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Our per-expert adapter in the target_parameters form PEFT 0.21 converts such adapters to: gate and up
     fused per expert into one LoRA of rank 2r (B block-diagonal), at alpha 2 x alpha (the same scaling)."""
