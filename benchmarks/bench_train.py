@@ -29,6 +29,22 @@ WORDS = ("the model reads each shard once and writes the merged weights while th
          "a low rank update changes every projection of the block by the product of two thin matrices "
          "quantised codes hold four bits per weight with one scale for each block of sixty four").split()
 
+# The peer's training loop after its model is built (model, blocks, steps, batch, seq, result defined):
+# AdamW at train's defaults (weight decay 0), clipping at 1.0; its time and last loss go to `result`.
+PEFT_LOOP = """
+params = [p for p in model.parameters() if p.requires_grad]
+optimizer = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
+model.train()
+start = time.perf_counter()
+for step in range(steps):
+    loss = model(input_ids=blocks[step], labels=blocks[step]).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+print(json.dumps({"tokens_per_s": steps * batch * seq / (time.perf_counter() - start), "loss": loss.item()}), file=open(result, "a"))
+"""
+
 PEER = """
 import json, sys, time, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -42,18 +58,7 @@ for line in open(data):
 blocks = torch.tensor(ids[: steps * batch * seq]).view(steps, batch, seq)
 model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
 model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear"))
-params = [p for p in model.parameters() if p.requires_grad]
-optimizer = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
-model.train()
-start = time.perf_counter()
-for step in range(steps):
-    loss = model(input_ids=blocks[step], labels=blocks[step]).loss
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-print(json.dumps({"tokens_per_s": steps * batch * seq / (time.perf_counter() - start), "loss": loss.item()}), file=open(result, "a"))
-"""
+""" + PEFT_LOOP
 
 # Both sides count positions processed (steps x batch x seq) per second of their loop: the peer
 # cuts exactly `steps` full batches from the token stream, while our packing pads the stream's last

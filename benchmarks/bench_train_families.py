@@ -30,7 +30,7 @@ from pathlib import Path
 
 from bench_distributed import write_word_tokenizer
 from bench_io import CACHE
-from bench_train import BATCH, SEQ, write_data
+from bench_train import BATCH, PEFT_LOOP, SEQ, write_data
 from harness import emit, measure_alternating, remover
 
 WORDS = [f"w{i}" for i in range(8000)]
@@ -69,18 +69,7 @@ blocks = torch.tensor(ids[: steps * batch * seq]).view(steps, batch, seq)
 model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
 model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=float(dropout),
                                          target_modules=json.loads(targets) or "all-linear"))
-params = [p for p in model.parameters() if p.requires_grad]
-optimizer = torch.optim.AdamW(params, lr=2e-4)
-model.train()
-start = time.perf_counter()
-for step in range(steps):
-    loss = model(input_ids=blocks[step], labels=blocks[step]).loss
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-print(json.dumps({"tokens_per_s": steps * batch * seq / (time.perf_counter() - start)}), file=open(result, "a"))
-"""
+""" + PEFT_LOOP
 
 OURS = """
 import json, subprocess, sys
