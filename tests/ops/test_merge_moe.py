@@ -205,6 +205,11 @@ def _logits(folder: Path, state: dict[str, torch.Tensor] | None = None) -> torch
     assert not any(info.values()), info  # no missing, unexpected or mismatched keys, no errors
     if state is not None:
         model.load_state_dict(state)
+    # Into fresh (64-byte aligned) memory: weights loaded from a file sit where its header puts them
+    # (8-byte alignment), and MKL's float32 products round differently by the operands' alignment on
+    # some CPUs (AMD EPYC Zen 4: last-bit logit differences between bit-identical weights).
+    for tensor in [*model.parameters(), *model.buffers()]:
+        tensor.data = tensor.data.clone()
     ids = torch.tensor([[3, 17, 42, 9, 5, 63, 28, 11]])
     with torch.no_grad():
         return model.eval()(ids).logits
