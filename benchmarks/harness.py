@@ -89,11 +89,17 @@ ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_
 
 
 def machine() -> dict[str, object]:
-    flags: set[str] = set()
-    with contextlib.suppress(OSError):
-        line = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "")
-        flags = set(line.split(":", 1)[-1].split())
+    info: dict[str, str] = {}
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as lines:
+        for line in lines:  # the first processor's fields
+            key, _, value = line.partition(":")
+            if not key.strip():
+                break
+            info.setdefault(key.strip(), value.strip())
+    flags = set(info.get("flags", "").split())
+    # a VM may name only the brand ("AMD EPYC"); family and model tell its generation (25/17: Zen 4)
     return {"python": platform.python_version(), "torch": version("torch"), "cpus": os.cpu_count(),
+            "cpu": f"{info.get('model name', platform.processor())} (family {info.get('cpu family')}, model {info.get('model')})",
             "machine": platform.machine(), "platform": platform.platform(),
             "cpu_isa": "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "other",
             "isa_limits": {name: os.environ[name] for name in ISA_LIMITS if name in os.environ}}
