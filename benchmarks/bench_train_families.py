@@ -138,6 +138,8 @@ def main() -> None:
         "tokens_per_s": {key: round(v, 1) for key, v in tps.items()},
         "tokens_per_s_runs": {key: [round(v, 1) for v in values] for key, values in runs.items()},
         "speedup_vs_peft": ratio,
+        "speedup_vs_peft_by_round": {name: [round(a / b, 2) for a, b in zip(runs[f"ours-{name}"], runs[f"peft-{name}"])]
+                                     for name in ("gemma3", "qwen3_moe")},
         "rss_ratio_vs_peft": {name: round(measured[f"ours-{name}"].peak_rss_mb / measured[f"peft-{name}"].peak_rss_mb, 3)
                               for name in ("gemma3", "qwen3_moe")},
         "moe_vs_dense_same_active": {"attention": round(tps["ours-qwen3_dense"] / tps["ours-qwen3_moe"], 3),
