@@ -1,4 +1,4 @@
-"""Shared by the MoE init and extract tests: a fixture model in transformers, and PEFT's load of an
+"""Shared by the MoE init, extract and merge tests: a fixture model in transformers, and PEFT's load of an
 adapter onto it with the LoRA keys it found missing and the keys it found unexpected."""
 
 from __future__ import annotations
@@ -13,13 +13,20 @@ import torch
 
 
 def moe_model(folder: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """transformers' model of a fixture folder in float32, eval mode, and its loading info."""
+    """transformers' model of a fixture folder in float32, eval mode, its weights in fresh memory, and its
+    loading info."""
     import transformers
 
-    # DeepSeek-V3's forward takes head_dim as its rotary size; the fixtures' is qk_rope_head_dim 4 (test_merge_moe).
+    # The fixtures give every family head_dim 8, which DeepSeek-V3 takes as its rotary size: its forward
+    # needs qk_rope_head_dim (4) there. No weight depends on it.
     extra = {"head_dim": 4} if json.loads((folder / "config.json").read_text())["model_type"] == "deepseek_v3" else {}
     model, info = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True,
                                                                      **extra)
+    # Into fresh (64-byte aligned) memory: weights loaded from a file sit where its header puts them
+    # (8-byte alignment), and MKL's float32 products round differently by the operands' alignment on
+    # some CPUs (AMD EPYC Zen 4: last-bit logit differences between bit-identical weights from two files).
+    for tensor in [*model.parameters(), *model.buffers()]:
+        tensor.data = tensor.data.clone()
     return model.eval(), info
 
 

@@ -19,7 +19,6 @@ import sys
 from collections import Counter
 from functools import cache
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -36,6 +35,7 @@ from adaptertool.ops.adapter_inputs import load_adapter
 from adaptertool.ops.merge import MergeConfig, merge, subtract
 from adaptertool.ops.merge_experts import merge_fused
 from adaptertool.ops.merge_plan import ExpertStep, plan_targets
+from tests.ops.moe_peft import moe_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -192,33 +192,20 @@ def test_pattern_ranks_and_rslora_reach_each_parameter(moe_fixtures: Path) -> No
 # --- transformers loads what we write -------------------------------------------------------------
 
 
-def _load(folder: Path, **kwargs: object) -> Any:
-    # The fixtures give every family head_dim 8, which DeepSeek-V3 takes as its rotary size: its
-    # forward needs qk_rope_head_dim (4) there. No weight depends on it.
-    if json.loads((folder / "config.json").read_text(encoding="utf-8"))["model_type"] == "deepseek_v3":
-        kwargs["head_dim"] = 4
-    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
-
-
 def _logits(folder: Path, state: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-    model, info = _load(folder, output_loading_info=True)
+    model, info = moe_model(folder)
     assert not any(info.values()), info  # no missing, unexpected or mismatched keys, no errors
     if state is not None:
         model.load_state_dict(state)
-    # Into fresh (64-byte aligned) memory: weights loaded from a file sit where its header puts them
-    # (8-byte alignment), and MKL's float32 products round differently by the operands' alignment on
-    # some CPUs (AMD EPYC Zen 4: last-bit logit differences between bit-identical weights).
-    for tensor in [*model.parameters(), *model.buffers()]:
-        tensor.data = tensor.data.clone()
     ids = torch.tensor([[3, 17, 42, 9, 5, 63, 28, 11]])
     with torch.no_grad():
-        return model.eval()(ids).logits
+        return model(ids).logits
 
 
 def _formula_state(root: Path, family: str) -> dict[str, torch.Tensor]:
     """transformers' state dict of the base with every module of the per-expert adapter merged by the
     float64 formula (rounded once): the model PEFT would have made had it dropped nothing."""
-    model = _load(root / family / "fused")
+    model = moe_model(root / family / "fused")[0]
     state = {k: v.clone() for k, v in model.state_dict().items()}
     layout = describe_experts(model.config.to_dict(), {k: tuple(v.shape) for k, v in state.items()})
     assert layout is not None
